@@ -1,0 +1,52 @@
+"""Single-request generation: warm up on a prime in one sequence pass, then decode.
+
+The service batches many requests through ``charrnn.decode.StepDecoder`` itself; this module
+is the plain loop used by the CLI and as the reference the service must agree with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from charrnn.decode import StepDecoder
+from charrnn.model import CharRNN, State
+from charrnn.sampling import SamplingParams, sample_next, uniforms
+from charrnn.vocab import Vocabulary
+
+
+@torch.inference_mode()
+def warm_up(model: CharRNN, ids: list[int]) -> tuple[torch.Tensor, State]:
+    """Run the prime through the network; returns the last position's logits [V] and the state."""
+    device = model.head.weight.device
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    logits, state = model(x)
+    return logits[0, -1], state
+
+
+@torch.inference_mode()
+def generate(
+    model: CharRNN,
+    vocab: Vocabulary,
+    prime: str,
+    length: int,
+    params: SamplingParams,
+    decoder: StepDecoder | None = None,
+) -> str:
+    """Return ``length`` new characters following ``prime``."""
+    decoder = decoder or StepDecoder(model)
+    device = model.head.weight.device
+    logits, state = warm_up(model, vocab.encode(prime))
+    logits = logits[None]
+    t = torch.tensor([params.temperature], device=device)
+    k = torch.tensor([params.top_k or len(vocab)], device=device)
+    p = torch.tensor([params.top_p], device=device)
+    seed = np.array([params.seed], dtype=np.uint64)
+    out: list[int] = []
+    for pos in range(length):
+        u = torch.from_numpy(uniforms(seed, np.array([pos], dtype=np.uint64))).to(device)
+        nxt = sample_next(logits, t, k, p, u)
+        out.append(int(nxt[0]))
+        if pos + 1 < length:
+            logits, state = decoder.step(nxt, state)
+    return vocab.decode(out)

@@ -1,0 +1,75 @@
+"""Batched next-character sampling: temperature, top-k, top-p, per-row seeds.
+
+Randomness is counter-based: the uniform number a row uses at generation step ``pos`` is a
+hash of ``(seed, pos)`` (SplitMix64). A request's text therefore depends only on its own seed
+and distribution, never on which other requests share the batch or in which order they came.
+Sampling draws one uniform per row and inverts the filtered CDF, all vectorised in torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_SEED = 2**63
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and np.isfinite(self.temperature)):
+            raise ValueError("temperature must be finite and > 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError("seed must be in [0, 2**63)")
+
+
+def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """SplitMix64 of (seed, position) -> float64 uniforms in [0, 1), one per row."""
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64) * _M1 + (positions.astype(np.uint64) + np.uint64(1)) * _M2
+        z = (z ^ (z >> np.uint64(30))) * _M2
+        z = (z ^ (z >> np.uint64(27))) * _M3
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
+) -> torch.Tensor:
+    """Pick one id per row.
+
+    logits [B, V]; temperature [B] (> 0); top_k [B] (use V for "no limit"); top_p [B];
+    u [B] uniforms in [0, 1). All on the logits' device. Returns ids [B] (int64).
+    """
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    # A stable sort keeps ties in vocabulary order, so the choice is reproducible.
+    p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
+    p_sorted = p_sorted * (ranks[None, :] < top_k[:, None])
+    p_sorted = p_sorted / p_sorted.sum(-1, keepdim=True)
+    # Nucleus: keep the smallest prefix whose mass reaches top_p (the first is always kept).
+    mass_before = torch.cumsum(p_sorted, -1) - p_sorted
+    p_sorted = p_sorted * (mass_before < top_p[:, None])
+    cdf = torch.cumsum(p_sorted, -1)
+    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=p_sorted.shape[-1] - 1)
+    return idx.gather(-1, pick).squeeze(-1)

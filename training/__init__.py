@@ -1,0 +1,1 @@
+"""Offline training CLI for CharRNN checkpoints (``python -m training``)."""

@@ -1,0 +1,180 @@
+"""``python -m training fit|evaluate|sample`` — train, score and sample CharRNN checkpoints.
+
+Every refusal (bad data, bad settings, unwritable output, bad checkpoint) is one line on
+stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from charrnn.checkpoint import CheckpointError, load_checkpoint
+from charrnn.generate import generate
+from charrnn.sampling import MAX_SEED, SamplingParams
+from charrnn.vocab import UnknownCharactersError
+from training.config import FitConfig
+from training.data import read_corpus
+from training.errors import TrainingError
+from training.evaluate import bpc, nll
+
+
+def _fit_parser(sub: argparse._SubParsersAction) -> None:
+    d = FitConfig(data=Path(), out=Path())
+    p = sub.add_parser("fit", help="train a model on a UTF-8 text file")
+    p.add_argument("--data", type=Path, required=True, help="UTF-8 text to learn from")
+    p.add_argument("--out", type=Path, required=True, help="best checkpoint path, e.g. models/x.pt")
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--embed", type=int, default=d.embed, help="character embedding size")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--cell", choices=["lstm", "gru"], default=d.cell)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (peak for onecycle)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"], default=d.schedule)
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip")
+    p.add_argument("--val-frac", type=float, default=d.val_frac)
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop after this many epochs without a better validation NLL",
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _fit_parser(sub)
+    e = sub.add_parser("evaluate", help="NLL and bits/char of a checkpoint on a text")
+    e.add_argument("--checkpoint", type=Path, required=True)
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument(
+        "--tail-frac",
+        type=float,
+        default=1.0,
+        help="score only the last fraction of the file (default: all of it)",
+    )
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("--checkpoint", type=Path, required=True)
+    s.add_argument("--prime", default="The")
+    s.add_argument("--length", type=int, default=500)
+    _add_sampling(s)
+    return parser
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from training.fit import StopFlag, fit
+
+    cfg = FitConfig(
+        data=args.data,
+        out=args.out,
+        hidden=args.hidden,
+        layers=args.layers,
+        embed=args.embed,
+        dropout=args.dropout,
+        cell=args.cell,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        clip=args.clip,
+        val_frac=args.val_frac,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    stop = StopFlag()
+    stop.install()
+    result = fit(cfg, stop)
+    summary = {
+        "best_val_nll": result.best_val_nll,
+        "best_val_bpc": bpc(result.best_val_nll),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "checkpoint": str(cfg.out),
+    }
+    if result.interrupted:
+        print(
+            f"interrupted by signal {stop.signum}: resumable checkpoint saved; continue with "
+            f"--resume",
+            file=sys.stderr,
+        )
+        print(json.dumps(summary))
+        return 128 + (stop.signum or signal.SIGINT)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if not 0 < args.tail_frac <= 1:
+        raise TrainingError("--tail-frac must be in (0, 1]")
+    ckpt = load_checkpoint(args.checkpoint)
+    text = read_corpus(args.data)
+    tail = text[len(text) - int(len(text) * args.tail_frac) :]
+    if len(tail) < 2:
+        raise TrainingError("the text to evaluate needs at least 2 characters")
+    ids = torch.tensor(ckpt.vocab.encode(tail), dtype=torch.long)
+    value, count = nll(ckpt.model, ids)
+    print(json.dumps({"nll": value, "bpc": bpc(value), "chars": count}))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    if args.length < 1:
+        raise TrainingError("--length must be >= 1")
+    if not args.prime:
+        raise TrainingError("--prime must not be empty")
+    if not 0 <= args.seed < MAX_SEED:
+        raise TrainingError("--seed must be in [0, 2**63)")
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.top_k is not None and not 1 <= args.top_k <= len(ckpt.vocab):
+        raise TrainingError(f"--top-k must be in [1, {len(ckpt.vocab)}]")
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    text = generate(ckpt.model, ckpt.vocab, args.prime, args.length, params)
+    print(args.prime + text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample}
+    try:
+        return commands[args.command](args)
+    except (TrainingError, CheckpointError, UnknownCharactersError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

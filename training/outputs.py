@@ -1,0 +1,68 @@
+"""Files written beside a checkpoint: the resumable last checkpoint, metrics.jsonl, the curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from charrnn.checkpoint import atomic_write
+from training.errors import TrainingError
+
+
+def last_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".last" + out.suffix)
+
+
+def metrics_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".metrics.jsonl")
+
+
+def curve_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".loss.png")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training, not after an hour, when the output cannot be written."""
+    parent = out.parent
+    if out.is_dir():
+        raise TrainingError(f"output path is a directory: {out}")
+    if not parent.is_dir():
+        raise TrainingError(f"output directory does not exist: {parent}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TrainingError(f"cannot write to output directory {parent}: {e.strerror}") from None
+
+
+def append_metrics(out: Path, record: dict[str, Any]) -> None:
+    with metrics_path(out).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_curve(out: Path, history: list[dict[str, Any]]) -> None:
+    """Train loss and validation NLL against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+    val = [(r["step"], r["val_nll"]) for r in history if "val_nll" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation NLL", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats / character")
+    ax.set_title(out.stem)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(curve_path(out), lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
