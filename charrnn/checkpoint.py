@@ -101,6 +101,14 @@ def _read(path: Path) -> dict[str, Any]:
         raise CheckpointError(path, "is a directory, not a checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(path, "file is empty")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else would go to the legacy unpickler,
+        # which we never call.
+        with path.open("rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":
+            raise CheckpointError(path, "refused to load: a raw pickle, which is never unpickled")
+        raise CheckpointError(path, "corrupt or truncated file (not a checkpoint archive)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

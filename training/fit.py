@@ -131,10 +131,6 @@ class Trainer:
         self.corpus_sha = sha256(text)
         self.vocab = Vocabulary.from_text(text)
         train_text, val_text = split(text, cfg.val_frac)
-        if len(val_text) < 2:
-            raise TrainingError(
-                f"validation tail too short: {len(val_text)} characters; raise --val-frac"
-            )
         self.batches = make_batches(
             encode(self.vocab, train_text, self.device),
             cfg.batch_size,
@@ -142,6 +138,10 @@ class Trainer:
             self.dist.rank,
             self.dist.world,
         )
+        if len(val_text) < 2:
+            raise TrainingError(
+                f"validation tail too short: {len(val_text)} characters; raise --val-frac"
+            )
         self.val_ids = encode(self.vocab, val_text, self.device)
         self.train_chars = len(train_text)
 

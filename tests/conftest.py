@@ -1,0 +1,63 @@
+"""Shared fixtures: small deterministic texts and a tiny trained checkpoint.
+
+Tests never read ../shared: users' clones do not have it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from charrnn import CharRNN, ModelConfig, Vocabulary, save_checkpoint
+
+torch.set_num_threads(1)
+
+WORDS = (
+    "alice rabbit queen hatter tea time garden door key little bottle cake drink eat curious "
+    "white said the and she was very into down hole"
+).split()
+
+
+def make_text(n_chars: int = 6000, seed: int = 0) -> str:
+    """A pseudo-English text with a little structure for a tiny model to learn."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    size = 0
+    while size < n_chars:
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+        sentence = sentence.capitalize() + rng.choice([".", "!", "?", ","]) + " "
+        if rng.random() < 0.15:
+            sentence += "\n"
+        out.append(sentence)
+        size += len(sentence)
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return make_text()
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path, corpus_text: str) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(corpus_text, encoding="utf-8")
+    return path
+
+
+def tiny_model(vocab: Vocabulary, cell: str = "lstm", seed: int = 0) -> CharRNN:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=len(vocab), hidden=32, layers=2, embed=8, dropout=0.1, cell=cell)
+    return CharRNN(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained but valid checkpoint over the test text's vocabulary."""
+    vocab = Vocabulary.from_text(make_text())
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    meta = {"metrics": {"best_val_nll": 3.0, "best_val_bpc": 4.3, "epochs": 0}}
+    save_checkpoint(path, tiny_model(vocab), vocab, meta)
+    return path

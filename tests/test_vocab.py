@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from charrnn import UnknownCharactersError, Vocabulary
+
+
+def test_sorted_and_deterministic_across_processes():
+    text = "the quick brown fox, jumps! Über ✓"
+    vocab = Vocabulary.from_text(text)
+    assert vocab.chars == "".join(sorted(set(text)))
+    code = f"from charrnn import Vocabulary; print(Vocabulary.from_text({text!r}).chars)"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": str(seed), "PATH": ""},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in (1, 2, 3)
+    }
+    assert outs == {vocab.chars + "\n"}
+
+
+def test_encode_decode_round_trip():
+    vocab = Vocabulary.from_text("hello world")
+    ids = vocab.encode("low reed")
+    assert ids == [vocab.chars.index(c) for c in "low reed"]
+    assert vocab.decode(ids) == "low reed"
+
+
+def test_unknown_characters_listed_with_first_positions():
+    vocab = Vocabulary.from_text("abc ")
+    assert vocab.unknown("abxc yx") == [("x", 2), ("y", 5)]
+    assert vocab.unknown("cab") == []
+    with pytest.raises(UnknownCharactersError) as e:
+        vocab.encode("ab\x00z")
+    assert e.value.unknown == [("\x00", 2), ("z", 3)]
+    assert "'\\x00' at position 2" in str(e.value)
+
+
+def test_rejects_unsorted_or_duplicate_chars():
+    with pytest.raises(ValueError):
+        Vocabulary("ba")
+    with pytest.raises(ValueError):
+        Vocabulary("aab")
+    with pytest.raises(ValueError):
+        Vocabulary("")
