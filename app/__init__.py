@@ -1,0 +1,1 @@
+"""CharRNN HTTP service: validation -> scheduler (queue + batcher) -> model backend."""

@@ -1,0 +1,136 @@
+"""The model backend: a loaded checkpoint on its device, a prime-state cache, and the batched
+step (fused decode + sampling) the scheduler calls from its worker thread.
+
+Everything here is synchronous torch code; the scheduler decides when it runs."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from charrnn.checkpoint import Checkpoint, load_checkpoint
+from charrnn.decode import StepDecoder
+from charrnn.generate import warm_up
+from charrnn.model import State
+from charrnn.sampling import sample_next, uniforms
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CHARRNN_DEVICE=cuda but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Batch:
+    """The rows currently decoding: their next-character logits and recurrent state."""
+
+    logits: torch.Tensor  # [B, V]
+    state: State  # each [L, B, H]
+    temperature: torch.Tensor  # [B]
+    top_k: torch.Tensor  # [B]
+    top_p: torch.Tensor  # [B]
+    seeds: np.ndarray  # [B] uint64
+
+    def select(self, keep: list[int]) -> Batch:
+        idx = torch.tensor(keep, device=self.logits.device)
+        return Batch(
+            self.logits.index_select(0, idx),
+            tuple(s.index_select(1, idx) for s in self.state),
+            self.temperature.index_select(0, idx),
+            self.top_k.index_select(0, idx),
+            self.top_p.index_select(0, idx),
+            self.seeds[keep],
+        )
+
+    @staticmethod
+    def concat(parts: list[Batch]) -> Batch:
+        if len(parts) == 1:
+            return parts[0]
+        return Batch(
+            torch.cat([p.logits for p in parts]),
+            tuple(torch.cat(s, dim=1) for s in zip(*(p.state for p in parts), strict=True)),
+            torch.cat([p.temperature for p in parts]),
+            torch.cat([p.top_k for p in parts]),
+            torch.cat([p.top_p for p in parts]),
+            np.concatenate([p.seeds for p in parts]),
+        )
+
+
+class ModelBackend:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, cache_size: int = 256):
+        self.ckpt = checkpoint
+        self.model = checkpoint.model
+        self.vocab = checkpoint.vocab
+        self.device = device
+        self.decoder = StepDecoder(self.model)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, State]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    @classmethod
+    def load(cls, path: str, device: torch.device, cache_size: int = 256) -> ModelBackend:
+        return cls(load_checkpoint(path, device), device, cache_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.head.weight.dtype
+
+    def prime(self, prime: str) -> tuple[torch.Tensor, State, bool]:
+        """Logits [1, V] and state after the prime, from the LRU cache when possible."""
+        with self._cache_lock:
+            hit = self._cache.get(prime)
+            if hit is not None:
+                self._cache.move_to_end(prime)
+                self.cache_hits += 1
+                return hit[0], hit[1], True
+        self.cache_misses += 1
+        logits, state = warm_up(self.model, self.vocab.encode(prime))
+        logits = logits[None]
+        if self.cache_size:
+            with self._cache_lock:
+                self._cache[prime] = (logits, state)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return logits, state, False
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    def new_row(
+        self, prime: str, temperature: float, top_k: int | None, top_p: float, seed: int
+    ) -> tuple[Batch, bool]:
+        logits, state, cached = self.prime(prime)
+        dev = self.device
+        return (
+            Batch(
+                logits,
+                state,
+                torch.tensor([temperature], device=dev),
+                torch.tensor([top_k or len(self.vocab)], device=dev),
+                torch.tensor([top_p], device=dev),
+                np.array([seed], dtype=np.uint64),
+            ),
+            cached,
+        )
+
+    @torch.inference_mode()
+    def advance(self, batch: Batch, positions: np.ndarray) -> tuple[list[int], Batch]:
+        """Sample every row's next character, then run them all through the network.
+
+        ``positions`` [B] is each row's count of characters generated so far; with the
+        row's seed it keys the row's random draw. One device-to-host copy per step."""
+        u = torch.from_numpy(uniforms(batch.seeds, positions)).to(self.device)
+        ids = sample_next(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+        logits, state = self.decoder.step(ids, batch.state)
+        nxt = Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
+        return ids.tolist(), nxt

@@ -1,0 +1,61 @@
+"""Service settings, read from ``CHARRNN_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARRNN_", extra="ignore")
+
+    models: str = Field(
+        "alice=models/alice.pt",
+        description="comma-separated name=path pairs; the first is the default model",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_concurrent: int = Field(64, ge=1, description="generations in the batch at once")
+    max_queue: int = Field(256, ge=0, description="generations waiting for a batch slot")
+    max_prime_chars: int = Field(4096, ge=1)
+    max_new_chars_limit: int = Field(10000, ge=1)
+    max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    prime_cache_size: int = Field(256, ge=0, description="primes whose warmed-up state is kept")
+    stream_backlog: int = Field(
+        8192, ge=16, description="characters a slow client may fall behind before it is cut off"
+    )
+    api_keys: str = Field("", description="comma-separated bearer keys; empty = no auth")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all)")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="how long open generations may run on after SIGTERM"
+    )
+    log_level: str = "info"
+
+    @cached_property
+    def model_paths(self) -> dict[str, str]:
+        pairs: dict[str, str] = {}
+        for item in _csv(self.models):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"CHARRNN_MODELS entry {item!r} is not name=path")
+            pairs[name.strip()] = path.strip()
+        if not pairs:
+            raise ValueError("CHARRNN_MODELS names no model")
+        return pairs
+
+    @cached_property
+    def api_key_list(self) -> list[str]:
+        return _csv(self.api_keys)
+
+    @cached_property
+    def cors_origin_list(self) -> list[str]:
+        return _csv(self.cors_origins)

@@ -1,0 +1,99 @@
+"""Error responses: FastAPI's shapes on native routes, OpenAI's shape under /v1.
+
+Bodies are rendered ASCII-only and never echo the raw input, so a lone surrogate, NaN or a
+huge string in a request can never turn an error into a 500."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger("charrnn.errors")
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "server_error",
+}
+_OPENAI_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
+
+
+class AsciiJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode("ascii")
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def _clean(errors: list[Any]) -> list[dict[str, Any]]:
+    """Keep type, loc and msg; drop the echoed input and context."""
+    out = []
+    for e in errors:
+        loc = [p if isinstance(p, int) else str(p) for p in e.get("loc", ())]
+        out.append(
+            {
+                "type": str(e.get("type", "value_error")),
+                "loc": loc,
+                "msg": str(e.get("msg", "invalid value")),
+            }
+        )
+    return out
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> AsciiJSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": _OPENAI_TYPES.get(status, "api_error"),
+            "param": param,
+            "code": _OPENAI_CODES.get(status),
+        }
+    }
+    return AsciiJSONResponse(body, status_code=status, headers=headers)
+
+
+async def validation_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = _clean(list(exc.errors()))
+    if _is_openai(request):
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        loc = [str(p) for p in first["loc"] if p not in ("body", "query")]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return openai_error(400, message, param)
+    return AsciiJSONResponse({"detail": errors}, status_code=422)
+
+
+async def http_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
+    assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    if _is_openai(request):
+        return openai_error(exc.status_code, str(exc.detail), headers=headers)
+    return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+async def unexpected_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    if _is_openai(request):
+        return openai_error(500, "internal server error")
+    return AsciiJSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(HTTPException, http_handler)
+    app.add_exception_handler(Exception, unexpected_handler)

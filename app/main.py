@@ -1,0 +1,85 @@
+"""The ASGI app: ``uvicorn app.main:app``.
+
+Start-up loads every configured checkpoint (a bad one stops start-up with an error naming its
+path), then warms the models up in the background; ``/ready`` turns 200 after that. Shutdown
+refuses new work, lets open generations finish within a grace period and sends every open
+stream its final event."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import errors
+from app.config import Settings
+from app.metrics import Metrics
+from app.middleware import RequestContextMiddleware
+from app.registry import Registry
+from app.routes import native, openai, ops
+
+log = logging.getLogger("charrnn")
+
+DESCRIPTION = """A character-level LSTM text generator.
+
+Native routes stream one character per server-sent event; `/v1/completions` speaks OpenAI's
+completions protocol (a token is one character). Concurrent requests share one batched decode
+step per character."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    try:
+        registry = await asyncio.to_thread(Registry.load, settings, app.state.metrics)
+    except Exception as e:
+        log.error("cannot start: %s", e)
+        raise
+    app.state.registry = registry
+    app.state.loop = asyncio.get_running_loop()
+    warm = asyncio.create_task(registry.warm_up(), name="warm-up")
+    app.state.begin_shutdown = lambda: asyncio.ensure_future(
+        registry.drain(settings.shutdown_grace_s)
+    )
+    try:
+        yield
+    finally:
+        if not warm.done():
+            warm.cancel()
+        await registry.drain(0 if registry.closing else settings.shutdown_grace_s)
+        await registry.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="CharRNN",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.registry = Registry()  # empty until the lifespan has loaded the models
+    errors.install(app)
+    app.include_router(native.router)
+    app.include_router(openai.router)
+    app.include_router(ops.router)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,107 @@
+"""The loaded models: one backend and one scheduler per configured checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from app.backend import ModelBackend, pick_device
+from app.config import Settings
+from app.engine import Done, Failed, Generation, Scheduler
+from app.metrics import Metrics
+from charrnn.checkpoint import load_checkpoint
+
+log = logging.getLogger("charrnn.registry")
+
+WARMUP_PRIME_CHARS = 8
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: str
+    created: int
+    backend: ModelBackend
+    scheduler: Scheduler
+
+
+class UnknownModel(LookupError):
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        super().__init__(f"model {name!r} is not loaded; loaded models: {', '.join(known)}")
+
+
+@dataclass
+class Registry:
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+    default: str | None = None
+    ready: bool = False
+    closing: bool = False
+
+    def get(self, name: str | None) -> LoadedModel:
+        key = name if name is not None else self.default
+        if key is None or key not in self.models:
+            raise UnknownModel(str(name), list(self.models))
+        return self.models[key]
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics) -> Registry:
+        """Load every configured checkpoint onto the device. Raises CheckpointError (naming
+        the path) for the first one that cannot be used."""
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        device = pick_device(settings.device)
+        reg = cls()
+        for name, path in settings.model_paths.items():
+            backend = ModelBackend(load_checkpoint(path, device), device, settings.prime_cache_size)
+            scheduler = Scheduler(
+                name, backend, metrics, settings.max_concurrent, settings.max_queue
+            )
+            reg.models[name] = LoadedModel(
+                name, path, int(os.path.getmtime(path)), backend, scheduler
+            )
+            log.info(
+                "loaded model %s from %s on %s (%d parameters)",
+                name,
+                path,
+                device,
+                backend.model.num_parameters(),
+            )
+        reg.default = next(iter(reg.models))
+        return reg
+
+    async def warm_up(self) -> None:
+        """Start the schedulers and run one short generation through each, so the first client
+        does not pay for lazy initialisation (thread pools, allocator, kernels)."""
+        for m in self.models.values():
+            m.scheduler.start()
+            gen = Generation(
+                prime=m.backend.vocab.chars[:WARMUP_PRIME_CHARS],
+                max_new=8,
+                temperature=1.0,
+                top_k=None,
+                top_p=1.0,
+                seed=0,
+                stop=[],
+                backlog=16,
+            )
+            m.scheduler.submit(gen)
+            while not isinstance(event := await gen.events.get(), Done | Failed):
+                pass
+            if isinstance(event, Failed):
+                raise RuntimeError(f"warm-up generation failed for model {m.name}: {event.message}")
+            m.backend.clear_cache()
+        self.ready = True
+        log.info("ready: %s", ", ".join(self.models))
+
+    async def drain(self, grace_s: float) -> None:
+        self.closing = True
+        self.ready = False
+        await asyncio.gather(*(m.scheduler.drain(grace_s) for m in self.models.values()))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.scheduler.close() for m in self.models.values()))

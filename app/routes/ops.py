@@ -1,0 +1,84 @@
+"""Operations: liveness, readiness, model info, Prometheus metrics, and the playground."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import RegistryDep, SettingsDep
+from app.schemas import Architecture, Health, Info, Limits, ModelInfo, Ready
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    """200 while the process is alive."""
+    return Health()
+
+
+@router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
+async def ready(registry: RegistryDep) -> Ready | JSONResponse:
+    """200 once every model is loaded, on its device and warmed up; 503 otherwise."""
+    if registry.ready and not registry.closing:
+        return Ready(status="ready", models={name: True for name in registry.models})
+    status = "shutting_down" if registry.closing else "loading"
+    body = Ready(status=status, models={name: registry.ready for name in registry.models})
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/info", response_model=Info)
+async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
+    """The models (vocabulary, size, architecture, training metrics, device) and the limits."""
+    models = []
+    for m in registry.models.values():
+        b = m.backend
+        cfg = b.model.config
+        models.append(
+            ModelInfo(
+                name=m.name,
+                default=m.name == registry.default,
+                path=m.path,
+                vocabulary=b.vocab.chars,
+                parameters=b.model.num_parameters(),
+                architecture=Architecture(
+                    cell=cfg.cell,
+                    layers=cfg.layers,
+                    hidden=cfg.hidden,
+                    embed=cfg.embed,
+                    vocab_size=cfg.vocab_size,
+                ),
+                metrics=b.ckpt.meta.get("metrics", {}),
+                device=str(b.device),
+                dtype=str(b.dtype).removeprefix("torch."),
+            )
+        )
+    limits = Limits(
+        max_prime_chars=settings.max_prime_chars,
+        max_new_chars_limit=settings.max_new_chars_limit,
+        max_concurrent=settings.max_concurrent,
+        max_queue=settings.max_queue,
+        max_body_bytes=settings.max_body_bytes,
+        auth_required=bool(settings.api_key_list),
+    )
+    return Info(models=models, limits=limits)
+
+
+@router.get(
+    "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=True)
+async def playground() -> HTMLResponse:
+    """The playground page."""
+    page = resources.files("app").joinpath("static/index.html")
+    return HTMLResponse(page.read_text(encoding="utf-8"))

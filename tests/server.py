@@ -1,0 +1,96 @@
+"""Run the real service (``python -m app``) as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample in /metrics (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return sample.value
+        return 0.0
+
+
+@contextmanager
+def run_server(
+    tmp_path: Path, models: str, wait_ready: bool = True, **settings: str | int
+) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CHARRNN_MODELS": models,
+        "CHARRNN_PORT": str(port),
+        "CHARRNN_HOST": "127.0.0.1",
+        "CHARRNN_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "CHARRNN_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update({f"CHARRNN_{k.upper()}": str(v) for k, v in settings.items()})
+    log_path = tmp_path / f"server-{port}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        if wait_ready:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, f"server exited early:\n{server.log()}"
+                assert time.monotonic() < deadline, f"server not ready:\n{server.log()}"
+                try:
+                    if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
