@@ -31,7 +31,18 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--layers", type=int, default=d.layers)
     p.add_argument("--embed", type=int, default=d.embed, help="character embedding size")
-    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=d.dropout,
+        help="dropout between LSTM layers and before the head",
+    )
+    p.add_argument(
+        "--embed-dropout",
+        type=float,
+        default=d.embed_dropout,
+        help="dropout on the character embeddings",
+    )
     p.add_argument("--cell", choices=["lstm", "gru"], default=d.cell)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -92,6 +103,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         layers=args.layers,
         embed=args.embed,
         dropout=args.dropout,
+        embed_dropout=args.embed_dropout,
         cell=args.cell,
         batch_size=args.batch_size,
         seq_len=args.seq_len,

@@ -20,6 +20,7 @@ class FitConfig:
     layers: int = 2
     embed: int = 64
     dropout: float = 0.5
+    embed_dropout: float = 0.0
     cell: Literal["lstm", "gru"] = "lstm"
     batch_size: int = 128
     seq_len: int = 100
@@ -42,6 +43,7 @@ class FitConfig:
             (self.layers >= 1, "--layers must be >= 1"),
             (self.embed >= 1, "--embed must be >= 1"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (0 <= self.embed_dropout < 1, "--embed-dropout must be in [0, 1)"),
             (self.cell in ("lstm", "gru"), "--cell must be lstm or gru"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.seq_len >= 1, "--seq-len must be >= 1"),

@@ -152,6 +152,7 @@ class Trainer:
             layers=cfg.layers,
             embed=cfg.embed,
             dropout=cfg.dropout,
+            embed_dropout=cfg.embed_dropout,
             cell=cfg.cell,
         )
         self.model = CharRNN(self.model_config).to(self.device)

@@ -1,0 +1,159 @@
+"""Unit tests of the scheduler and a generation's text bookkeeping (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from app.backend import ModelBackend
+from app.engine import Done, Failed, Generation, Overloaded, Scheduler, ShuttingDown, Token
+from app.metrics import Metrics
+from charrnn import SamplingParams, Vocabulary
+from charrnn.checkpoint import Checkpoint
+from charrnn.generate import generate
+from tests.conftest import make_text, tiny_model
+
+
+def _gen(**kw) -> Generation:
+    base = dict(
+        prime="a", max_new=100, temperature=1.0, top_k=None, top_p=1.0, seed=0, stop=[], backlog=64
+    )
+    return Generation(**{**base, **kw})
+
+
+def _drain(gen: Generation) -> list:
+    out = []
+    while not gen.events.empty():
+        out.append(gen.events.get_nowait())
+    return out
+
+
+def _tokens(events: list) -> str:
+    return "".join(e.text for e in events if isinstance(e, Token))
+
+
+def test_stop_string_is_held_back_and_never_streamed():
+    async def run() -> None:
+        gen = _gen(stop=["abc"])
+        for ch in "xab":
+            assert not gen.push(ch)
+        assert _tokens(_drain(gen)) == "x"  # "ab" might begin "abc"
+        assert not gen.push("d")
+        assert _tokens(_drain(gen)) == "abd"
+        for ch in "ab":
+            gen.push(ch)
+        assert gen.push("c")
+        events = _drain(gen)
+        assert _tokens(events) == ""
+        assert events[-1] == Done("xabd", "stop")
+
+    asyncio.run(run())
+
+
+def test_length_finish_flushes_held_characters_and_indices_count_up():
+    async def run() -> None:
+        gen = _gen(stop=["zz"], max_new=3)
+        gen.push("a")
+        gen.push("z")
+        assert gen.push("y")
+        events = _drain(gen)
+        assert [e.index for e in events if isinstance(e, Token)] == [0, 1, 2]
+        assert events[-1] == Done("azy", "length")
+
+    asyncio.run(run())
+
+
+def test_slow_client_is_cut_off_with_a_final_event():
+    async def run() -> None:
+        gen = _gen(backlog=16, max_new=1000)
+        for _ in range(40):
+            if gen.push("a"):
+                break
+        assert gen.finished and gen.cancelled
+        events = _drain(gen)
+        assert len(events) == 1 and isinstance(events[0], Failed)
+        assert events[0].type == "slow_client"
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def backend() -> ModelBackend:
+    vocab = Vocabulary.from_text(make_text())
+    model = tiny_model(vocab, seed=4)
+    return ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), cache_size=4)
+
+
+async def _collect(gen: Generation) -> Done | Failed:
+    while True:
+        event = await gen.events.get()
+        if isinstance(event, Done | Failed):
+            return event
+
+
+def test_batched_rows_equal_the_reference_sampler(backend):
+    async def run() -> None:
+        sched = Scheduler("t", backend, Metrics(), max_concurrent=8, max_queue=8)
+        sched.start()
+        gens = [
+            _gen(
+                prime="Alice"[: 1 + i % 5],
+                max_new=20 + 7 * i,
+                temperature=0.5 + i / 8,
+                top_k=None if i % 2 else 3 + i,
+                top_p=1.0 if i % 3 else 0.8,
+                seed=100 + i,
+            )
+            for i in range(12)
+        ]  # more than fit at once: some wait in the queue
+        for g in gens:
+            sched.submit(g)
+        results = await asyncio.gather(*(_collect(g) for g in gens))
+        await sched.close()
+        for g, r in zip(gens, results, strict=True):
+            want = generate(
+                backend.model,
+                backend.vocab,
+                g.prime,
+                g.max_new,
+                SamplingParams(g.temperature, g.top_k, g.top_p, g.seed),
+            )
+            assert isinstance(r, Done) and r.generated_text == want
+
+    asyncio.run(run())
+
+
+def test_cancel_frees_the_row_and_capacity_is_enforced(backend):
+    async def run() -> None:
+        sched = Scheduler("t", backend, Metrics(), max_concurrent=1, max_queue=1)
+        sched.start()
+        a, b = _gen(max_new=10_000), _gen(max_new=10_000)
+        sched.submit(a)
+        sched.submit(b)
+        with pytest.raises(Overloaded):
+            sched.submit(_gen())
+        await a.events.get()
+        sched.cancel(a)
+        for _ in range(200):
+            if sched.rows == [b]:
+                break
+            await asyncio.sleep(0.01)
+        assert sched.rows == [b] and not sched.waiting
+        await sched.drain(0)
+        assert isinstance(await _collect(b), Failed)
+        with pytest.raises(ShuttingDown):
+            sched.submit(_gen())
+        await sched.close()
+
+    asyncio.run(run())
+
+
+def test_prime_cache_is_an_lru(backend):
+    backend.clear_cache()
+    for prime in ["a", "b", "c", "d", "a", "e"]:
+        backend.prime(prime)
+    assert list(backend._cache) == ["c", "d", "a", "e"]
+    _, _, hit = backend.prime("a")
+    assert hit
