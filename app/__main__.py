@@ -14,17 +14,32 @@ from charrnn.checkpoint import CheckpointError, load_checkpoint
 
 
 class Server(uvicorn.Server):
-    """On SIGTERM/SIGINT, first turn /ready to 503 and start draining the generations, then
-    let uvicorn close the listener and wait for the open streams to end."""
+    """Graceful shutdown in the order a load balancer needs: on the first SIGTERM/SIGINT,
+    /ready turns 503 and new generations are refused while open ones finish (up to
+    ``CHARRNN_SHUTDOWN_GRACE_S``, then they get an error event); only then does uvicorn close
+    the listener and exit. A second signal exits at once."""
+
+    draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         app = self.config.app
-        begin = getattr(app.state, "begin_shutdown", None)
-        if begin is not None and not self.should_exit:
-            loop = getattr(app.state, "loop", None)
-            if loop is not None:
-                loop.call_soon_threadsafe(begin)
-        super().handle_exit(sig, frame)
+        loop = getattr(app.state, "loop", None)
+        if self.draining or self.should_exit or loop is None:
+            self._exit_now(sig)
+            return
+        self.draining = True
+
+        def begin() -> None:
+            task = app.state.begin_shutdown()
+            task.add_done_callback(lambda _: self._exit_now(sig))
+
+        loop.call_soon_threadsafe(begin)
+
+    def _exit_now(self, sig: int) -> None:
+        super().handle_exit(sig, None)
+        # uvicorn re-raises captured signals after shutting down, which would end the process
+        # "killed by SIGTERM"; a completed graceful drain is a clean exit (status 0).
+        self._captured_signals.clear()
 
 
 def main() -> int:

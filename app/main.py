@@ -14,11 +14,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from app import errors
 from app.config import Settings
 from app.metrics import Metrics
-from app.middleware import RequestContextMiddleware
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.registry import Registry
 from app.routes import native, openai, ops
 
@@ -61,7 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.mount("/static", StaticFiles(packages=[("app", "static")]), name="static")
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app
 

@@ -10,6 +10,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import AsciiJSONResponse, openai_error
 from app.metrics import Metrics
 
 access_log = logging.getLogger("charrnn.access")
@@ -64,3 +65,59 @@ class RequestContextMiddleware:
 def _client(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "-"
+
+
+class BodyLimitMiddleware:
+    """Answer an oversized body with a JSON 413 that says what the limit is: at once when the
+    declared Content-Length is too big, else (chunked uploads) as soon as the bytes read pass
+    the limit. Bodies here are small, so a chunked one is read whole and replayed."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            size = int(declared) if declared.isdigit() else 0
+            if size > self.max_body_bytes:
+                await self._too_large(scope, receive, send, size)
+                return
+            await self.app(scope, receive, send)
+            return
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.max_body_bytes:
+                await self._too_large(scope, receive, send, total)
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+        message = (
+            f"request body of {size}+ bytes is over the limit of {self.max_body_bytes} "
+            "bytes (CHARRNN_MAX_BODY_BYTES)"
+        )
+        if scope["path"].startswith("/v1/"):
+            response = openai_error(413, message)
+        else:
+            response = AsciiJSONResponse({"detail": message}, status_code=413)
+        await response(scope, receive, send)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from charrnn.sampling import MAX_SEED
+
+
+def _no_bool(value: Any) -> Any:
+    # JSON true/false are not numbers, whatever Python thinks of bool.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
 
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
 
@@ -31,11 +42,11 @@ class GenerateRequest(BaseModel):
     )
 
     prime: str = Field(min_length=1, description="text to warm the model up on")
-    max_new_chars: int = Field(200, ge=1, description="characters to generate")
-    temperature: float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus mass")
-    seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="null: the server picks")
+    max_new_chars: Int = Field(200, ge=1, description="characters to generate")
+    temperature: Float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
+    top_k: Int | None = Field(None, ge=1, description="sample among the k likeliest")
+    top_p: Float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus mass")
+    seed: Int | None = Field(None, ge=0, lt=MAX_SEED, description="null: the server picks")
     stop: StopList = Field(default_factory=list, description="end when the text ends with one")
     model: str | None = Field(None, description="a loaded model; null: the default")
 
@@ -160,12 +171,12 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
-    max_tokens: int | None = Field(16, ge=1, description="characters to generate")
-    temperature: float | None = Field(1.0, ge=0, le=10, allow_inf_nan=False)
-    top_p: float | None = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=1, description="extension: sample among the k likeliest")
+    max_tokens: Int | None = Field(16, ge=1, description="characters to generate")
+    temperature: Float | None = Field(1.0, ge=0, le=10, allow_inf_nan=False)
+    top_p: Float | None = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: Int | None = Field(None, ge=1, description="extension: sample among the k likeliest")
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
+    seed: Int | None = Field(None, ge=0, lt=MAX_SEED)
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -53,6 +53,8 @@ def build_job(
 ) -> Job:
     """Validate against the model and settings; raises 404 (unknown model) or 422."""
     names = {"prime": "prime", "max_new": "max_new_chars", "top_k": "top_k", **(field_names or {})}
+    if registry.closing:
+        raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "5"})
     if not registry.ready:
         raise HTTPException(
             503, "the model is not loaded yet; retry shortly", headers={"Retry-After": "1"}

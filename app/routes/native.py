@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.sse import EventSourceResponse
 
 from app.deps import RegistryDep, SettingsDep, enqueue, wait_final
-from app.engine import Done, Failed, Token
+from app.engine import Done, Event, Failed, Token
 from app.schemas import GenerateRequest, GenerateResponse, StreamError, Usage
 from app.security import check_api_key
+from app.streaming import SSE_HEADERS, sse, stream_events
 from app.validation import Job, build_job
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(check_api_key)])
@@ -84,34 +85,29 @@ def query_job(
     return _job(req, registry, settings, "query")
 
 
-async def sse_events(job: Job) -> AsyncIterator[ServerSentEvent]:
-    """start, one token per character, then done (or error). Leaving early frees the row."""
+def _sse_encoder(job: Job) -> Callable[[Event], bytes]:
+    def encode(event: Event) -> bytes:
+        if isinstance(event, Token):
+            return sse("token", f'{{"index":{event.index},"text":{json.dumps(event.text)}}}')
+        if isinstance(event, Done):
+            payload = _result(job, event)
+            payload["usage"] = payload["usage"].model_dump()
+            return sse("done", json.dumps(payload))
+        return sse("error", StreamError(message=event.message, type=event.type).model_dump_json())
+
+    return encode
+
+
+def _sse_response(job: Job) -> EventSourceResponse:
+    """start, one token per character, then done (or error)."""
     gen = job.gen
-    try:
-        yield ServerSentEvent(
-            event="start",
-            raw_data=json.dumps(
-                {"model": job.model.name, "seed": gen.seed, "prime_chars": len(gen.prime)}
-            ),
-        )
-        while True:
-            event = await gen.events.get()
-            if isinstance(event, Token):
-                yield ServerSentEvent(
-                    event="token", raw_data=json.dumps({"index": event.index, "text": event.text})
-                )
-            elif isinstance(event, Done):
-                payload = _result(job, event)
-                payload["usage"] = payload["usage"].model_dump()
-                yield ServerSentEvent(event="done", raw_data=json.dumps(payload))
-                return
-            else:
-                yield ServerSentEvent(
-                    event="error", data=StreamError(message=event.message, type=event.type)
-                )
-                return
-    finally:
-        job.model.scheduler.cancel(gen)
+    start = sse(
+        "start",
+        json.dumps({"model": job.model.name, "seed": gen.seed, "prime_chars": len(gen.prime)}),
+    )
+    return EventSourceResponse(
+        stream_events(job, _sse_encoder(job), head=start), headers=SSE_HEADERS
+    )
 
 
 _SSE_DOC = {
@@ -123,18 +119,14 @@ _SSE_DOC = {
 }
 
 
-@router.post("/generate/stream", response_class=EventSourceResponse, responses=_SSE_DOC)
-async def generate_stream(job: Annotated[Job, Depends(body_job)]) -> AsyncIterable[ServerSentEvent]:
+@router.post("/generate/stream", response_model=None, responses=_SSE_DOC)
+async def generate_stream(job: Annotated[Job, Depends(body_job)]) -> EventSourceResponse:
     """Stream the generation as server-sent events (JSON body)."""
-    async for event in sse_events(job):
-        yield event
+    return _sse_response(job)
 
 
-@router.get("/generate/stream", response_class=EventSourceResponse, responses=_SSE_DOC)
-async def generate_stream_get(
-    job: Annotated[Job, Depends(query_job)],
-) -> AsyncIterable[ServerSentEvent]:
+@router.get("/generate/stream", response_model=None, responses=_SSE_DOC)
+async def generate_stream_get(job: Annotated[Job, Depends(query_job)]) -> EventSourceResponse:
     """Stream the generation as server-sent events (query parameters, for EventSource and
     `curl -N`; repeat `stop` for several stop strings)."""
-    async for event in sse_events(job):
-        yield event
+    return _sse_response(job)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import EventSourceResponse
 
 from app.deps import RegistryDep, SettingsDep, enqueue, wait_final
-from app.engine import Done, Token
+from app.engine import Done, Event, Token
 from app.errors import openai_error
 from app.schemas import (
     Completion,
@@ -24,6 +23,7 @@ from app.schemas import (
     OpenAIError,
 )
 from app.security import check_api_key
+from app.streaming import SSE_HEADERS, sse, stream_events
 from app.validation import Job, build_job
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)])
@@ -94,7 +94,7 @@ async def completions(
     created = int(time.time())
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventSourceResponse(_stream(job, cid, created, usage))
+        return _stream(job, cid, created, usage)
     final = await wait_final(job, request)
     if final is None:
         return Response(status_code=499)
@@ -109,40 +109,37 @@ async def completions(
     )
 
 
-async def _stream(job: Job, cid: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
-    gen, name = job.gen, job.model.name
+def _stream(job: Job, cid: str, created: int, include_usage: bool) -> EventSourceResponse:
+    """``data:`` chunks of text_completion objects, one per character, then [DONE]."""
+    name = job.model.name
 
-    def chunk(
-        text: str, finish: str | None, usage: CompletionUsage | None = None, choices: bool = True
-    ) -> bytes:
-        body: dict = {
+    def chunk(choices: list[dict], usage: CompletionUsage | None = None) -> bytes:
+        body = {
             "id": cid,
             "object": "text_completion",
             "created": created,
             "model": name,
-            "choices": [],
-            "usage": None,
+            "choices": choices,
+            "usage": usage.model_dump() if usage else None,
         }
-        if choices:
-            body["choices"] = [
-                {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            ]
-        if usage is not None:
-            body["usage"] = usage.model_dump()
-        return format_sse_event(data_str=json.dumps(body))
+        return sse(None, json.dumps(body))
 
-    try:
-        while True:
-            event = await gen.events.get()
-            if isinstance(event, Token):
-                yield chunk(event.text, None)
-                continue
-            if isinstance(event, Done):
-                yield chunk("", event.finish_reason)
-                if include_usage:
-                    yield chunk("", None, _usage(job, len(event.generated_text)), False)
-            else:
-                err = {
+    def encode(event: Event) -> bytes:
+        if isinstance(event, Token):
+            return chunk(
+                [{"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}]
+            )
+        if isinstance(event, Done):
+            last = chunk(
+                [{"index": 0, "text": "", "finish_reason": event.finish_reason, "logprobs": None}]
+            )
+            if include_usage:
+                last += chunk([], _usage(job, len(event.generated_text)))
+            return last
+        return sse(
+            None,
+            json.dumps(
+                {
                     "error": {
                         "message": event.message,
                         "type": event.type,
@@ -150,8 +147,9 @@ async def _stream(job: Job, cid: str, created: int, include_usage: bool) -> Asyn
                         "code": None,
                     }
                 }
-                yield format_sse_event(data_str=json.dumps(err))
-            yield format_sse_event(data_str="[DONE]")
-            return
-    finally:
-        job.model.scheduler.cancel(gen)
+            ),
+        )
+
+    return EventSourceResponse(
+        stream_events(job, encode, tail=sse(None, "[DONE]")), headers=SSE_HEADERS
+    )

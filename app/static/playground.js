@@ -1,0 +1,540 @@
+// CharRNN playground: pick a model, type a prime, stream the continuation.
+//
+// One request per generation: fetch() on POST generate/stream, whose server-sent events are
+// parsed from the response body here. A rejected request answers with its JSON error before
+// the stream opens, so the server's own message can be shown; Stop aborts the fetch, which
+// closes the connection and frees the server's batch row within one step.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    form: $("controls"),
+    model: $("model"),
+    prime: $("prime"),
+    primeCount: $("prime-count"),
+    primeWarning: $("prime-warning"),
+    temperature: $("temperature"),
+    temperatureRange: $("temperature-range"),
+    topP: $("top_p"),
+    topPRange: $("top_p-range"),
+    topK: $("top_k"),
+    seed: $("seed"),
+    length: $("max_new_chars"),
+    apiKeyField: $("api-key-field"),
+    apiKey: $("api-key"),
+    generate: $("generate"),
+    stop: $("stop"),
+    error: $("error"),
+    summary: $("model-summary"),
+    state: $("state"),
+    text: $("text"),
+    primeEcho: $("prime-echo"),
+    generated: $("generated"),
+    placeholder: $("placeholder"),
+    chars: $("stat-chars"),
+    rate: $("stat-rate"),
+    ttfc: $("stat-ttfc"),
+    finish: $("stat-finish"),
+    seedUsed: $("stat-seed"),
+    reuseSeed: $("reuse-seed"),
+  };
+  const FIELDS = ["model", "prime", "temperature", "top_p", "top_k", "seed", "max_new_chars"];
+  const KEY_STORE = "charrnn.apiKey";
+
+  let info = null; // GET /info
+  let vocab = new Set(); // the selected model's characters
+  let run = null; // the generation in flight
+
+  // -- helpers -----------------------------------------------------------------------------
+
+  const fmtInt = (n) => Math.round(n).toLocaleString("en-US");
+  const fmtRate = (n) => (n >= 100 ? fmtInt(n) : n.toFixed(1));
+
+  /** A character as Python's repr() writes it, so it reads like the server's messages. */
+  function pyRepr(ch) {
+    const named = { "\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\" };
+    if (named[ch]) return `'${named[ch]}'`;
+    if (ch === "'") return `"'"`;
+    const cp = ch.codePointAt(0);
+    if (cp < 0x20 || (cp >= 0x7f && cp < 0xa0)) return `'\\x${cp.toString(16).padStart(2, "0")}'`;
+    if (/^[\p{C}\p{Z}]$/u.test(ch) && ch !== " ") {
+      const hex = cp.toString(16).padStart(cp > 0xffff ? 8 : 4, "0");
+      return `'\\${cp > 0xffff ? "U" : "u"}${hex}'`;
+    }
+    return `'${ch}'`;
+  }
+
+  /** Each character missing from the vocabulary with its first position (in code points,
+   * as the server counts them). */
+  function unknownChars(text) {
+    const seen = new Map();
+    let pos = 0;
+    for (const ch of text) {
+      if (!vocab.has(ch) && !seen.has(ch)) seen.set(ch, pos);
+      pos += 1;
+    }
+    return [...seen.entries()];
+  }
+
+  function selectedModel() {
+    return info?.models.find((m) => m.name === ui.model.value) ?? null;
+  }
+
+  // -- state and messages --------------------------------------------------------------------
+
+  const STATE_LABELS = {
+    idle: "idle",
+    connecting: "connecting…",
+    streaming: "streaming",
+    done: "done",
+    stopped: "stopped",
+    rejected: "rejected",
+    error: "error",
+  };
+
+  function setState(state) {
+    ui.state.dataset.state = state;
+    ui.state.textContent = STATE_LABELS[state] ?? state;
+    ui.text.dataset.state = state;
+    const busy = state === "connecting" || state === "streaming";
+    ui.text.setAttribute("aria-busy", String(busy));
+    ui.generate.disabled = busy || !info || info.models.length === 0;
+    ui.stop.disabled = !busy;
+  }
+
+  function showError(message) {
+    ui.error.hidden = false;
+    ui.error.textContent = message;
+  }
+
+  // Errors about the model or the prime show under that box; those about the numbers share
+  // one box under their grid, each line named after its label.
+  const PARAM_LABELS = {
+    temperature: "Temperature",
+    top_p: "Top-p",
+    top_k: "Top-k",
+    seed: "Seed",
+    max_new_chars: "Length",
+  };
+  const ERROR_BOXES = ["model-error", "prime-error", "params-error"];
+
+  function clearErrors() {
+    ui.error.hidden = true;
+    ui.error.textContent = "";
+    for (const id of ERROR_BOXES) {
+      $(id).hidden = true;
+      $(id).replaceChildren();
+    }
+    for (const name of FIELDS) $(name)?.removeAttribute("aria-invalid");
+  }
+
+  function showFieldError(name, message) {
+    const own = $(`${name}-error`);
+    const box = own ?? (name in PARAM_LABELS ? $("params-error") : null);
+    if (!box) return false;
+    const line = document.createElement("div");
+    line.textContent = own ? message : `${PARAM_LABELS[name]}: ${message}`;
+    box.append(line);
+    box.hidden = false;
+    $(name)?.setAttribute("aria-invalid", "true");
+    return true;
+  }
+
+  /** Show a non-2xx answer: FastAPI's {"detail": [...]} under the fields it names. */
+  async function showHttpError(resp) {
+    let body = null;
+    try {
+      body = await resp.json();
+    } catch {
+      body = null;
+    }
+    const detail = body?.detail;
+    const general = [];
+    if (Array.isArray(detail)) {
+      for (const d of detail) {
+        const loc = Array.isArray(d.loc) ? d.loc.filter((p) => p !== "body" && p !== "query") : [];
+        const field = loc.length ? String(loc[0]) : "";
+        const msg = String(d.msg ?? "invalid value");
+        if (!showFieldError(field, msg)) general.push(field ? `${loc.join(".")}: ${msg}` : msg);
+      }
+    } else if (typeof detail === "string") {
+      general.push(detail);
+    } else {
+      general.push(`The server answered ${resp.status} ${resp.statusText}.`);
+    }
+    if (resp.status === 401) {
+      ui.apiKeyField.hidden = false;
+      ui.apiKey.focus();
+    }
+    if (resp.status === 404) showFieldError("model", general.pop() ?? "unknown model");
+    const retry = resp.headers.get("Retry-After");
+    if (retry && (resp.status === 429 || resp.status === 503)) {
+      general.push(`Try again in ${retry} s.`);
+    }
+    if (general.length) showError(general.join(" "));
+  }
+
+  // -- models and vocabulary -----------------------------------------------------------------
+
+  async function loadInfo() {
+    try {
+      const resp = await fetch("info", { headers: { Accept: "application/json" } });
+      if (!resp.ok) throw new Error(`GET /info answered ${resp.status}`);
+      info = await resp.json();
+    } catch (e) {
+      ui.summary.textContent = `Cannot load the models (${e.message}); retrying…`;
+      setTimeout(loadInfo, 2000);
+      return;
+    }
+    if (info.models.length === 0) {
+      ui.summary.textContent = "The server is still loading its models…";
+      setTimeout(loadInfo, 1000);
+      return;
+    }
+    ui.model.replaceChildren(
+      ...info.models.map((m) => {
+        const opt = new Option(m.name, m.name, m.default, m.default);
+        return opt;
+      })
+    );
+    ui.model.disabled = info.models.length < 2;
+    const lim = info.limits;
+    ui.length.max = String(lim.max_new_chars_limit);
+    if (Number(ui.length.value) > lim.max_new_chars_limit) {
+      ui.length.value = String(lim.max_new_chars_limit);
+    }
+    if (lim.auth_required) ui.apiKeyField.hidden = false;
+    onModelChange();
+    setState(ui.state.dataset.state || "idle");
+  }
+
+  function onModelChange() {
+    const m = selectedModel();
+    if (!m) return;
+    vocab = new Set(Array.from(m.vocabulary));
+    ui.topK.max = String(m.architecture.vocab_size);
+    ui.topK.placeholder = `all ${m.architecture.vocab_size}`;
+    const a = m.architecture;
+    const parts = [
+      `${a.cell.toUpperCase()} ${a.layers}×${a.hidden}`,
+      `${fmtInt(m.parameters)} parameters`,
+      `${a.vocab_size} characters`,
+    ];
+    const bpc = m.metrics?.best_val_bpc;
+    if (typeof bpc === "number") parts.push(`${bpc.toFixed(2)} bits/char on validation`);
+    parts.push(`${m.device}, ${m.dtype}`);
+    ui.summary.textContent = `${m.name}: ${parts.join(" · ")}`;
+    checkPrime();
+  }
+
+  /** Warn (without blocking: the server has the last word) about characters the model does
+   * not know, and count the prime against the server's limit. */
+  function checkPrime() {
+    const text = ui.prime.value;
+    const n = Array.from(text).length;
+    const limit = info?.limits.max_prime_chars;
+    ui.primeCount.textContent = limit ? `${fmtInt(n)} / ${fmtInt(limit)} chars` : `${fmtInt(n)} chars`;
+    ui.primeCount.classList.toggle("over", Boolean(limit && n > limit));
+    if (!info) return;
+    const unknown = unknownChars(text);
+    if (unknown.length === 0) {
+      ui.primeWarning.hidden = true;
+      ui.primeWarning.replaceChildren();
+      return;
+    }
+    const name = ui.model.value;
+    const items = unknown.map(([ch, pos]) => {
+      const code = document.createElement("code");
+      code.textContent = pyRepr(ch);
+      const li = document.createElement("li");
+      li.append(code, ` at position ${pos}`);
+      return li;
+    });
+    const list = document.createElement("ul");
+    list.append(...items);
+    ui.primeWarning.replaceChildren(
+      `Not in ${name}'s vocabulary (the server will refuse the prime):`,
+      list
+    );
+    ui.primeWarning.hidden = false;
+  }
+
+  // -- generation ----------------------------------------------------------------------------
+
+  /** A number box's value: undefined when empty (the server's default applies); anything
+   * unparsable is sent as typed so that the server's message explains it. */
+  function numberField(input) {
+    const raw = input.value.trim();
+    if (raw === "") return undefined;
+    const n = Number(raw);
+    return Number.isFinite(n) ? n : raw;
+  }
+
+  // Seeds go up to 2**63, past what a JS number holds exactly: they travel as digit strings
+  // here and as JSON integers on the wire.
+  const SEED_RE = /"seed"\s*:\s*(\d+)/;
+  const seedOf = (json) => SEED_RE.exec(json)?.[1] ?? null;
+
+  function toJSON(body) {
+    const mark = (k, v) => (k === "seed" && typeof v === "string" ? `@seed:${v}@` : v);
+    return JSON.stringify(body, mark).replace(/"seed":"@seed:(\d+)@"/, '"seed":$1');
+  }
+
+  function requestBody() {
+    const body = { prime: ui.prime.value, model: ui.model.value || null };
+    const fields = [
+      ["temperature", ui.temperature],
+      ["top_p", ui.topP],
+      ["top_k", ui.topK],
+      ["seed", ui.seed],
+      ["max_new_chars", ui.length],
+    ];
+    for (const [name, input] of fields) {
+      const v = numberField(input);
+      if (v !== undefined) body[name] = v;
+    }
+    const seed = ui.seed.value.trim();
+    if (/^\d+$/.test(seed)) body.seed = seed;
+    return body;
+  }
+
+  function resetOutput(prime) {
+    ui.placeholder.hidden = true;
+    ui.primeEcho.textContent = prime;
+    ui.generated.textContent = "";
+    ui.chars.textContent = "0";
+    ui.rate.textContent = "–";
+    ui.rate.title = "";
+    ui.ttfc.textContent = "–";
+    ui.finish.textContent = "–";
+    ui.seedUsed.textContent = "–";
+    ui.reuseSeed.hidden = true;
+  }
+
+  class Run {
+    constructor(body) {
+      this.body = body;
+      this.controller = new AbortController();
+      this.sent = performance.now();
+      this.first = null; // time of the first character
+      this.count = 0;
+      this.pending = "";
+      this.node = document.createTextNode("");
+      this.flushQueued = false;
+      this.lastRateAt = 0;
+      this.finished = false;
+      ui.generated.replaceChildren(this.node);
+    }
+
+    queue(text) {
+      if (this.first === null) {
+        this.first = performance.now();
+        ui.ttfc.textContent = `${fmtInt(this.first - this.sent)} ms`;
+      }
+      this.count += 1;
+      this.pending += text;
+      if (!this.flushQueued) {
+        this.flushQueued = true;
+        requestAnimationFrame(() => this.flush());
+        setTimeout(() => this.flush(), 100); // rAF does not run in background tabs
+      }
+    }
+
+    flush() {
+      this.flushQueued = false;
+      if (this.pending) {
+        const box = ui.text;
+        const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 48;
+        this.node.appendData(this.pending);
+        this.pending = "";
+        if (follow) box.scrollTop = box.scrollHeight;
+      }
+      ui.chars.textContent = fmtInt(this.count);
+      const now = performance.now();
+      if (!this.finished && this.first !== null && now - this.lastRateAt > 200) {
+        const secs = (now - this.first) / 1000;
+        if (secs > 0.05) {
+          this.lastRateAt = now;
+          ui.rate.textContent = fmtRate(this.count / secs);
+        }
+      }
+    }
+
+    onStart(data, raw) {
+      setState("streaming");
+      ui.seedUsed.textContent = seedOf(raw) ?? String(data.seed);
+    }
+
+    onDone(data, raw) {
+      this.finished = true;
+      this.flush();
+      const secs = this.first === null ? 0 : (performance.now() - this.first) / 1000;
+      const seen = secs > 0 ? this.count / secs : 0;
+      const server = data.timings?.chars_per_s;
+      ui.rate.textContent = typeof server === "number" ? fmtRate(server) : fmtRate(seen);
+      ui.rate.title =
+        `measured by the server over ${data.timings?.generate_ms ?? "?"} ms; ` +
+        `${fmtRate(seen)} chars/s arrived here`;
+      ui.chars.textContent = fmtInt(data.usage?.generated_chars ?? this.count);
+      ui.finish.textContent = data.finish_reason;
+      ui.seedUsed.textContent = seedOf(raw) ?? String(data.seed);
+      ui.reuseSeed.hidden = false;
+      setState("done");
+    }
+
+    onStreamError(data) {
+      this.finished = true;
+      this.flush();
+      ui.finish.textContent = "error";
+      showError(`Generation failed: ${data.message ?? "unknown error"} (${data.type ?? "error"})`);
+      setState("error");
+    }
+
+    dispatch(type, data) {
+      let payload;
+      try {
+        payload = JSON.parse(data);
+      } catch {
+        return;
+      }
+      if (type === "token") this.queue(payload.text);
+      else if (type === "start") this.onStart(payload, data);
+      else if (type === "done") this.onDone(payload, data);
+      else if (type === "error") this.onStreamError(payload);
+    }
+
+    /** Parse text/event-stream from the response body. */
+    async read(resp) {
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = "";
+      let type = "message";
+      let data = [];
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, { stream: true });
+        const lines = buf.split("\n");
+        buf = lines.pop();
+        for (let line of lines) {
+          if (line.endsWith("\r")) line = line.slice(0, -1);
+          if (line === "") {
+            if (data.length) this.dispatch(type, data.join("\n"));
+            type = "message";
+            data = [];
+          } else if (!line.startsWith(":")) {
+            const i = line.indexOf(":");
+            const field = i < 0 ? line : line.slice(0, i);
+            let val = i < 0 ? "" : line.slice(i + 1);
+            if (val.startsWith(" ")) val = val.slice(1);
+            if (field === "event") type = val;
+            else if (field === "data") data.push(val);
+          }
+        }
+      }
+    }
+
+    async start() {
+      const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
+      const key = ui.apiKey.value.trim();
+      if (key) headers.Authorization = `Bearer ${key}`;
+      let resp;
+      try {
+        resp = await fetch("generate/stream", {
+          method: "POST",
+          headers,
+          body: toJSON(this.body),
+          signal: this.controller.signal,
+          cache: "no-store",
+        });
+        if (!resp.ok) {
+          await showHttpError(resp);
+          this.finished = true;
+          setState("rejected");
+          return;
+        }
+        await this.read(resp);
+        if (!this.finished) {
+          this.finished = true;
+          this.flush();
+          showError("The stream ended before the server said it was done.");
+          setState("error");
+        }
+      } catch (e) {
+        this.finished = true;
+        this.flush();
+        if (this.controller.signal.aborted) {
+          ui.finish.textContent = "stopped";
+          setState("stopped");
+        } else {
+          showError(`Lost the connection to the server: ${e.message}`);
+          setState("error");
+        }
+      } finally {
+        if (run === this) run = null;
+      }
+    }
+
+    stop() {
+      this.controller.abort();
+    }
+  }
+
+  function generate() {
+    if (run) return;
+    clearErrors();
+    const body = requestBody();
+    resetOutput(body.prime);
+    setState("connecting");
+    run = new Run(body);
+    run.start();
+  }
+
+  // -- wiring --------------------------------------------------------------------------------
+
+  function pair(range, number) {
+    range.addEventListener("input", () => {
+      number.value = range.value;
+    });
+    number.addEventListener("input", () => {
+      if (number.value !== "") range.value = number.value;
+    });
+  }
+
+  function init() {
+    pair(ui.temperatureRange, ui.temperature);
+    pair(ui.topPRange, ui.topP);
+    ui.form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      generate();
+    });
+    ui.stop.addEventListener("click", () => run?.stop());
+    ui.model.addEventListener("change", onModelChange);
+    ui.prime.addEventListener("input", checkPrime);
+    ui.prime.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        if (!ui.generate.disabled) generate();
+      }
+    });
+    document.addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && run) run.stop();
+    });
+    ui.reuseSeed.addEventListener("click", () => {
+      ui.seed.value = ui.seedUsed.textContent;
+      ui.seed.focus();
+    });
+    try {
+      ui.apiKey.value = sessionStorage.getItem(KEY_STORE) ?? "";
+      ui.apiKey.addEventListener("change", () => sessionStorage.setItem(KEY_STORE, ui.apiKey.value));
+    } catch {
+      // storage may be disabled; the key then lives only in the field
+    }
+    checkPrime();
+    setState("idle");
+    loadInfo();
+  }
+
+  init();
+})();

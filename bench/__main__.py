@@ -1,0 +1,106 @@
+"""``python -m bench``: run every benchmark, write bench/results.json, and regenerate the
+performance table in README.md between its ``<!-- bench:begin -->`` markers.
+
+Run it alone on the machine: two PyTorch processes sharing two cores slow each other ~10x."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+
+from bench import decode_step, serve_throughput, train_throughput
+from bench.common import DEFAULT_MODEL, ROOT
+
+RESULTS = ROOT / "bench" / "results.json"
+README = ROOT / "README.md"
+
+
+def table(results: dict) -> str:
+    d, s, t = results["decode_step"], results["serve_throughput"], results["train_throughput"]
+    when = results["date"]
+    lines = [
+        f"Measured {when} on {s['machine']['cores']} CPU cores ({s['machine']['cpu']}), "
+        f"torch {s['machine']['torch']}, by `make bench`; ratios are against the notebook's "
+        "code re-implemented in `bench/notebook.py` and run in the same session.",
+        "",
+        "| figure | CharRNN | notebook | ratio |",
+        "|---|---|---|---|",
+        f"| one SSE stream, chars/s | {s['one_stream_chars_per_s']:,} | "
+        f"{s['notebook_sample_chars_per_s']:,} | {s['one_stream_vs_notebook']}x |",
+        f"| 32 concurrent SSE streams, aggregate chars/s | "
+        f"{s['streams32_aggregate_chars_per_s']:,} | {s['notebook_sample_chars_per_s']:,} | "
+        f"{s['streams32_vs_notebook']}x |",
+    ]
+    for n in (10, 100, 1000):
+        lines.append(
+            f"| time to first char, {n}-char prime, cold / cached | "
+            f"{s[f'ttfc_ms_prime{n}_cold']} / {s[f'ttfc_ms_prime{n}_cached']} ms | | |"
+        )
+    lines.append(
+        f"| training chars/s (batch 128, seq 100, 2x512) | {t['ours_chars_per_s']:,} | "
+        f"{t['notebook_chars_per_s']:,} | {t['speedup']}x |"
+    )
+    if t.get("ours_time_to_target_s"):
+        lines.append(
+            f"| wall time to the notebook's final val NLL {t['target_nll']} | "
+            f"{t['ours_time_to_target_s']} s | {t['notebook_time_to_target_s']} s "
+            f"(projected) | {t['time_to_target_fraction']} of it |"
+        )
+    lines += [
+        "",
+        "| batch | fused decode step | `nn.LSTM` step | chars/s | "
+        "bandwidth-bound fraction | fraction of peak FLOP/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['fused_step_us']} µs | {r['nn_lstm_step_us']} µs | "
+            f"{r['chars_per_s']:,} | {r['bandwidth_bound_fraction']} | "
+            f"{r['flops_fraction_of_peak']} |"
+        )
+    lines.append(
+        f"\nMachine limits measured in the same run: memory bandwidth "
+        f"{d['memory_bandwidth_gb_s']} GB/s, fp32 matmul {d['peak_gflops']} GFLOP/s."
+    )
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    if not README.exists():
+        return
+    body = README.read_text(encoding="utf-8")
+    pattern = re.compile(r"(<!-- bench:begin -->\n).*?(\n<!-- bench:end -->)", re.S)
+    if pattern.search(body):
+        README.write_text(
+            pattern.sub(lambda m: m.group(1) + text + m.group(2), body), encoding="utf-8"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--only", choices=["decode_step", "serve_throughput", "train_throughput"])
+    p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
+    args = p.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = {
+        "decode_step": lambda: decode_step.run(),
+        "serve_throughput": lambda: serve_throughput.run(args.checkpoint),
+        "train_throughput": lambda: train_throughput.run(),
+    }
+    for name, fn in runs.items():
+        if args.only and name != args.only:
+            continue
+        print(f"running {name} ...", flush=True)
+        results[name] = fn()
+        print(json.dumps(results[name], indent=2), flush=True)
+    results["date"] = time.strftime("%Y-%m-%d")
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    if all(k in results for k in runs):
+        update_readme(table(results))
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Helpers shared by the benchmarks: timing, the baseline model, machine limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from charrnn.checkpoint import load_checkpoint
+from charrnn.vocab import Vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "alice.pt"
+# The seed corpus sits beside a developer's checkout; users' clones don't have it.
+CORPUS = ROOT.parent / "shared" / "data" / "alice.txt"
+# Alice's 75 characters, used when neither the corpus nor the model is at hand.
+_FALLBACK_VOCAB = (
+    "\n !(),-.0123456789:;?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz\u2018\u2019"
+    "\u201c\u201d"
+)
+
+
+def vocabulary() -> Vocabulary:
+    if DEFAULT_MODEL.exists():
+        return load_checkpoint(DEFAULT_MODEL).vocab
+    if CORPUS.exists():
+        return Vocabulary.from_text(CORPUS.read_text(encoding="utf-8"))
+    return Vocabulary.from_text(_FALLBACK_VOCAB)
+
+
+def median_seconds(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, object]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def memory_bandwidth(device: torch.device, mib: int = 256) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), the practical ceiling."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n * 4 / median_seconds(copy, reps=5)
+
+
+def peak_flops(device: torch.device, n: int = 2048) -> float:
+    """FLOP/s of a large fp32 matmul, the practical compute ceiling."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+
+    def mm() -> None:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / median_seconds(mm, reps=5)
+
+
+def emit(result: dict[str, object]) -> None:
+    print(json.dumps(result, indent=2))

@@ -1,0 +1,94 @@
+"""Decode-step time against batch size: the fused step (+ sampling) the service runs, and
+``nn.LSTM`` fed one step at a time, on a model of the notebook's size (2x512 LSTM).
+
+Limits: at batch 1 a step must read every weight once, so ``weight bytes / memory bandwidth``
+bounds it; at large batches the matmuls dominate, so ``FLOPs / peak FLOP/s`` bounds it.
+See bench/README.md for the arithmetic."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from app.backend import Batch, ModelBackend
+from bench.common import emit, machine, median_seconds, memory_bandwidth, peak_flops, vocabulary
+from charrnn.checkpoint import Checkpoint
+from charrnn.model import CharRNN, ModelConfig
+
+BATCHES = (1, 8, 32, 128, 512)
+
+
+def step_cost(cfg: ModelConfig) -> tuple[int, int]:
+    """(weight bytes read, FLOPs per row) of one fused LSTM decode step."""
+    h, v, g = cfg.hidden, cfg.vocab_size, 4
+    weights = g * h * h  # layer 0: W_hh (the input side is a table lookup of one row)
+    weights += (cfg.layers - 1) * g * h * 2 * h  # higher layers: [W_ih | W_hh]
+    weights += v * h  # head
+    return weights * 4, 2 * weights
+
+
+def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, object]:
+    dev = torch.device(device)
+    vocab = vocabulary()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=len(vocab))
+    model = CharRNN(cfg).to(dev).eval()
+    backend = ModelBackend(Checkpoint(model, vocab), dev)
+    weight_bytes, flops_per_row = step_cost(cfg)
+    bandwidth, peak = memory_bandwidth(dev), peak_flops(dev)
+    rows = []
+    for b in batches:
+        batch = Batch.concat([backend.new_row("Alice", 1.0, 5, 0.95, i)[0] for i in range(b)])
+        positions = np.zeros(b, dtype=np.uint64)
+        reps = 30 if b <= 32 else 10
+
+        def fused(batch: Batch = batch, positions: np.ndarray = positions) -> None:
+            backend.advance(batch, positions)
+
+        ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        state = model.init_state(b)
+
+        @torch.inference_mode()
+        def lstm(ids: torch.Tensor = ids, state: tuple = state) -> None:
+            model(ids, state)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+        t_fused = median_seconds(fused, reps=reps, warmup=3)
+        t_lstm = median_seconds(lstm, reps=reps, warmup=3)
+        rows.append(
+            {
+                "batch": b,
+                "fused_step_us": round(t_fused * 1e6, 1),
+                "nn_lstm_step_us": round(t_lstm * 1e6, 1),
+                "speedup_vs_nn_lstm": round(t_lstm / t_fused, 2),
+                "chars_per_s": round(b / t_fused),
+                # Time a step would take if it only had to stream the weights / do the FLOPs.
+                "bandwidth_bound_fraction": round(weight_bytes / bandwidth / t_fused, 3),
+                "flops_fraction_of_peak": round(flops_per_row * b / t_fused / peak, 3),
+            }
+        )
+    return {
+        "benchmark": "decode_step",
+        "machine": machine(),
+        "model": cfg.to_dict(),
+        "weight_bytes_per_step": weight_bytes,
+        "flops_per_row": flops_per_row,
+        "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "peak_gflops": round(peak / 1e9, 1),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
+    args = p.parse_args()
+    emit(run(tuple(args.batches), args.device))
+
+
+if __name__ == "__main__":
+    main()

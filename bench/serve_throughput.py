@@ -1,0 +1,145 @@
+"""End-to-end serving speed over real HTTP against the notebook's ``sample()`` loop.
+
+Starts ``python -m app`` on a loopback port with the given checkpoint and measures, in one run:
+characters/s of one SSE stream, aggregate characters/s of 32 concurrent streams, and time to
+first character for 10-, 100- and 1,000-character primes, cold (a prime never seen) and from
+the prime cache. The baseline is the notebook's sampler on a model of the same size, in this
+process, while the server idles."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from httpx_sse import aconnect_sse
+
+from bench.common import DEFAULT_MODEL, ROOT, emit, machine
+from bench.notebook import NotebookCharRNN, sample
+from charrnn.checkpoint import load_checkpoint
+
+
+def notebook_chars_per_s(vocab: str, hidden: int, layers: int, n: int = 400) -> float:
+    torch.manual_seed(0)
+    net = NotebookCharRNN(vocab, hidden, layers)
+    with torch.no_grad():
+        sample(net, 20, prime="Alice", top_k=5)
+        t0 = time.perf_counter()
+        sample(net, n, prime="Alice", top_k=5)
+        return (n + 5) / (time.perf_counter() - t0)
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int]:
+    """(time to first token, time from first token to done, tokens)."""
+    t0 = time.perf_counter()
+    first = 0.0
+    n = 0
+    async with aconnect_sse(client, "POST", f"{url}/generate/stream", json=body) as es:
+        es.response.raise_for_status()
+        async for sse in es.aiter_sse():
+            if sse.event == "token":
+                n += 1
+                if n == 1:
+                    first = time.perf_counter()
+            elif sse.event in ("done", "error"):
+                break
+    end = time.perf_counter()
+    return first - t0, end - first, n
+
+
+def _primes(chars: str, length: int, count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    letters = [c for c in chars if c.isalpha()] or list(chars)
+    return ["".join(rng.choice(letters) for _ in range(length)) for _ in range(count)]
+
+
+async def measure(url: str, chars: str) -> dict[str, object]:
+    async with httpx.AsyncClient(timeout=120) as c:
+        await _stream(c, url, {"prime": "Alice", "max_new_chars": 200, "seed": 0})  # warm
+        one = []
+        for rep in range(3):
+            _, dt, n = await _stream(
+                c, url, {"prime": "Alice", "max_new_chars": 2000, "seed": rep, "top_k": 5}
+            )
+            one.append(n / dt)
+        agg = []
+        for rep in range(3):
+            bodies = [
+                {"prime": "Alice", "max_new_chars": 500, "seed": rep * 100 + i, "top_k": 5}
+                for i in range(32)
+            ]
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(_stream(c, url, b) for b in bodies))
+            agg.append(sum(r[2] for r in res) / (time.perf_counter() - t0))
+        ttfc: dict[str, float] = {}
+        for length in (10, 100, 1000):
+            cold, cached = [], []
+            for i, prime in enumerate(_primes(chars, length, 15, length)):
+                body = {"prime": prime, "max_new_chars": 1, "seed": i}
+                cold.append((await _stream(c, url, body))[0])
+                cached.append((await _stream(c, url, body))[0])
+            ttfc[f"ttfc_ms_prime{length}_cold"] = round(statistics.median(cold) * 1e3, 2)
+            ttfc[f"ttfc_ms_prime{length}_cached"] = round(statistics.median(cached) * 1e3, 2)
+    return {
+        "one_stream_chars_per_s": round(statistics.median(one)),
+        "streams32_aggregate_chars_per_s": round(statistics.median(agg)),
+        **ttfc,
+    }
+
+
+def run(checkpoint: Path = DEFAULT_MODEL, port: int = 8765) -> dict[str, object]:
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.model.config
+    env = {
+        **os.environ,
+        "CHARRNN_MODELS": f"bench={checkpoint}",
+        "CHARRNN_PORT": str(port),
+        "CHARRNN_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+        served = asyncio.run(measure(url, ckpt.vocab.chars))
+        baseline = notebook_chars_per_s(ckpt.vocab.chars, cfg.hidden, cfg.layers)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {
+        "benchmark": "serve_throughput",
+        "machine": machine(),
+        "checkpoint": str(checkpoint),
+        "notebook_sample_chars_per_s": round(baseline, 1),
+        **served,
+        "one_stream_vs_notebook": round(served["one_stream_chars_per_s"] / baseline, 1),
+        "streams32_vs_notebook": round(served["streams32_aggregate_chars_per_s"] / baseline, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--port", type=int, default=8765)
+    args = p.parse_args()
+    emit(run(args.checkpoint, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The playground page (GET /) in a real headless Chromium against a real server.
+
+Needs Debian's ``chromium`` (``/usr/bin/chromium``, or ``CHARRNN_CHROMIUM``) and the
+``playwright`` package (its wheel bundles the driver; no ``playwright install``). Without them
+the browser tests skip and say why; the static-file check still runs."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server import Server, run_server
+
+CHROMIUM = Path(os.environ.get("CHARRNN_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LONG = 100_000  # a generation that cannot finish before Stop is pressed
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(
+        tmp_path_factory.mktemp("playground"),
+        f"tiny={tiny_checkpoint}",
+        max_new_chars_limit=LONG,
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: install Debian's 'chromium' package "
+            "(.ci/run does) or set CHARRNN_CHROMIUM"
+        )
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the 'playwright' package is not installed (pip: .[dev])"
+    )
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, server: Server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    pg = context.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(server.url + "/")
+    # /info has answered once the model list is filled and Generate is enabled.
+    pg.wait_for_function("document.querySelector('#model').options.length > 0")
+    pg.wait_for_function("!document.querySelector('#generate').disabled")
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def generated_len(pg) -> int:
+    return pg.evaluate("document.querySelector('#generated').textContent.length")
+
+
+def set_params(pg, prime: str, length: int, seed: int | None = None, **numbers: str) -> None:
+    pg.fill("#prime", prime)
+    pg.fill("#max_new_chars", str(length))
+    pg.fill("#seed", "" if seed is None else str(seed))
+    for name, value in numbers.items():
+        pg.fill(f"#{name}", value)
+
+
+def test_page_and_static_files_are_served(server: Server):
+    html = httpx.get(server.url + "/").text
+    assert 'name="viewport"' in html
+    assert "static/playground.js" in html and "static/playground.css" in html
+    for name, kind in [("playground.js", "javascript"), ("playground.css", "text/css")]:
+        r = httpx.get(f"{server.url}/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"], name
+    assert httpx.get(f"{server.url}/static/nope.js").status_code == 404
+
+
+@pytest.mark.browser
+def test_generate_streams_and_shows_the_done_state(page, server: Server):
+    page.wait_for_function("document.querySelector('#model-summary').textContent.includes('tiny')")
+    assert page.input_value("#model") == "tiny"
+    prime = "Alice said "
+    set_params(page, prime, 150, seed=7, temperature="0.7", top_k="20", top_p="0.9")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#generated').textContent.length >= 100")
+    page.wait_for_selector("#state[data-state='done']")
+
+    shown = page.text_content("#generated")
+    assert page.text_content("#prime-echo") == prime
+    assert page.text_content("#stat-finish") == "length"
+    assert page.text_content("#stat-chars") == "150"
+    assert page.text_content("#stat-seed") == "7"
+    assert float(page.text_content("#stat-rate").replace(",", "")) > 0
+    # The page sent exactly what was typed: the server gives the same text for that request.
+    body = {
+        "prime": prime,
+        "max_new_chars": 150,
+        "seed": 7,
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.9,
+    }
+    expected = httpx.post(f"{server.url}/generate", json=body, timeout=30).json()
+    assert shown == expected["generated_text"]
+    assert page.is_disabled("#stop") and page.is_enabled("#generate")
+
+    # "reuse" puts the seed back; a server-picked seed (up to 2**63) is shown exactly.
+    page.fill("#seed", "")
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='done']")
+    seed = page.text_content("#stat-seed")
+    assert seed.isdigit()
+    page.click("#reuse-seed")
+    assert page.input_value("#seed") == seed
+
+
+@pytest.mark.browser
+def test_stop_cancels_the_stream_and_frees_the_row(page, server: Server):
+    before = server.metric("charrnn_generated_characters_total", model="tiny")
+    set_params(page, "The Queen ", LONG)
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='streaming']")
+    page.wait_for_function("document.querySelector('#generated').textContent.length >= 200")
+    first = generated_len(page)
+    page.wait_for_function(f"document.querySelector('#generated').textContent.length > {first}")
+    assert server.metric("charrnn_active_generations", model="tiny") == 1
+    assert page.is_enabled("#stop")
+
+    page.click("#stop")
+    page.wait_for_selector("#state[data-state='stopped']")
+    deadline = time.monotonic() + 10
+    while server.metric("charrnn_active_generations", model="tiny") != 0:
+        assert time.monotonic() < deadline, "the server kept generating after Stop"
+        time.sleep(0.05)
+    shown = generated_len(page)
+    page.wait_for_timeout(300)
+    assert generated_len(page) == shown, "text kept arriving after Stop"
+    assert 200 <= shown < LONG
+    generated = server.metric("charrnn_generated_characters_total", model="tiny") - before
+    assert generated < LONG, "the generation ran to the end instead of being cancelled"
+    assert page.text_content("#stat-finish") == "stopped"
+    assert page.is_enabled("#generate") and page.is_disabled("#stop")
+
+
+@pytest.mark.browser
+def test_unknown_characters_are_marked_and_the_server_message_shown(page, server: Server):
+    prime = "Alice ☃ was"
+    page.fill("#prime", prime)
+    warning = page.locator("#prime-warning")
+    warning.wait_for(state="visible")
+    assert "'☃' at position 6" in warning.text_content()
+    assert page.is_enabled("#generate")  # the check warns; the server has the last word
+
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='rejected']")
+    r = httpx.post(f"{server.url}/generate", json={"prime": prime})
+    assert r.status_code == 422
+    message = r.json()["detail"][0]["msg"]
+    error = page.locator("#prime-error")
+    assert error.is_visible()
+    assert error.text_content() == message
+    assert page.get_attribute("#prime", "aria-invalid") == "true"
+    assert generated_len(page) == 0
+
+    # Fixing the prime clears the warning, and the next run clears the error.
+    page.fill("#prime", "Alice was")
+    warning.wait_for(state="hidden")
+    page.fill("#max_new_chars", "20")
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='done']")
+    assert not error.is_visible()
+
+
+@pytest.mark.browser
+def test_other_validation_errors_show_under_their_field(page):
+    set_params(page, "Alice", 20, top_k="1000")
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='rejected']")
+    assert page.text_content("#params-error").startswith("Top-k: ")
+    assert "vocabulary size" in page.text_content("#params-error")
+    assert page.is_visible("#params-error")
+    assert page.get_attribute("#top_k", "aria-invalid") == "true"
+
+
+@pytest.mark.browser
+def test_phone_layout_fits_the_screen(browser, server: Server):
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+    )
+    try:
+        pg = context.new_page()
+        pg.goto(server.url + "/")
+        pg.wait_for_function("!document.querySelector('#generate').disabled")
+        overflow = pg.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, "the page scrolls sideways on a phone"
+        # Controls come first, then the output, in one column.
+        controls = pg.locator("#controls").bounding_box()
+        output = pg.locator(".output").bounding_box()
+        assert output["y"] >= controls["y"] + controls["height"]
+        assert output["width"] <= 390
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+def test_api_key_field_when_keys_are_configured(browser, tiny_checkpoint: Path, tmp_path: Path):
+    with run_server(tmp_path, f"tiny={tiny_checkpoint}", api_keys="sesame") as server:
+        context = browser.new_context()
+        try:
+            pg = context.new_page()
+            pg.set_default_timeout(20_000)
+            pg.goto(server.url + "/")
+            pg.wait_for_function("!document.querySelector('#generate').disabled")
+            assert pg.is_visible("#api-key")
+            set_params(pg, "Alice", 30)
+            pg.click("#generate")
+            pg.wait_for_selector("#state[data-state='rejected']")
+            assert "API key" in pg.text_content("#error")
+            pg.fill("#api-key", "sesame")
+            pg.click("#generate")
+            pg.wait_for_selector("#state[data-state='done']")
+            assert generated_len(pg) == 30 and not pg.is_visible("#error")
+        finally:
+            context.close()

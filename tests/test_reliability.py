@@ -1,0 +1,506 @@
+"""Load, faults and hostile input against a real server (loopback only, bounded in count
+and time). Slow tests carry the ``slow`` mark."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from httpx_sse import aconnect_sse
+
+from charrnn import Vocabulary, load_checkpoint, save_checkpoint
+from tests.conftest import make_text, tiny_model
+from tests.server import ROOT, run_server
+from training.__main__ import main as train_main
+from training.outputs import last_path
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def sse_client(
+    c: httpx.AsyncClient, url: str, body: dict
+) -> tuple[int, str | None, int, dict]:
+    """(status, final event, tokens, headers) of one streaming request."""
+    async with aconnect_sse(c, "POST", f"{url}/generate/stream", json=body) as es:
+        r = es.response
+        if r.status_code != 200:
+            await r.aread()
+            return r.status_code, None, 0, dict(r.headers)
+        tokens, final = 0, None
+        async for sse in es.aiter_sse():
+            if sse.event == "token":
+                tokens += 1
+            elif sse.event in ("done", "error"):
+                final = sse.event
+                if sse.event == "done":
+                    assert len(json.loads(sse.data)["generated_text"]) == tokens
+                break
+        return 200, final, tokens, dict(r.headers)
+
+
+PROBE = """
+import sys, time, httpx
+with httpx.Client(timeout=5) as c:
+    while True:
+        for route in ("/health", "/ready"):
+            t0 = time.perf_counter()
+            assert c.get(sys.argv[1] + route).status_code == 200
+            print(round((time.perf_counter() - t0) * 1e3, 2), flush=True)
+        time.sleep(0.02)
+"""
+
+# -- load --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_waves_of_200_sse_clients(tiny_checkpoint, tmp_path):
+    with run_server(tmp_path, f"tiny={tiny_checkpoint}", max_concurrent=32, max_queue=64) as s:
+        report: dict[str, list] = {
+            "rss": [],
+            "ok": [],
+            "429": [],
+            "health_ms": [],
+            "health_probes": [],
+        }
+
+        async def wave(i: int) -> None:
+            limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+            # Health is probed from another process, so this process's own busy event loop
+            # (200 SSE parsers) does not count against the server.
+            probe = subprocess.Popen(
+                [sys.executable, "-c", PROBE, s.url], text=True, stdout=subprocess.PIPE
+            )
+            async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+                bodies = [
+                    {"prime": "Alice", "max_new_chars": 60, "seed": i * 1000 + k}
+                    for k in range(200)
+                ]
+                results = await asyncio.gather(*(sse_client(c, s.url, b) for b in bodies))
+            probe.terminate()
+            latencies = [float(x) for x in probe.communicate(timeout=10)[0].split()]
+            for status, final, tokens, headers in results:
+                assert status in (200, 429), status
+                if status == 200:
+                    assert final == "done" and tokens == 60
+                else:
+                    assert headers["retry-after"] == "1"
+            report["ok"].append(sum(r[0] == 200 for r in results))
+            report["429"].append(sum(r[0] == 429 for r in results))
+            report["health_ms"].append(round(max(latencies), 1))
+            report["health_probes"].append(len(latencies))
+
+        for i in range(5):
+            asyncio.run(wave(i))
+            report["rss"].append(rss_kib(s.proc.pid))
+        print(f"\nload waves: {json.dumps(report)}")
+        assert sum(report["ok"]) > 0
+        assert report["rss"][4] < report["rss"][1] * 1.10
+        assert max(report["health_ms"]) < 100
+        assert s.metric("charrnn_active_generations", model="tiny") == 0
+        assert s.metric("charrnn_queue_depth", model="tiny") == 0
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_100_clients_disconnecting_mid_stream_leak_nothing(tiny_checkpoint, tmp_path):
+    with run_server(tmp_path, f"tiny={tiny_checkpoint}", max_concurrent=64, max_queue=64) as s:
+        rng = random.Random(0)
+
+        async def quitter(c: httpx.AsyncClient, k: int) -> None:
+            stop_after = rng.randint(0, 200)
+            body = {"prime": "Alice", "max_new_chars": 5000, "seed": k}
+            async with aconnect_sse(c, "POST", f"{s.url}/generate/stream", json=body) as es:
+                n = 0
+                async for sse in es.aiter_sse():
+                    n += sse.event == "token"
+                    if n >= stop_after:
+                        break
+
+        async def round_(r: int) -> None:
+            async with httpx.AsyncClient(
+                timeout=60, limits=httpx.Limits(max_connections=200, max_keepalive_connections=0)
+            ) as c:
+                await asyncio.gather(*(quitter(c, r * 100 + k) for k in range(100)))
+
+        asyncio.run(round_(0))
+        before = rss_kib(s.proc.pid)
+        for r in range(1, 3):
+            asyncio.run(round_(r))
+        deadline = time.monotonic() + 10
+        while s.metric("charrnn_active_generations", model="tiny") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.metric("charrnn_active_generations", model="tiny") == 0
+        assert s.metric("charrnn_queue_depth", model="tiny") == 0
+        # 300 generations of up to 5000 characters were asked for; the disconnects stopped them.
+        assert s.metric("charrnn_generated_characters_total", model="tiny") < 300 * 1000
+        assert rss_kib(s.proc.pid) < before * 1.10
+        assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_sigterm_with_open_streams(tiny_checkpoint, tmp_path):
+    with run_server(tmp_path, f"tiny={tiny_checkpoint}", shutdown_grace_s=1) as s:
+
+        async def run() -> None:
+            async with httpx.AsyncClient(timeout=60) as c, httpx.AsyncClient(timeout=5) as probe:
+                assert (await probe.get(f"{s.url}/ready")).status_code == 200
+                body = {"prime": "Alice", "max_new_chars": 10000}
+                streams = [
+                    asyncio.create_task(sse_client(c, s.url, {**body, "seed": k})) for k in range(4)
+                ]
+                short = asyncio.create_task(
+                    sse_client(c, s.url, {"prime": "Al", "max_new_chars": 30})
+                )
+                await asyncio.sleep(0.5)
+                t0 = time.monotonic()
+                s.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                r = await probe.get(f"{s.url}/ready")
+                assert r.status_code == 503 and r.json()["status"] == "shutting_down"
+                r = await probe.post(f"{s.url}/generate", json={"prime": "Alice"})
+                assert r.status_code == 503
+                results = await asyncio.gather(*streams, short)
+                assert all(res[0] == 200 and res[1] in ("done", "error") for res in results)
+                assert results[-1][1] == "done"
+                rc = await asyncio.to_thread(s.proc.wait, 30)
+                assert rc == 0 and time.monotonic() - t0 < 15
+
+        asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_never_loses_a_checkpoint(corpus_file, tmp_path):
+    out = tmp_path / "m.pt"
+    args = [
+        sys.executable,
+        "-m",
+        "training",
+        "fit",
+        "--data",
+        str(corpus_file),
+        "--out",
+        str(out),
+        "--hidden",
+        "32",
+        "--embed",
+        "8",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "25",
+        "--epochs",
+        "12",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
+    rng = random.Random(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(4):
+        proc = subprocess.Popen(
+            args + (["--resume"] if last_path(out).exists() else []),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(2.0, 4.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for path in (out, last_path(out)):
+            if path.exists():
+                load_checkpoint(path)  # always loadable: writes are atomic
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] or attempt >= 0
+    done = subprocess.run(
+        args + (["--resume"] if last_path(out).exists() else []),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(last_path(out)).extra["resume"]["progress"]["epoch"] == 12
+
+
+def test_full_disk_fails_with_one_line_and_keeps_earlier_checkpoints(
+    corpus_file, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "m.pt"
+    base = [
+        "fit",
+        "--data",
+        str(corpus_file),
+        "--out",
+        str(out),
+        "--hidden",
+        "32",
+        "--embed",
+        "8",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "25",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
+    assert train_main([*base, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    saved = {p: p.read_bytes() for p in (out, last_path(out))}
+
+    def no_space(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("charrnn.checkpoint.torch.save", no_space)
+    assert train_main([*base, "--epochs", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    for path, data in saved.items():
+        assert path.read_bytes() == data
+        load_checkpoint(path)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+class _Payload:
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def _bad_checkpoint(kind: str, path: Path, marker: Path) -> str:
+    vocab = Vocabulary.from_text(make_text())
+    if kind == "missing":
+        return "file not found"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return "file is empty"
+    save_checkpoint(path, tiny_model(vocab), vocab)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+        return "corrupt or truncated"
+    if kind == "corrupt":
+        data = bytearray(path.read_bytes())
+        data[200:400] = os.urandom(200)
+        path.write_bytes(bytes(data))
+        return str(path)
+    payload = torch.load(path, weights_only=True)
+    if kind == "wrong-version":
+        payload["format_version"] = 7
+        message = "unsupported format version 7"
+    elif kind == "foreign-vocabulary":
+        payload["vocab"] = "".join(sorted(set("0123456789")))
+        message = "vocabulary has 10 characters"
+    else:  # malicious pickle
+        payload["meta"] = {"x": _Payload(str(marker))}
+        message = "refused to load"
+    torch.save(payload, path)
+    return message
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing",
+        "empty",
+        "truncated",
+        "corrupt",
+        "wrong-version",
+        "foreign-vocabulary",
+        "malicious-pickle",
+    ],
+)
+def test_startup_refuses_bad_checkpoints_and_runs_no_code(kind, tmp_path):
+    path, marker = tmp_path / "bad.pt", tmp_path / "pwned"
+    message = _bad_checkpoint(kind, path, marker)
+    done = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"CHARRNN_MODELS": f"bad={path}", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], done.stderr
+    assert not marker.exists()
+
+
+# -- hostile input -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    with run_server(
+        tmp_path_factory.mktemp("hostile"),
+        f"tiny={tiny_checkpoint}",
+        max_new_chars_limit=500,
+        stream_backlog=16,
+    ) as s:
+        yield s
+
+
+J = "application/json"
+MALFORMED = [
+    ("malformed JSON", b'{"prime": "Alice"', J),
+    ("not an object", b'["Alice"]', J),
+    ("NaN literal", b'{"prime": "Alice", "temperature": NaN}', J),
+    ("Infinity literal", b'{"prime": "Alice", "top_p": Infinity}', J),
+    ("-Infinity literal", b'{"prime": "Alice", "temperature": -Infinity}', J),
+    ("lone surrogate", b'{"prime": "Al\\ud800ice"}', J),
+    ("NUL character", b'{"prime": "Al\\u0000ice"}', J),
+    ("control character", b'{"prime": "Al\\u001bice"}', J),
+    ("out of vocabulary", '{"prime": "Alice \u2603 \u00e9"}'.encode(), J),
+    ("empty prime", b'{"prime": ""}', J),
+    ("huge prime", b'{"prime": "' + b"a" * 5000 + b'"}', J),
+    ("wrong type prime", b'{"prime": 12}', J),
+    ("wrong type max", b'{"prime": "Alice", "max_new_chars": "ten"}', J),
+    ("float max", b'{"prime": "Alice", "max_new_chars": 1.5}', J),
+    ("boolean seed", b'{"prime": "Alice", "seed": true}', J),
+    ("extra field", b'{"prime": "Alice", "evil": 1}', J),
+    ("max over limit", b'{"prime": "Alice", "max_new_chars": 501}', J),
+    ("negative max", b'{"prime": "Alice", "max_new_chars": -5}', J),
+    ("temperature 0", b'{"prime": "Alice", "temperature": 0}', J),
+    ("temperature 1e308", b'{"prime": "Alice", "temperature": 1e308}', J),
+    ("top_k huge", b'{"prime": "Alice", "top_k": 99999999999999999999}', J),
+    ("top_p negative", b'{"prime": "Alice", "top_p": -0.1}', J),
+    ("seed 2**64", b'{"prime": "Alice", "seed": 18446744073709551616}', J),
+    ("too many stops", b'{"prime": "Alice", "stop": ["a","b","c","d","e"]}', J),
+    ("empty stop", b'{"prime": "Alice", "stop": [""]}', J),
+    ("stop not a list", b'{"prime": "Alice", "stop": {"a": 1}}', J),
+    ("unknown model", b'{"prime": "Alice", "model": "gpt-4"}', J),
+    ("text/plain body", b'{"prime": "Alice"}', "text/plain"),
+    ("form body", b"prime=Alice", "application/x-www-form-urlencoded"),
+    ("empty body", b"", J),
+    ("several MB", b'{"prime": "' + b"a" * (3 * 2**20) + b'"}', J),
+]
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate/stream", "/v1/completions"])
+@pytest.mark.parametrize(("name", "body", "ctype"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_get_a_4xx_with_a_message(server, route, name, body, ctype):
+    if route == "/v1/completions":
+        body = body.replace(b'"prime"', b'"prompt"').replace(b"max_new_chars", b"max_tokens")
+    r = httpx.post(
+        f"{server.url}{route}", content=body, headers={"content-type": ctype}, timeout=30
+    )
+    if route == "/v1/completions" and name in ("extra field", "temperature 0"):
+        # OpenAI clients send extra fields (ignored), and temperature 0 means greedy there.
+        assert r.status_code == 200
+        return
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json")
+    data = r.json()
+    message = data["error"]["message"] if route.startswith("/v1") else json.dumps(data["detail"])
+    assert message and len(message) > 10
+    if name == "several MB":
+        assert r.status_code == 413
+    if name == "unknown model":
+        assert r.status_code == 404
+    if name == "out of vocabulary":
+        assert "'\\u2603' at position 6" in message or "'\u2603' at position 6" in message
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+GET_CASES = [
+    "prime=",
+    "prime=Al%ED%B2%80ice",
+    "prime=Al%ff%feice",
+    "prime=Alice&temperature=nan",
+    "prime=Alice&temperature=inf",
+    "prime=Alice&top_k=x",
+    "prime=Alice&seed=true",
+    "prime=Alice" + "&stop=a" * 5,
+    "prime=Alice&bogus=1",
+    "",
+    "prime=Alice&model=nope",
+    "prime=%00",
+    "prime=" + "a" * 5000,
+]
+
+
+@pytest.mark.parametrize("query", GET_CASES)
+def test_malformed_get_stream_queries(server, query):
+    r = httpx.get(f"{server.url}/generate/stream?{query}")
+    assert 400 <= r.status_code < 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["detail"]
+
+
+def test_schemathesis_finds_no_server_error_or_schema_violation(server):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{server.url}/openapi.json",
+            "--max-examples",
+            "10",
+            "--workers",
+            "1",
+            "--generation-deterministic",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "passed" in done.stdout
+
+
+def test_slow_reader_is_cut_off_without_stalling_others(server):
+    body = json.dumps({"prime": "Alice", "max_new_chars": 500, "seed": 1}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    slow.connect((host, int(port)))
+    slow.sendall(
+        b"POST /generate/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    try:
+        # Meanwhile other clients stream at full speed.
+        t0 = time.perf_counter()
+        for k in range(5):
+            r = httpx.post(
+                f"{server.url}/generate",
+                json={"prime": "The", "max_new_chars": 200, "seed": k},
+                timeout=30,
+            )
+            assert r.status_code == 200
+        assert time.perf_counter() - t0 < 20
+        deadline = time.monotonic() + 20
+        while (
+            server.metric("charrnn_active_generations", model="tiny")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert server.metric("charrnn_active_generations", model="tiny") == 0
+    finally:
+        slow.close()
