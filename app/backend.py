@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from app.graphs import PaddedStep
 from charrnn.checkpoint import Checkpoint, load_checkpoint
 from charrnn.decode import StepDecoder
 from charrnn.generate import warm_up
@@ -70,6 +71,10 @@ class ModelBackend:
         self.vocab = checkpoint.vocab
         self.device = device
         self.decoder = StepDecoder(self.model)
+        # On CUDA the step is replayed from graphs captured per batch-size bucket.
+        self.graphed = (
+            PaddedStep(self.decoder, len(self.vocab), device) if (device.type == "cuda") else None
+        )
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, State]] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -130,7 +135,12 @@ class ModelBackend:
         ``positions`` [B] is each row's count of characters generated so far; with the
         row's seed it keys the row's random draw. One device-to-host copy per step."""
         u = torch.from_numpy(uniforms(batch.seeds, positions)).to(self.device)
-        ids = sample_next(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
-        logits, state = self.decoder.step(ids, batch.state)
+        if self.graphed is not None:
+            ids, logits, state = self.graphed(
+                batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u
+            )
+        else:
+            ids = sample_next(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+            logits, state = self.decoder.step(ids, batch.state)
         nxt = Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
         return ids.tolist(), nxt

@@ -67,6 +67,7 @@ def train_steps(
     seq_length: int = 100,
     lr: float = 0.001,
     clip: float = 5,
+    device: str = "cpu",
 ) -> int:
     """The notebook's inner training loop for ``steps`` batches; returns characters seen."""
     net.train()
@@ -78,6 +79,8 @@ def train_steps(
         for x, y in get_batches(data, batch_size, seq_length):
             x = one_hot_encode(x, n_chars)
             inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+            if device != "cpu":
+                inputs, targets = inputs.to(device), targets.to(device)
             h = tuple([each.data for each in h])
             net.zero_grad()
             output, h = net(inputs, h)
@@ -85,6 +88,8 @@ def train_steps(
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
+            if device != "cpu":
+                loss.item()  # the notebook reads the loss every step (its accuracy print)
             done += 1
             if done == steps:
                 break

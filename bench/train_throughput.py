@@ -37,36 +37,46 @@ FAST = {
 }
 
 
-def notebook_step_seconds(text: str, steps: int) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def notebook_step_seconds(text: str, steps: int, device: str = "cpu") -> float:
     vocab = Vocabulary.from_text(text)
     encoded = np.array(vocab.encode(text))
     torch.manual_seed(0)
-    net = NotebookCharRNN(vocab.chars)
-    train_steps(net, encoded, 1)
+    net = NotebookCharRNN(vocab.chars).to(device)
+    train_steps(net, encoded, 1, device=device)
     times = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
-        train_steps(net, encoded, 1)
+        train_steps(net, encoded, 1, device=device)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def ours_step_seconds(data: Path, steps: int) -> float:
+def ours_step_seconds(data: Path, steps: int, device: str = "cpu") -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(FitConfig(data=data, out=Path(tmp) / "m.pt", progress=False))
+        cfg = FitConfig(data=data, out=Path(tmp) / "m.pt", progress=False, device=device)
+        trainer = Trainer(cfg)
         trainer.model.train()
         trainer._train_step(*trainer.batches[0])
         times = []
         for i in range(steps):
+            _sync(device)
             t0 = time.perf_counter()
             trainer._train_step(*trainer.batches[(i + 1) % trainer.batches.n_batches])
+            _sync(device)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def time_to_nll(data: Path, target: float) -> dict[str, object]:
+def time_to_nll(data: Path, target: float, device: str = "cpu") -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = FitConfig(data=data, out=Path(tmp) / "m.pt", progress=False, **FAST)
+        cfg = FitConfig(data=data, out=Path(tmp) / "m.pt", progress=False, device=device, **FAST)
         trainer = Trainer(cfg)
         t0 = time.perf_counter()
         reached = None
@@ -94,21 +104,24 @@ def time_to_nll(data: Path, target: float) -> dict[str, object]:
     }
 
 
-def run(data: Path = CORPUS, steps: int = 5, with_time_to_nll: bool = True) -> dict[str, object]:
+def run(
+    data: Path = CORPUS, steps: int = 5, with_time_to_nll: bool = True, device: str = "cpu"
+) -> dict[str, object]:
     text = data.read_text(encoding="utf-8")
     train_text = text[: int(len(text) * 0.9)]
     chars_per_step = 128 * 100
-    nb = notebook_step_seconds(train_text, steps)
-    ours = ours_step_seconds(data, steps)
+    nb = notebook_step_seconds(train_text, steps, device)
+    ours = ours_step_seconds(data, steps, device)
     out: dict[str, object] = {
         "benchmark": "train_throughput",
+        "device": device,
         "machine": machine(),
         "notebook_chars_per_s": round(chars_per_step / nb),
         "ours_chars_per_s": round(chars_per_step / ours),
         "speedup": round(nb / ours, 2),
     }
     if with_time_to_nll:
-        reach = time_to_nll(data, NOTEBOOK_FINAL_NLL)
+        reach = time_to_nll(data, NOTEBOOK_FINAL_NLL, device)
         notebook_wall = nb * NOTEBOOK_STEPS
         out |= {
             "target_nll": NOTEBOOK_FINAL_NLL,
@@ -127,8 +140,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=CORPUS)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--skip-time-to-nll", action="store_true")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    emit(run(args.data, args.steps, not args.skip_time_to_nll))
+    emit(run(args.data, args.steps, not args.skip_time_to_nll, args.device))
 
 
 if __name__ == "__main__":

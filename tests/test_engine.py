@@ -157,3 +157,26 @@ def test_prime_cache_is_an_lru(backend):
     assert list(backend._cache) == ["c", "d", "a", "e"]
     _, _, hit = backend.prime("a")
     assert hit
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_padded_step_equals_the_plain_step(backend, rows):
+    """The bucketed, padded computation that CUDA graphs capture gives the same rows."""
+    from app.graphs import PaddedStep, bucket_for
+    from charrnn.sampling import sample_next
+
+    assert bucket_for(rows) >= rows
+    torch.manual_seed(rows)
+    v = len(backend.vocab)
+    logits = torch.randn(rows, v)
+    state = tuple(torch.randn(2, rows, 32) for _ in range(2))
+    temperature, top_k = torch.rand(rows) + 0.5, torch.randint(1, v + 1, (rows,))
+    top_p, u = torch.rand(rows) * 0.9 + 0.1, torch.rand(rows, dtype=torch.float64)
+    padded = PaddedStep(backend.decoder, v, torch.device("cpu"), use_graphs=False)
+    ids, new_logits, new_state = padded(logits, state, temperature, top_k, top_p, u)
+    want_ids = sample_next(logits, temperature, top_k, top_p, u)
+    want_logits, want_state = backend.decoder.step(want_ids, state)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(new_logits, want_logits)
+    for a, b in zip(new_state, want_state, strict=True):
+        torch.testing.assert_close(a, b)
