@@ -115,15 +115,15 @@ class StopAfter(StopFlag):
         pass
 
 
-@pytest.mark.parametrize("schedule", ["onecycle", "constant"])
-def test_interrupt_and_resume_equals_uninterrupted(corpus_file, tmp_path, schedule):
+@pytest.mark.parametrize(("schedule", "ema"), [("onecycle", None), ("constant", 0.9)])
+def test_interrupt_and_resume_equals_uninterrupted(corpus_file, tmp_path, schedule, ema):
     whole = tmp_path / "whole.pt"
     parts = tmp_path / "parts.pt"
-    total = fit(tiny_cfg(corpus_file, whole, schedule=schedule)).steps
+    total = fit(tiny_cfg(corpus_file, whole, schedule=schedule, ema=ema)).steps
     per_epoch = total // 3
-    first = fit(tiny_cfg(corpus_file, parts, schedule=schedule), StopAfter(per_epoch + 3))
+    first = fit(tiny_cfg(corpus_file, parts, schedule=schedule, ema=ema), StopAfter(per_epoch + 3))
     assert first.interrupted and first.steps == per_epoch + 3  # mid-epoch
-    second = fit(tiny_cfg(corpus_file, parts, schedule=schedule, resume=True))
+    second = fit(tiny_cfg(corpus_file, parts, schedule=schedule, ema=ema, resume=True))
     assert not second.interrupted and second.steps == total
     a, b = load_checkpoint(last_path(whole)).model, load_checkpoint(last_path(parts)).model
     for (k, wa), (_, wb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):

@@ -58,6 +58,13 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="stop after this many epochs without a better validation NLL",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="validate and keep an exponential moving average of the weights",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -114,6 +121,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         clip=args.clip,
         val_frac=args.val_frac,
         patience=args.patience,
+        ema=args.ema,
         seed=args.seed,
         device=args.device,
         threads=args.threads,

@@ -31,6 +31,7 @@ class FitConfig:
     clip: float = 5.0
     val_frac: float = 0.1
     patience: int | None = None
+    ema: float | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
@@ -57,6 +58,7 @@ class FitConfig:
             (self.clip > 0, "--clip must be > 0"),
             (0 < self.val_frac < 1, "--val-frac must be in (0, 1)"),
             (self.patience is None or self.patience >= 1, "--patience must be >= 1"),
+            (self.ema is None or 0 < self.ema < 1, "--ema must be in (0, 1)"),
             (self.seed >= 0, "--seed must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
