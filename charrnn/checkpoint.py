@@ -47,6 +47,9 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file owner-only; a checkpoint is meant to be read by others
+        # (a service user, a container) like any file written with open().
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -122,3 +122,8 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
         load_checkpoint(raw)
     assert not marker.exists()
     assert zipfile.is_zipfile(evil)
+
+
+def test_saved_file_is_world_readable(saved):
+    path, _ = saved
+    assert path.stat().st_mode & 0o777 == 0o644
