@@ -102,23 +102,30 @@ def _read(path: Path) -> dict[str, Any]:
         raise CheckpointError(path, "file not found")
     if path.is_dir():
         raise CheckpointError(path, "is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "file is empty")
-    if not zipfile.is_zipfile(path):
-        # torch.save writes a zip archive; anything else would go to the legacy unpickler,
-        # which we never call.
-        with path.open("rb") as f:
-            head = f.read(2)
-        if head[:1] == b"\x80":
-            raise CheckpointError(path, "refused to load: a raw pickle, which is never unpickled")
-        raise CheckpointError(path, "corrupt or truncated file (not a checkpoint archive)")
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(path, "file is empty")
+        if not zipfile.is_zipfile(path):
+            # torch.save writes a zip archive; anything else would go to the legacy unpickler,
+            # which we never call.
+            with path.open("rb") as f:
+                head = f.read(2)
+            if head[:1] == b"\x80":
+                raise CheckpointError(
+                    path, "refused to load: a raw pickle, which is never unpickled"
+                )
+            raise CheckpointError(path, "corrupt or truncated file (not a checkpoint archive)")
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read the file: {e.strerror or e}") from None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             path, f"refused to load: it holds pickled objects other than tensors ({_why(e)})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read the file: {e.strerror or e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(path, f"corrupt or truncated file ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(path, "not a CharRNN checkpoint")

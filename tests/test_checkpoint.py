@@ -127,3 +127,13 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
 def test_saved_file_is_world_readable(saved):
     path, _ = saved
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_unreadable_file(saved, monkeypatch):
+    path, _ = saved
+
+    def denied(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(zipfile, "is_zipfile", denied)
+    _expect(path, "cannot read the file: Permission denied")

