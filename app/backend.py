@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from app.graphs import PaddedStep
-from charrnn.checkpoint import Checkpoint, load_checkpoint
+from charrnn.checkpoint import Checkpoint
 from charrnn.decode import StepDecoder
 from charrnn.generate import warm_up
 from charrnn.model import State
@@ -65,12 +65,19 @@ class Batch:
 
 
 class ModelBackend:
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, cache_size: int = 256):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        cache_size: int = 256,
+        int8: bool = False,
+    ):
         self.ckpt = checkpoint
         self.model = checkpoint.model
         self.vocab = checkpoint.vocab
         self.device = device
-        self.decoder = StepDecoder(self.model)
+        # int8 kernels (fbgemm) exist for the CPU only.
+        self.decoder = StepDecoder(self.model, int8=int8 and device.type == "cpu")
         # On CUDA the step is replayed from graphs captured per batch-size bucket.
         self.graphed = (
             PaddedStep(self.decoder, len(self.vocab), device) if (device.type == "cuda") else None
@@ -80,10 +87,6 @@ class ModelBackend:
         self._cache_lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
-
-    @classmethod
-    def load(cls, path: str, device: torch.device, cache_size: int = 256) -> ModelBackend:
-        return cls(load_checkpoint(path, device), device, cache_size)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from typing import Literal
 
@@ -34,7 +35,15 @@ class Settings(BaseSettings):
     )
     api_keys: str = Field("", description="comma-separated bearer keys; empty = no auth")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all)")
+    threads: int = Field(
+        default_factory=lambda: max(1, (os.cpu_count() or 2) // 2),
+        ge=1,
+        description="torch CPU threads for the model (default: half the cores, so that HTTP "
+        "keeps the rest)",
+    )
+    decode_int8: bool | None = Field(
+        None, description="int8 recurrent weights for decoding; default: on for CPU, off for CUDA"
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="how long open generations may run on after SIGTERM"
     )

@@ -1,19 +1,21 @@
 """The scheduler: a bounded queue in front of one continuously batched decode loop per model.
 
-Each loop iteration takes waiting requests into the batch (their primes warmed up in one
-sequence pass each, or taken from the prime cache), then advances **every** active row by one
-character with a single batched step. Finished, stopped, cancelled and too-slow rows leave the
-batch before the next step. The torch work runs on a dedicated worker thread so the event loop
-keeps serving HTTP while the model computes."""
+The decode loop runs on its own thread. Each iteration it takes waiting requests into the
+batch (their primes warmed up in one sequence pass each, or taken from the prime cache),
+drops finished, stopped and cancelled rows, and advances **every** active row by one
+character with a single batched step. The characters of a step go to the event loop in one
+hand-over, so the event loop streams step *n* while the thread already computes step *n + 1*,
+and HTTP, health checks and new arrivals never wait behind the model (torch releases the GIL
+in its kernels)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,7 +60,10 @@ Event = Token | Done | Failed
 
 @dataclass
 class Generation:
-    """One request's life in the scheduler. Events arrive on ``events``, in order."""
+    """One request's life in the scheduler. Its events arrive on ``events``, in order.
+
+    The decode thread owns the text (``push``); the event loop owns the queue (``deliver``)
+    and may set ``cancelled`` at any time, which takes the row out before the next step."""
 
     prime: str
     max_new: int
@@ -68,11 +73,14 @@ class Generation:
     seed: int
     stop: list[str]
     backlog: int
+    # False for whole-text (non-streaming) requests: only the final event is produced.
+    stream: bool = True
     events: asyncio.Queue[Event] = field(init=False)
     chars: list[str] = field(default_factory=list)
     emitted: int = 0
-    finished: bool = False
-    cancelled: bool = False
+    finished: bool = False  # no more characters will be generated
+    cancelled: bool = False  # the client left, was too slow, or the server is closing
+    closed: bool = False  # the final event is in the queue
     prime_cached: bool = False
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
@@ -84,7 +92,7 @@ class Generation:
         # One slot more than the backlog so the final event always fits.
         self.events = asyncio.Queue(maxsize=self.backlog + 1)
 
-    # -- text bookkeeping (runs on the event loop) -------------------------------------------
+    # -- text bookkeeping (decode thread) ------------------------------------------------------
 
     def _held_back(self, text: str) -> int:
         """Characters at the end of ``text`` that may be the start of a stop string: they are
@@ -97,8 +105,8 @@ class Generation:
                     break
         return hold
 
-    def push(self, ch: str) -> bool:
-        """Add one generated character; returns True once the generation is finished."""
+    def push(self, ch: str) -> list[Event]:
+        """Add one generated character; returns the events it releases (the final one last)."""
         self.chars.append(ch)
         text = "".join(self.chars) if self.stop else None
         reason: FinishReason | None = None
@@ -113,32 +121,43 @@ class Generation:
         upto = len(self.chars)
         if reason is None and text is not None:
             upto -= self._held_back(text)
-        for i in range(self.emitted, upto):
-            self._put(Token(i, self.chars[i]))
+        out: list[Event] = (
+            [Token(i, self.chars[i]) for i in range(self.emitted, upto)] if self.stream else []
+        )
         self.emitted = max(self.emitted, upto)
         if reason is not None:
-            self.finish(Done("".join(self.chars), reason))
-        return self.finished
+            self.finished = True
+            self.t_end = time.perf_counter()
+            out.append(Done("".join(self.chars), reason))
+        return out
 
-    def _put(self, event: Event) -> None:
-        try:
-            self.events.put_nowait(event)
-        except asyncio.QueueFull:
-            # The client reads slower than we generate: cut it off rather than buffer
-            # without bound. Its unread backlog is dropped and replaced by the final event.
-            while not self.events.empty():
-                self.events.get_nowait()
-            self.cancelled = True
-            self.finish(Failed("the client read too slowly; stream cut off", "slow_client"))
+    # -- the queue (event loop) --------------------------------------------------------------
 
-    def finish(self, event: Done | Failed) -> None:
-        """Deliver the final event, once."""
-        if self.t_end:
-            return
+    def deliver(self, events: list[Event]) -> None:
+        for event in events:
+            if self.closed:
+                return
+            try:
+                self.events.put_nowait(event)
+            except asyncio.QueueFull:
+                # The client reads slower than we generate: cut it off rather than buffer
+                # without bound. Its unread backlog is replaced by the final event.
+                while not self.events.empty():
+                    self.events.get_nowait()
+                self.cancelled = True
+                self.fail(Failed("the client read too slowly; stream cut off", "slow_client"))
+                return
+            if isinstance(event, Done | Failed):
+                self.closed = True
+
+    def fail(self, event: Failed) -> None:
+        """End the generation now with an error event (event loop only)."""
         self.finished = True
-        self.t_end = time.perf_counter()
-        with contextlib.suppress(asyncio.QueueFull):
-            self.events.put_nowait(event)
+        self.t_end = self.t_end or time.perf_counter()
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                self.events.put_nowait(event)
 
     @property
     def text(self) -> str:
@@ -172,13 +191,13 @@ class Scheduler:
         self.waiting: deque[Generation] = deque()
         self.rows: list[Generation] = []
         self.batch: Batch | None = None
-        self._wake = asyncio.Event()
         self._closing = False
-        self._task: asyncio.Task[None] | None = None
-        # One thread: torch calls for this model are serialised, never concurrent.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{name}")
+        self._stopped = False
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- admission ---------------------------------------------------------------------------
+    # -- admission (event loop) --------------------------------------------------------------
 
     @property
     def load(self) -> int:
@@ -208,7 +227,9 @@ class Scheduler:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"scheduler-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"decode-{self.name}", daemon=True)
+        self._thread.start()
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work, let open generations run for up to ``grace_s``, then end the rest
@@ -218,32 +239,44 @@ class Scheduler:
         while self.load and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for gen in [*self.waiting, *self.rows]:
-            gen.finish(Failed("the server is shutting down", "unavailable"))
+            gen.fail(Failed("the server is shutting down", "unavailable"))
         self._wake.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._pool.shutdown(wait=True)
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
-    async def run_in_worker(self, fn, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    # -- the decode loop (its own thread) ----------------------------------------------------
 
-    # -- the loop ----------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        while True:
+    def _run(self) -> None:
+        while not self._stopped:
             self._drop_finished()
             if not self.rows and not self.waiting:
+                self._wake.wait(timeout=0.5)
                 self._wake.clear()
-                await self._wake.wait()
                 continue
-            await self._admit()
-            if self.batch is None:
-                continue
-            await self._step()
+            try:
+                self._admit()
+                if self.batch is not None:
+                    self._step()
+            except Exception:
+                log.exception("decode loop failed for model %s", self.name)
+                failed = [*self.rows]
+                self.rows, self.batch = [], None
+                self._hand_over(
+                    [
+                        (g, [Failed("generation failed inside the model", "internal")])
+                        for g in failed
+                    ]
+                )
+
+    def _hand_over(self, results: list[tuple[Generation, list[Event]]]) -> None:
+        """Give a step's events to the event loop in one call."""
+        if results and self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed under us: shutting down
+                self._loop.call_soon_threadsafe(_deliver_all, results)
 
     def _drop_finished(self) -> None:
         keep = [i for i, g in enumerate(self.rows) if not g.finished]
@@ -253,7 +286,7 @@ class Scheduler:
         self.batch = self.batch.select(keep) if keep and self.batch is not None else None
         self._set_gauges()
 
-    async def _admit(self) -> None:
+    def _admit(self) -> None:
         joining: list[Generation] = []
         while self.waiting and len(self.rows) + len(joining) < self.max_concurrent:
             gen = self.waiting.popleft()
@@ -261,66 +294,48 @@ class Scheduler:
                 joining.append(gen)
         if not joining:
             return
-        now = time.perf_counter()
-        for gen in joining:
-            gen.t_start = now
-        try:
-            parts = await self.run_in_worker(self._warm_up, joining)
-        except Exception:
-            log.exception("warm-up failed for model %s", self.name)
-            for gen in joining:
-                gen.finish(Failed("the model failed to warm up on this prime", "internal"))
-            self._set_gauges()
-            return
-        now = time.perf_counter()
-        for gen in joining:
-            gen.t_warm = now
-        live = [(g, p) for g, p in zip(joining, parts, strict=True) if not g.finished]
-        if live:
-            merged = [self.batch] if self.batch is not None else []
-            self.batch = Batch.concat(merged + [p for _, p in live])
-            self.rows.extend(g for g, _ in live)
-        self._set_gauges()
-
-    def _warm_up(self, joining: list[Generation]) -> list[Batch]:
         parts = []
         for gen in joining:
+            gen.t_start = time.perf_counter()
             part, cached = self.backend.new_row(
                 gen.prime, gen.temperature, gen.top_k, gen.top_p, gen.seed
             )
             gen.prime_cached = cached
+            gen.t_warm = time.perf_counter()
             self.metrics.prime_cache.labels(self.name, "hit" if cached else "miss").inc()
             parts.append(part)
-        return parts
+        merged = [self.batch] if self.batch is not None else []
+        self.batch = Batch.concat(merged + parts)
+        self.rows.extend(joining)
+        self._set_gauges()
 
-    async def _step(self) -> None:
+    def _step(self) -> None:
         assert self.batch is not None
-        rows = list(self.rows)
+        rows = self.rows
         positions = np.fromiter((len(g.chars) for g in rows), dtype=np.uint64, count=len(rows))
         t0 = time.perf_counter()
-        try:
-            ids, self.batch = await self.run_in_worker(self.backend.advance, self.batch, positions)
-        except Exception:
-            log.exception("decode step failed for model %s", self.name)
-            for gen in rows:
-                gen.finish(Failed("generation failed inside the model", "internal"))
-            self.rows, self.batch = [], None
-            self._set_gauges()
-            return
+        ids, self.batch = self.backend.advance(self.batch, positions)
         now = time.perf_counter()
         m = self.metrics
         m.inter_char_seconds.labels(self.name).observe(now - t0)
         m.batch_size.labels(self.name).observe(len(rows))
         m.generated_chars.labels(self.name).inc(len(rows))
         decode = self.backend.vocab.decode_one
+        results = []
         for gen, i in zip(rows, ids, strict=True):
             if gen.finished:
                 continue
             if not gen.chars:
                 gen.t_first = now
                 m.ttfc_seconds.labels(self.name).observe(now - gen.t_submit)
-            gen.push(decode(i))
+            results.append((gen, gen.push(decode(i))))
+        self._hand_over(results)
 
     def _set_gauges(self) -> None:
         self.metrics.active.labels(self.name).set(len(self.rows))
         self.metrics.queue_depth.labels(self.name).set(len(self.waiting))
+
+
+def _deliver_all(results: list[tuple[Generation, list[Event]]]) -> None:
+    for gen, events in results:
+        gen.deliver(events)

@@ -9,9 +9,10 @@ import json
 import logging
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger("charrnn.errors")
 
@@ -80,6 +81,19 @@ async def validation_handler(request: Request, exc: Exception) -> AsciiJSONRespo
 
 async def http_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI answers a body that is not UTF-8 with a bare 400; it is a validation error.
+        cause = exc.__cause__
+        invalid = RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", cause.start),
+                    "msg": f"the body is not valid UTF-8 (byte {cause.start}); send UTF-8 JSON",
+                }
+            ]
+        )
+        return await validation_handler(request, invalid)
     headers = dict(exc.headers or {})
     if _is_openai(request):
         return openai_error(exc.status_code, str(exc.detail), headers=headers)

@@ -52,12 +52,14 @@ class Registry:
     def load(cls, settings: Settings, metrics: Metrics) -> Registry:
         """Load every configured checkpoint onto the device. Raises CheckpointError (naming
         the path) for the first one that cannot be used."""
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.threads)
         device = pick_device(settings.device)
         reg = cls()
         for name, path in settings.model_paths.items():
-            backend = ModelBackend(load_checkpoint(path, device), device, settings.prime_cache_size)
+            int8 = settings.decode_int8 if settings.decode_int8 is not None else True
+            backend = ModelBackend(
+                load_checkpoint(path, device), device, settings.prime_cache_size, int8
+            )
             scheduler = Scheduler(
                 name, backend, metrics, settings.max_concurrent, settings.max_queue
             )

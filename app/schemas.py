@@ -127,6 +127,9 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any]
     device: str
     dtype: str
+    decode_weights: Literal["fp32", "int8"] = Field(
+        description="precision of the recurrent weights in the decode step"
+    )
 
 
 class Limits(BaseModel):

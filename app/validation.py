@@ -50,6 +50,7 @@ def build_job(
     seed: int | None,
     stop: list[str],
     field_names: dict[str, str] | None = None,
+    stream: bool = True,
 ) -> Job:
     """Validate against the model and settings; raises 404 (unknown model) or 422."""
     names = {"prime": "prime", "max_new": "max_new_chars", "top_k": "top_k", **(field_names or {})}
@@ -104,5 +105,6 @@ def build_job(
         seed=seed if seed is not None else secrets.randbelow(MAX_SEED),
         stop=list(stop),
         backlog=settings.stream_backlog,
+        stream=stream,
     )
     return Job(loaded, gen)

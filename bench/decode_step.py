@@ -36,7 +36,9 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
     cfg = ModelConfig(vocab_size=len(vocab))
     model = CharRNN(cfg).to(dev).eval()
     backend = ModelBackend(Checkpoint(model, vocab), dev)
+    int8 = ModelBackend(Checkpoint(model, vocab), dev, int8=True) if dev.type == "cpu" else None
     weight_bytes, flops_per_row = step_cost(cfg)
+    int8_bytes = weight_bytes // 4  # int8 weights (plus negligible per-row scales)
     bandwidth, peak = memory_bandwidth(dev), peak_flops(dev)
     rows = []
     for b in batches:
@@ -58,23 +60,35 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
 
         t_fused = median_seconds(fused, reps=reps, warmup=3)
         t_lstm = median_seconds(lstm, reps=reps, warmup=3)
-        rows.append(
-            {
-                "batch": b,
-                "fused_step_us": round(t_fused * 1e6, 1),
-                "nn_lstm_step_us": round(t_lstm * 1e6, 1),
-                "speedup_vs_nn_lstm": round(t_lstm / t_fused, 2),
-                "chars_per_s": round(b / t_fused),
-                # Time a step would take if it only had to stream the weights / do the FLOPs.
-                "bandwidth_bound_fraction": round(weight_bytes / bandwidth / t_fused, 3),
-                "flops_fraction_of_peak": round(flops_per_row * b / t_fused / peak, 3),
+        row: dict[str, object] = {
+            "batch": b,
+            "fused_step_us": round(t_fused * 1e6, 1),
+            "nn_lstm_step_us": round(t_lstm * 1e6, 1),
+            "speedup_vs_nn_lstm": round(t_lstm / t_fused, 2),
+            "chars_per_s": round(b / t_fused),
+            # Time a step would take if it only had to stream the weights / do the FLOPs.
+            "bandwidth_bound_fraction": round(weight_bytes / bandwidth / t_fused, 3),
+            "flops_fraction_of_peak": round(flops_per_row * b / t_fused / peak, 3),
+        }
+        if int8 is not None:
+
+            def fused_int8(batch: Batch = batch, positions: np.ndarray = positions) -> None:
+                int8.advance(batch, positions)
+
+            t_int8 = median_seconds(fused_int8, reps=reps, warmup=3)
+            row |= {
+                "int8_step_us": round(t_int8 * 1e6, 1),
+                "int8_chars_per_s": round(b / t_int8),
+                "int8_speedup_vs_nn_lstm": round(t_lstm / t_int8, 2),
+                "int8_bandwidth_bound_fraction": round(int8_bytes / bandwidth / t_int8, 3),
             }
-        )
+        rows.append(row)
     return {
         "benchmark": "decode_step",
         "machine": machine(),
         "model": cfg.to_dict(),
         "weight_bytes_per_step": weight_bytes,
+        "int8_weight_bytes_per_step": int8_bytes,
         "flops_per_row": flops_per_row,
         "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "peak_gflops": round(peak / 1e9, 1),

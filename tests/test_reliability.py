@@ -404,6 +404,7 @@ MALFORMED = [
     ("form body", b"prime=Alice", "application/x-www-form-urlencoded"),
     ("empty body", b"", J),
     ("several MB", b'{"prime": "' + b"a" * (3 * 2**20) + b'"}', J),
+    ("not UTF-8", b'{"prime": "Al\xff\xfece"}', J),
 ]
 
 

@@ -70,6 +70,7 @@ def test_health_ready_info(server, vocab):
         "vocab_size": len(vocab),
     }
     assert m["parameters"] > 0 and m["device"] == "cpu" and m["dtype"] == "float32"
+    assert m["decode_weights"] == "int8"
     assert m["metrics"]["best_val_nll"] == 3.0
     assert info["limits"]["max_prime_chars"] == 300
     assert info["limits"]["auth_required"] is False
@@ -127,10 +128,13 @@ def test_server_picks_and_returns_a_seed(server):
 
 def test_generate_matches_the_reference_sampler(server, tiny_checkpoint):
     from charrnn import SamplingParams
+    from charrnn.decode import StepDecoder
     from charrnn.generate import generate as reference
 
     ckpt = load_checkpoint(tiny_checkpoint)
-    want = reference(ckpt.model, ckpt.vocab, "Queen", 60, SamplingParams(0.8, 10, 0.95, 5))
+    # The server decodes with int8 recurrent weights on the CPU by default.
+    decoder = StepDecoder(ckpt.model, int8=True)
+    want = reference(ckpt.model, ckpt.vocab, "Queen", 60, SamplingParams(0.8, 10, 0.95, 5), decoder)
     got = generate(
         server, prime="Queen", max_new_chars=60, temperature=0.8, top_k=10, top_p=0.95, seed=5
     )

@@ -29,7 +29,13 @@ _ERRORS = {
 }
 
 
-def _job(req: GenerateRequest, registry: RegistryDep, settings: SettingsDep, source: str) -> Job:
+def _job(
+    req: GenerateRequest,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    source: str,
+    stream: bool = True,
+) -> Job:
     return enqueue(
         build_job(
             registry,
@@ -43,6 +49,7 @@ def _job(req: GenerateRequest, registry: RegistryDep, settings: SettingsDep, sou
             top_p=req.top_p,
             seed=req.seed,
             stop=req.stop,
+            stream=stream,
         )
     )
 
@@ -63,7 +70,7 @@ async def generate(
     req: GenerateRequest, request: Request, registry: RegistryDep, settings: SettingsDep
 ) -> GenerateResponse | Response:
     """Generate text after a prime and return it whole."""
-    job = _job(req, registry, settings, "body")
+    job = _job(req, registry, settings, "body", stream=False)
     final = await wait_final(job, request)
     if final is None:  # the client left; nobody reads this
         return Response(status_code=499)

@@ -67,6 +67,7 @@ def _job(req: CompletionRequest, registry: RegistryDep, settings: SettingsDep) -
         seed=req.seed,
         stop=stop,
         field_names={"prime": "prompt", "max_new": "max_tokens"},
+        stream=req.stream,
     )
     return enqueue(job)
 
