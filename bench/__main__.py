@@ -50,14 +50,15 @@ def table(results: dict) -> str:
         )
     lines += [
         "",
-        "| batch | fused decode step | `nn.LSTM` step | chars/s | "
-        "bandwidth-bound fraction | fraction of peak FLOP/s |",
-        "|---|---|---|---|---|---|",
+        "| batch | service step (int8) | fp32 fused step | `nn.LSTM` step | service chars/s | "
+        "bandwidth-bound fraction (int8 / fp32) | fraction of peak FLOP/s (fp32) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
         lines.append(
-            f"| {r['batch']} | {r['fused_step_us']} µs | {r['nn_lstm_step_us']} µs | "
-            f"{r['chars_per_s']:,} | {r['bandwidth_bound_fraction']} | "
+            f"| {r['batch']} | {r.get('int8_step_us', '-')} µs | {r['fused_step_us']} µs | "
+            f"{r['nn_lstm_step_us']} µs | {r.get('int8_chars_per_s', 0):,} | "
+            f"{r.get('int8_bandwidth_bound_fraction', '-')} / {r['bandwidth_bound_fraction']} | "
             f"{r['flops_fraction_of_peak']} |"
         )
     lines.append(

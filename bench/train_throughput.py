@@ -30,7 +30,7 @@ NOTEBOOK_STEPS = 700
 FAST = {
     "batch_size": 32,
     "seq_len": 100,
-    "epochs": 5,
+    "epochs": 8,
     "lr": 3e-3,
     "schedule": "onecycle",
     "dropout": 0.3,
