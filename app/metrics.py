@@ -58,6 +58,12 @@ class Metrics:
         self.generated_chars = Counter(
             "charrnn_generated_characters", "Characters generated", ["model"], registry=r
         )
+        self.cutoffs = Counter(
+            "charrnn_slow_client_cutoffs",
+            "Streams closed because the client fell too far behind",
+            ["model"],
+            registry=r,
+        )
         self.prime_cache = Counter(
             "charrnn_prime_cache",
             "Prime warm-ups by cache result",

@@ -30,7 +30,12 @@ class RequestContextMiddleware:
         supplied = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         # A client's id is echoed only when it is safe to put in a header and a log line.
         request_id = supplied if _SAFE_ID.match(supplied) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        # uvicorn's send is a method of its connection; its transport lets a stream whose
+        # reader stalled be closed (see app/streaming.py). Absent under other servers.
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        state["abort_connection"] = getattr(transport, "abort", None)
         status = 500
         t0 = time.perf_counter()
 

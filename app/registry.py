@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -97,6 +98,11 @@ class Registry:
             if isinstance(event, Failed):
                 raise RuntimeError(f"warm-up generation failed for model {m.name}: {event.message}")
             m.backend.clear_cache()
+        # Everything loaded so far (torch, FastAPI, the models) lives as long as the process:
+        # move it out of the collector's sight, or every full collection under load walks
+        # a million long-lived objects and stalls the event loop for tens of milliseconds.
+        gc.collect()
+        gc.freeze()
         self.ready = True
         log.info("ready: %s", ", ".join(self.models))
 

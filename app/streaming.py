@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+from fastapi import Request
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
 from app.engine import Done, Event, Failed
@@ -17,6 +18,20 @@ from app.validation import Job
 
 PING_S = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def close_when_cut_off(job: Job, request: Request) -> None:
+    """A reader that falls ``CHARRNN_STREAM_BACKLOG`` characters behind loses its row at
+    once (app/engine.py); this also closes its connection, so a stalled client holds nothing."""
+    abort = request.scope.get("state", {}).get("abort_connection")
+    counter = request.app.state.metrics.cutoffs.labels(job.model.name)
+
+    def cut_off() -> None:
+        counter.inc()
+        if abort is not None:
+            abort()
+
+    job.gen.on_cutoff = cut_off
 
 
 def sse(event: str | None, data: str) -> bytes:

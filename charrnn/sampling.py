@@ -63,13 +63,23 @@ def sample_next(
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
     # A stable sort keeps ties in vocabulary order, so the choice is reproducible.
     p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
-    p_sorted = p_sorted * (ranks[None, :] < top_k[:, None])
-    p_sorted = p_sorted / p_sorted.sum(-1, keepdim=True)
-    # Nucleus: keep the smallest prefix whose mass reaches top_p (the first is always kept).
-    mass_before = torch.cumsum(p_sorted, -1) - p_sorted
-    p_sorted = p_sorted * (mass_before < top_p[:, None])
+    p_sorted = p_sorted * (_ranks(p_sorted.shape[-1], logits.device) < top_k[:, None])
+    cum = torch.cumsum(p_sorted, -1)
+    # Nucleus: keep the smallest prefix whose mass reaches top_p of the top-k mass (the first
+    # character is always kept).
+    p_sorted = p_sorted * ((cum - p_sorted) < top_p[:, None] * cum[:, -1:])
     cdf = torch.cumsum(p_sorted, -1)
     target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
     pick = torch.searchsorted(cdf, target, right=True).clamp_(max=p_sorted.shape[-1] - 1)
     return idx.gather(-1, pick).squeeze(-1)
+
+
+_RANKS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _ranks(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 on ``device``, made once."""
+    key = (n, str(device))
+    if key not in _RANKS:
+        _RANKS[key] = torch.arange(n, device=device)
+    return _RANKS[key]

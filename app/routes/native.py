@@ -14,7 +14,7 @@ from app.deps import RegistryDep, SettingsDep, enqueue, wait_final
 from app.engine import Done, Event, Failed, Token
 from app.schemas import GenerateRequest, GenerateResponse, StreamError, Usage
 from app.security import check_api_key
-from app.streaming import SSE_HEADERS, sse, stream_events
+from app.streaming import SSE_HEADERS, close_when_cut_off, sse, stream_events
 from app.validation import Job, build_job
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(check_api_key)])
@@ -105,8 +105,9 @@ def _sse_encoder(job: Job) -> Callable[[Event], bytes]:
     return encode
 
 
-def _sse_response(job: Job) -> EventSourceResponse:
+def _sse_response(job: Job, request: Request) -> EventSourceResponse:
     """start, one token per character, then done (or error)."""
+    close_when_cut_off(job, request)
     gen = job.gen
     start = sse(
         "start",
@@ -127,13 +128,17 @@ _SSE_DOC = {
 
 
 @router.post("/generate/stream", response_model=None, responses=_SSE_DOC)
-async def generate_stream(job: Annotated[Job, Depends(body_job)]) -> EventSourceResponse:
+async def generate_stream(
+    job: Annotated[Job, Depends(body_job)], request: Request
+) -> EventSourceResponse:
     """Stream the generation as server-sent events (JSON body)."""
-    return _sse_response(job)
+    return _sse_response(job, request)
 
 
 @router.get("/generate/stream", response_model=None, responses=_SSE_DOC)
-async def generate_stream_get(job: Annotated[Job, Depends(query_job)]) -> EventSourceResponse:
+async def generate_stream_get(
+    job: Annotated[Job, Depends(query_job)], request: Request
+) -> EventSourceResponse:
     """Stream the generation as server-sent events (query parameters, for EventSource and
     `curl -N`; repeat `stop` for several stop strings)."""
-    return _sse_response(job)
+    return _sse_response(job, request)

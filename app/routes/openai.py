@@ -23,7 +23,7 @@ from app.schemas import (
     OpenAIError,
 )
 from app.security import check_api_key
-from app.streaming import SSE_HEADERS, sse, stream_events
+from app.streaming import SSE_HEADERS, close_when_cut_off, sse, stream_events
 from app.validation import Job, build_job
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)])
@@ -95,6 +95,7 @@ async def completions(
     created = int(time.time())
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
+        close_when_cut_off(job, request)
         return _stream(job, cid, created, usage)
     final = await wait_final(job, request)
     if final is None:
