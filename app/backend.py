@@ -20,14 +20,6 @@ from charrnn.model import State
 from charrnn.sampling import sample_next, uniforms
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CHARRNN_DEVICE=cuda but no CUDA device is available")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class Batch:
     """The rows currently decoding: their next-character logits and recurrent state."""

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.backend import ModelBackend, pick_device
+from app.backend import ModelBackend
 from app.config import Settings
 from app.engine import Done, Failed, Generation, Scheduler
 from app.metrics import Metrics
 from charrnn.checkpoint import load_checkpoint
+from charrnn.model import resolve_device
 
 log = logging.getLogger("charrnn.registry")
 
@@ -54,7 +55,7 @@ class Registry:
         """Load every configured checkpoint onto the device. Raises CheckpointError (naming
         the path) for the first one that cannot be used."""
         torch.set_num_threads(settings.threads)
-        device = pick_device(settings.device)
+        device = resolve_device(settings.device)
         reg = cls()
         for name, path in settings.model_paths.items():
             int8 = settings.decode_int8 if settings.decode_int8 is not None else True

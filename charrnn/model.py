@@ -41,6 +41,15 @@ class ModelConfig:
         return asdict(self)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class CharRNN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 import httpx
 import pytest
 from httpx_sse import aconnect_sse, connect_sse
 
 from charrnn import load_checkpoint
-from tests.server import ROOT, run_server
+from tests.server import run_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -450,22 +448,3 @@ def test_ready_is_503_before_the_models_are_loaded(tiny_checkpoint):
             assert r.status_code == 503
 
     asyncio.run(probe())
-
-
-@pytest.mark.parametrize("kind", ["missing", "corrupt"])
-def test_startup_refuses_a_bad_checkpoint(tmp_path, kind):
-    path = tmp_path / "bad.pt"
-    if kind == "corrupt":
-        path.write_bytes(b"\x00garbage" * 100)
-    done = subprocess.run(
-        [sys.executable, "-m", "app"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"CHARRNN_MODELS": f"bad={path}", "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0]
-    assert ("file not found" if kind == "missing" else "corrupt") in lines[0]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.notebook import get_batches as notebook_get_batches
 from charrnn import Vocabulary, load_checkpoint
 from training.__main__ import main
 from training.config import FitConfig
@@ -33,21 +34,6 @@ TINY = {
 
 def tiny_cfg(data: Path, out: Path, **overrides) -> FitConfig:
     return FitConfig(data=data, out=out, **{**TINY, "epochs": 3, **overrides})
-
-
-def notebook_get_batches(arr, batch_size, seq_length):
-    """The notebook's generator, verbatim in behaviour."""
-    n_batches = len(arr) // (batch_size * seq_length)
-    arr = arr[: n_batches * batch_size * seq_length]
-    arr = arr.reshape((batch_size, -1))
-    for n in range(0, arr.shape[1], seq_length):
-        x = arr[:, n : n + seq_length]
-        y = np.zeros_like(x)
-        try:
-            y[:, :-1], y[:, -1] = x[:, 1:], arr[:, n + seq_length]
-        except IndexError:
-            y[:, :-1], y[:, -1] = x[:, 1:], arr[:, 0]
-        yield x, y
 
 
 def test_batches_are_shifted_streams_like_the_notebook(corpus_text):

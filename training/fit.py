@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from charrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from charrnn.model import CharRNN, ModelConfig, State
+from charrnn.model import CharRNN, ModelConfig, State, resolve_device
 from charrnn.vocab import Vocabulary
 from training import distributed, outputs
 from training.config import FitConfig
@@ -69,14 +69,6 @@ class Progress:
         return dict(self.__dict__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA device is available")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _make_schedule(
     cfg: FitConfig, opt: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -111,7 +103,10 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.stop = stop or StopFlag()
-        self.device = resolve_device(cfg.device)
+        try:
+            self.device = resolve_device(cfg.device)
+        except ValueError as e:
+            raise TrainingError(f"--device {cfg.device}: {e}") from None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if self.device.type == "cuda":
