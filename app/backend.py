@@ -77,8 +77,6 @@ class ModelBackend:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, State]] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.cache_hits = 0
-        self.cache_misses = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,9 +88,7 @@ class ModelBackend:
             hit = self._cache.get(prime)
             if hit is not None:
                 self._cache.move_to_end(prime)
-                self.cache_hits += 1
                 return hit[0], hit[1], True
-        self.cache_misses += 1
         logits, state = warm_up(self.model, self.vocab.encode(prime))
         logits = logits[None]
         if self.cache_size:

@@ -91,11 +91,9 @@ class Generation:
     finished: bool = False  # no more characters will be generated
     cancelled: bool = False  # the client left, was too slow, or the server is closing
     closed: bool = False  # the final event is in the queue
-    prime_cached: bool = False
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
     t_warm: float = 0.0
-    t_first: float = 0.0
     t_end: float = 0.0
 
     def __post_init__(self) -> None:
@@ -171,10 +169,6 @@ class Generation:
             self.closed = True
             with contextlib.suppress(asyncio.QueueFull):
                 self.events.put_nowait(event)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.chars)
 
     def timings(self) -> dict[str, float]:
         end = self.t_end or time.perf_counter()
@@ -322,7 +316,6 @@ class Scheduler:
             part, cached = self.backend.new_row(
                 gen.prime, gen.temperature, gen.top_k, gen.top_p, gen.seed
             )
-            gen.prime_cached = cached
             gen.t_warm = time.perf_counter()
             self.metrics.prime_cache.labels(self.name, "hit" if cached else "miss").inc()
             parts.append(part)
@@ -349,7 +342,6 @@ class Scheduler:
             if gen.finished:
                 continue
             if not gen.chars:
-                gen.t_first = now
                 m.ttfc_seconds.labels(self.name).observe(now - gen.t_submit)
                 urgent = True
             results.append((gen, gen.push(decode(i))))

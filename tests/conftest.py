@@ -47,6 +47,31 @@ def corpus_file(tmp_path: Path, corpus_text: str) -> Path:
     return path
 
 
+def tiny_fit_args(data: Path, out: Path, epochs: int, *more: str) -> list[str]:
+    """`python -m training` arguments for a quick fit of a tiny model on one thread."""
+    return [
+        "fit",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--hidden",
+        "32",
+        "--embed",
+        "8",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "25",
+        "--epochs",
+        str(epochs),
+        "--threads",
+        "1",
+        "--quiet",
+        *more,
+    ]
+
+
 def tiny_model(vocab: Vocabulary, cell: str = "lstm", seed: int = 0) -> CharRNN:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=len(vocab), hidden=32, layers=2, embed=8, dropout=0.1, cell=cell)

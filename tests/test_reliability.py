@@ -20,7 +20,7 @@ import torch
 from httpx_sse import aconnect_sse
 
 from charrnn import Vocabulary, load_checkpoint, save_checkpoint
-from tests.conftest import make_text, tiny_model
+from tests.conftest import make_text, tiny_fit_args, tiny_model
 from tests.server import ROOT, run_server
 from training.__main__ import main as train_main
 from training.outputs import last_path
@@ -206,29 +206,7 @@ def test_sigterm_with_open_streams(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_training_never_loses_a_checkpoint(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
-    args = [
-        sys.executable,
-        "-m",
-        "training",
-        "fit",
-        "--data",
-        str(corpus_file),
-        "--out",
-        str(out),
-        "--hidden",
-        "32",
-        "--embed",
-        "8",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "25",
-        "--epochs",
-        "12",
-        "--threads",
-        "1",
-        "--quiet",
-    ]
+    args = [sys.executable, "-m", "training", *tiny_fit_args(corpus_file, out, 12)]
     rng = random.Random(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(4):
@@ -260,25 +238,11 @@ def test_full_disk_fails_with_one_line_and_keeps_earlier_checkpoints(
     corpus_file, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "m.pt"
-    base = [
-        "fit",
-        "--data",
-        str(corpus_file),
-        "--out",
-        str(out),
-        "--hidden",
-        "32",
-        "--embed",
-        "8",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "25",
-        "--threads",
-        "1",
-        "--quiet",
-    ]
-    assert train_main([*base, "--epochs", "1"]) == 0
+
+    def base(epochs: int, *more: str) -> list[str]:
+        return tiny_fit_args(corpus_file, out, epochs, *more)
+
+    assert train_main(base(1)) == 0
     capsys.readouterr()
     saved = {p: p.read_bytes() for p in (out, last_path(out))}
 
@@ -286,7 +250,7 @@ def test_full_disk_fails_with_one_line_and_keeps_earlier_checkpoints(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("charrnn.checkpoint.torch.save", no_space)
-    assert train_main([*base, "--epochs", "3", "--resume"]) == 2
+    assert train_main(base(3, "--resume")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err
     for path, data in saved.items():

@@ -14,6 +14,7 @@ import torch
 
 from bench.notebook import get_batches as notebook_get_batches
 from charrnn import Vocabulary, load_checkpoint
+from tests.conftest import tiny_fit_args
 from training.__main__ import main
 from training.config import FitConfig
 from training.data import encode, make_batches
@@ -240,27 +241,7 @@ def test_sigint_saves_a_resumable_checkpoint(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
 
     def args(epochs: int, *more: str) -> list[str]:
-        return _cli(
-            "fit",
-            "--data",
-            str(corpus_file),
-            "--out",
-            str(out),
-            "--hidden",
-            "32",
-            "--embed",
-            "8",
-            "--batch-size",
-            "8",
-            "--seq-len",
-            "25",
-            "--epochs",
-            str(epochs),
-            "--threads",
-            "1",
-            "--quiet",
-            *more,
-        )
+        return _cli(*tiny_fit_args(corpus_file, out, epochs, *more))
 
     proc = subprocess.Popen(
         args(400), stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -300,26 +281,7 @@ def test_torchrun_two_process_ddp(corpus_file, tmp_path):
         "29517",
         "-m",
         "training",
-        "fit",
-        "--data",
-        str(corpus_file),
-        "--out",
-        str(out),
-        "--hidden",
-        "32",
-        "--embed",
-        "8",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "25",
-        "--epochs",
-        "2",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--quiet",
+        *tiny_fit_args(corpus_file, out, 2, "--device", "cpu"),
     ]
     done = subprocess.run(
         cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
