@@ -8,16 +8,24 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 
 from app.graphs import PaddedStep
 from charrnn.checkpoint import Checkpoint
-from charrnn.decode import StepDecoder
+from charrnn.decode import Precision, StepDecoder
 from charrnn.generate import warm_up
 from charrnn.model import State
 from charrnn.sampling import sample_next, uniforms
+
+
+def decode_precision(setting: str, device: torch.device) -> Precision:
+    """The decode step's weight precision for ``CHARRNN_DECODE_WEIGHTS`` on ``device``."""
+    if device.type != "cpu":
+        return "fp32"  # CUDA replays fp32 graphs; the int8 step is a CPU path
+    return "int8" if setting == "auto" else cast(Precision, setting)
 
 
 @dataclass
@@ -61,22 +69,29 @@ class ModelBackend:
         self,
         checkpoint: Checkpoint,
         device: torch.device,
+        *,
         cache_size: int = 256,
-        int8: bool = False,
+        weights: Precision = "fp32",
+        threads: int | None = None,
     ):
         self.ckpt = checkpoint
         self.model = checkpoint.model
         self.vocab = checkpoint.vocab
         self.device = device
-        # int8 kernels (fbgemm) exist for the CPU only.
-        self.decoder = StepDecoder(self.model, int8=int8 and device.type == "cpu")
+        self.decoder = StepDecoder(self.model, weights)
         # On CUDA the step is replayed from graphs captured per batch-size bucket.
         self.graphed = (
             PaddedStep(self.decoder, len(self.vocab), device) if (device.type == "cuda") else None
         )
+        self.threads = threads
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, State]] = OrderedDict()
         self._cache_lock = threading.Lock()
+
+    def init_worker(self) -> None:
+        """Called first on the thread that will run this backend's steps."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -41,8 +41,10 @@ class Settings(BaseSettings):
         description="torch CPU threads for the model (default: half the cores, so that HTTP "
         "keeps the rest)",
     )
-    decode_int8: bool | None = Field(
-        None, description="int8 recurrent weights for decoding; default: on for CPU, off for CUDA"
+    decode_weights: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="precision of the decode step's matmuls; auto: int8 on the CPU, fp32 on "
+        "CUDA (int8 is CPU-only)",
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="how long open generations may run on after SIGTERM"

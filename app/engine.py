@@ -260,6 +260,7 @@ class Scheduler:
     # -- the decode loop (its own thread) ----------------------------------------------------
 
     def _run(self) -> None:
+        self.backend.init_worker()
         while not self._stopped:
             self._drop_finished()
             if not self.rows and not self.waiting:

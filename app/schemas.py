@@ -128,7 +128,7 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     decode_weights: Literal["fp32", "int8"] = Field(
-        description="precision of the recurrent weights in the decode step"
+        description="precision of the weights in the decode step"
     )
 
 

@@ -51,7 +51,7 @@ def table(results: dict) -> str:
     lines += [
         "",
         "| batch | service step (int8) | fp32 fused step | `nn.LSTM` step | service chars/s | "
-        "bandwidth-bound fraction (int8 / fp32) | fraction of peak FLOP/s (fp32) |",
+        "bandwidth-bound fraction (int8 / fp32) | fraction of peak ops (int8 / fp32) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
@@ -59,11 +59,12 @@ def table(results: dict) -> str:
             f"| {r['batch']} | {r.get('int8_step_us', '-')} µs | {r['fused_step_us']} µs | "
             f"{r['nn_lstm_step_us']} µs | {r.get('int8_chars_per_s', 0):,} | "
             f"{r.get('int8_bandwidth_bound_fraction', '-')} / {r['bandwidth_bound_fraction']} | "
-            f"{r['flops_fraction_of_peak']} |"
+            f"{r.get('int8_ops_fraction_of_peak', '-')} / {r['flops_fraction_of_peak']} |"
         )
     lines.append(
         f"\nMachine limits measured in the same run: memory bandwidth "
-        f"{d['memory_bandwidth_gb_s']} GB/s, fp32 matmul {d['peak_gflops']} GFLOP/s."
+        f"{d['memory_bandwidth_gb_s']} GB/s, fp32 matmul {d['peak_gflops']} GFLOP/s, "
+        f"int8 matmul {d.get('peak_int8_gops', '-')} GOP/s."
     )
     return "\n".join(lines)
 

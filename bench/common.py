@@ -82,5 +82,13 @@ def peak_flops(device: torch.device, n: int = 2048) -> float:
     return 2 * n**3 / median_seconds(mm, reps=5)
 
 
+def peak_int8_ops(n: int = 2048) -> float:
+    """Integer multiply-adds (x2) per second of a large int8 matmul on the CPU, the ceiling
+    of the int8 decode step."""
+    a = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    return 2 * n**3 / median_seconds(lambda: torch._int_mm(a, b.t()), reps=5)
+
+
 def emit(result: dict[str, object]) -> None:
     print(json.dumps(result, indent=2))

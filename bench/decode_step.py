@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from app.backend import Batch, ModelBackend
-from bench.common import emit, machine, median_seconds, memory_bandwidth, peak_flops, vocabulary
+from bench.common import (
+    emit,
+    machine,
+    median_seconds,
+    memory_bandwidth,
+    peak_flops,
+    peak_int8_ops,
+    vocabulary,
+)
 from charrnn.checkpoint import Checkpoint
 from charrnn.model import CharRNN, ModelConfig
 
@@ -36,10 +44,12 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
     cfg = ModelConfig(vocab_size=len(vocab))
     model = CharRNN(cfg).to(dev).eval()
     backend = ModelBackend(Checkpoint(model, vocab), dev)
-    int8 = ModelBackend(Checkpoint(model, vocab), dev, int8=True) if dev.type == "cpu" else None
+    cpu = dev.type == "cpu"
+    int8 = ModelBackend(Checkpoint(model, vocab), dev, weights="int8") if cpu else None
     weight_bytes, flops_per_row = step_cost(cfg)
     int8_bytes = weight_bytes // 4  # int8 weights (plus negligible per-row scales)
     bandwidth, peak = memory_bandwidth(dev), peak_flops(dev)
+    int8_peak = peak_int8_ops() if int8 is not None else 0.0
     rows = []
     for b in batches:
         batch = Batch.concat([backend.new_row("Alice", 1.0, 5, 0.95, i)[0] for i in range(b)])
@@ -81,6 +91,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
                 "int8_chars_per_s": round(b / t_int8),
                 "int8_speedup_vs_nn_lstm": round(t_lstm / t_int8, 2),
                 "int8_bandwidth_bound_fraction": round(int8_bytes / bandwidth / t_int8, 3),
+                "int8_ops_fraction_of_peak": round(flops_per_row * b / t_int8 / int8_peak, 3),
             }
         rows.append(row)
     return {
@@ -92,6 +103,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         "flops_per_row": flops_per_row,
         "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "peak_gflops": round(peak / 1e9, 1),
+        "peak_int8_gops": round(int8_peak / 1e9, 1),
         "rows": rows,
     }
 

@@ -8,19 +8,28 @@ re-packing than in arithmetic. For decoding we pre-combine the weights once:
   matmul of the first layer cost one gather;
 * every higher LSTM layer does one matmul on ``[x, h]`` against ``[W_ih | W_hh]``.
 
-At batch 1 a step must stream every recurrent weight from memory, so bytes are time. With
-``int8=True`` (CPU) the recurrent matrices are stored as int8 per output channel and multiplied
-by bf16 activations (weight-only quantization): a quarter of the bytes, about half the step
-time, and no change in validation NLL on the shipped model (1.3720 nats/char either way).
-The result matches ``CharRNN.forward`` on one step (tests/test_model.py).
+With ``weights="int8"`` (CPU) every matmul of the step is int8 x int8 -> int32
+(``torch._int_mm``, VNNI on x86): the weights are quantized once per output channel, the
+activations per row at each step (symmetric scales). Against fp32 that is a quarter of the
+weight bytes (what a batch-1 step is bound by) and integer throughput at large batches:
+3-5x less step time from batch 1 to 128 on the shipped model, whose validation NLL does not
+move (models/README.md). Integer sums are exact, so a row's logits do not depend on how
+many rows share the batch or how the kernel blocks them: a seeded request gives the same
+text alone or in a crowd, bit for bit. fp32 CPU GEMMs pick other kernels for other batch
+sizes and are not batch-invariant. The result matches ``CharRNN.forward`` on one step
+(tests/test_model.py).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
 
 from charrnn.model import CharRNN, State
+
+Precision = Literal["fp32", "int8"]
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -32,34 +41,39 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 class Int8Linear(nn.Module):
-    """``x @ W^T + b`` with W stored as int8 per output channel (symmetric scales) and x cast
-    to bf16: weight-only quantization. Each row of x is computed on its own (unlike dynamic
-    quantization, whose activation scale spans the batch), so a request's characters do not
-    depend on the other rows in the batch."""
+    """``x @ W^T + b`` in integers: W is int8 per output channel, x is quantized per row at
+    each call, and the int32 sums are scaled back to fp32. Each row's scale comes from that
+    row alone (unlike ``torch.ao`` dynamic quantization, whose scale spans the batch), so
+    every row's result is independent of its neighbours."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("scales", scales)
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).float()
+        x_scales = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127
+        xq = torch.round(x / x_scales).to(torch.int8)
+        # W.t() is a view: _int_mm's fastest CPU path reads the [N, K] matrix transposed.
+        y = torch._int_mm(xq, self.weight.t()) * x_scales * self.scales
         return y + self.bias if self.bias is not None else y
 
 
 class StepDecoder:
     """Advances a batch of independent rows by one character: ids [B] -> logits [B, V]."""
 
-    def __init__(self, model: CharRNN, int8: bool = False):
+    def __init__(self, model: CharRNN, weights: Precision = "fp32"):
         cfg = model.config
         self.cell = cfg.cell
         self.layers = cfg.layers
         self.hidden = cfg.hidden
-        self.int8 = int8
+        if weights not in ("fp32", "int8"):
+            raise ValueError(f"unknown decode precision {weights!r}")
+        self.weights = weights
         rnn = model.rnn
         p = {name: t.detach().clone() for name, t in rnn.named_parameters()}
         lstm = cfg.cell == "lstm"
@@ -78,13 +92,12 @@ class StepDecoder:
                 lin[f"hh{k}"] = _linear(w_hh, b_hh)
                 if k > 0:
                     lin[f"ih{k}"] = _linear(w_ih, b_ih)
-        if int8:
+        head: nn.Module = _linear(model.head.weight.detach(), model.head.bias.detach())
+        if weights == "int8":
             lin = nn.ModuleDict({name: Int8Linear(layer) for name, layer in lin.items()})
+            head = Int8Linear(head)
         self.lin = lin.to(model.head.weight.device)
-        head = _linear(model.head.weight.detach(), model.head.bias.detach())
-        # With int8 every matmul of the step runs through the same row-wise kernel, so the step
-        # is batch-invariant bit for bit (fp32 GEMMs pick other kernels for other batch sizes).
-        self.head = (Int8Linear(head) if int8 else head).to(model.head.weight.device)
+        self.head = head.to(model.head.weight.device)
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -99,7 +112,7 @@ class StepDecoder:
         for layer in range(self.layers):
             h, c = h_all[layer], c_all[layer]
             if layer == 0:
-                gates = self.table0[ids] + self.lin["hh0"](h)
+                gates = self.table0.index_select(0, ids) + self.lin["hh0"](h)
             else:
                 gates = self.lin[f"cat{layer}"](torch.cat([x, h], 1))
             # One sigmoid over all four gates (the g slice is unused) costs less than three
@@ -119,7 +132,7 @@ class StepDecoder:
         x = h_all.new_empty(0)
         for layer in range(self.layers):
             h = h_all[layer]
-            gi = self.table0[ids] if layer == 0 else self.lin[f"ih{layer}"](x)
+            gi = self.table0.index_select(0, ids) if layer == 0 else self.lin[f"ih{layer}"](x)
             gh = self.lin[f"hh{layer}"](h)
             i_r, i_z, i_n = gi.chunk(3, 1)
             h_r, h_z, h_n = gh.chunk(3, 1)

@@ -72,9 +72,11 @@ def tiny_fit_args(data: Path, out: Path, epochs: int, *more: str) -> list[str]:
     ]
 
 
-def tiny_model(vocab: Vocabulary, cell: str = "lstm", seed: int = 0) -> CharRNN:
+def tiny_model(vocab: Vocabulary, cell: str = "lstm", seed: int = 0, hidden: int = 32) -> CharRNN:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=len(vocab), hidden=32, layers=2, embed=8, dropout=0.1, cell=cell)
+    cfg = ModelConfig(
+        vocab_size=len(vocab), hidden=hidden, layers=2, embed=8, dropout=0.1, cell=cell
+    )
     return CharRNN(cfg).eval()
 
 

@@ -21,29 +21,35 @@ def test_forward_shapes_and_state_carry(cell):
     torch.testing.assert_close(torch.cat([l1, l2], 1), logits)
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fused_step_matches_forward(cell, int8):
+def test_fused_step_matches_forward(cell, weights):
     vocab = Vocabulary("abcdefgh")
     model = tiny_model(vocab, cell, seed=3)
-    decoder = StepDecoder(model, int8=int8)
+    decoder = StepDecoder(model, weights)
     ids = torch.randint(0, 8, (4, 6))
     full, _ = model(ids)
     _, state = model(ids[:, :1])
-    # int8 weights are an approximation: close, not equal.
-    tol = 3e-2 if int8 else 1e-5
+    # int8 is an approximation: close, not equal.
+    tol = 3e-2 if weights == "int8" else 1e-5
     for t in range(1, 6):
         logits, state = decoder.step(ids[:, t], state)
         torch.testing.assert_close(logits, full[:, t], atol=tol, rtol=tol)
 
 
-def test_int8_step_rows_do_not_depend_on_their_neighbours():
+@pytest.mark.parametrize("hidden", [32, 40, 256])
+def test_int8_step_rows_do_not_depend_on_their_neighbours(hidden):
     vocab = Vocabulary("abcdefgh")
-    decoder = StepDecoder(tiny_model(vocab, seed=5), int8=True)
+    decoder = StepDecoder(tiny_model(vocab, seed=5, hidden=hidden), "int8")
     torch.manual_seed(0)
-    ids = torch.randint(0, 8, (16,))
-    state = tuple(torch.randn(2, 16, 32) for _ in range(2))
-    together, _ = decoder.step(ids, state)
-    for i in (0, 7, 15):
-        alone, _ = decoder.step(ids[i : i + 1], tuple(s[:, i : i + 1] for s in state))
-        assert torch.equal(alone[0], together[i])
+    n = 70
+    ids = torch.randint(0, 8, (n,))
+    state = (torch.randn(2, n, hidden).tanh(), torch.randn(2, n, hidden))
+    alone = [decoder.step(ids[i : i + 1], tuple(s[:, i : i + 1] for s in state)) for i in range(n)]
+    # Every row, in batches of every size from 1 to 70 (kernels block rows differently).
+    for b in range(1, n + 1):
+        logits, (h, c) = decoder.step(ids[:b], tuple(s[:, :b] for s in state))
+        for i in range(b):
+            assert torch.equal(logits[i], alone[i][0][0]), (b, i)
+            assert torch.equal(h[:, i], alone[i][1][0][:, 0]), (b, i)
+            assert torch.equal(c[:, i], alone[i][1][1][:, 0]), (b, i)

@@ -130,8 +130,8 @@ def test_generate_matches_the_reference_sampler(server, tiny_checkpoint):
     from charrnn.generate import generate as reference
 
     ckpt = load_checkpoint(tiny_checkpoint)
-    # The server decodes with int8 recurrent weights on the CPU by default.
-    decoder = StepDecoder(ckpt.model, int8=True)
+    # The server decodes in int8 on the CPU by default.
+    decoder = StepDecoder(ckpt.model, "int8")
     want = reference(ckpt.model, ckpt.vocab, "Queen", 60, SamplingParams(0.8, 10, 0.95, 5), decoder)
     got = generate(
         server, prime="Queen", max_new_chars=60, temperature=0.8, top_k=10, top_p=0.95, seed=5

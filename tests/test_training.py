@@ -156,6 +156,13 @@ def test_evaluate_matches_hand_computation(corpus_file, tmp_path, capsys):
     assert got["chars"] == len(ids) - 1
     assert got["nll"] == pytest.approx(total / (len(ids) - 1), rel=1e-4)
     assert got["bpc"] == pytest.approx(got["nll"] / math.log(2))
+    # Through the serving step: fp32 equals the forward pass, int8 stays close to it.
+    for decode, rel in (("fp32", 1e-4), ("int8", 2e-2)):
+        args = ["evaluate", "--checkpoint", str(out), "--data", str(corpus_file)]
+        assert main([*args, "--tail-frac", "0.05", "--decode", decode]) == 0
+        stepped = json.loads(capsys.readouterr().out)
+        assert stepped["chars"] == got["chars"]
+        assert stepped["nll"] == pytest.approx(got["nll"], rel=rel)
 
 
 def test_sample_cli(corpus_file, tmp_path, capsys):

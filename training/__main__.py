@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from charrnn.checkpoint import CheckpointError, load_checkpoint
+from charrnn.decode import StepDecoder
 from charrnn.generate import generate
 from charrnn.sampling import MAX_SEED, SamplingParams
 from charrnn.vocab import UnknownCharactersError
 from training.config import FitConfig
 from training.data import read_corpus
 from training.errors import TrainingError
-from training.evaluate import bpc, nll
+from training.evaluate import bpc, nll, step_nll
 
 
 def _fit_parser(sub: argparse._SubParsersAction) -> None:
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="score only the last fraction of the file (default: all of it)",
     )
+    e.add_argument(
+        "--decode",
+        choices=["fp32", "int8"],
+        help="score through the service's one-character decode step in this precision "
+        "(default: the training forward pass)",
+    )
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("--prime", default="The")
@@ -162,7 +169,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(tail) < 2:
         raise TrainingError("the text to evaluate needs at least 2 characters")
     ids = torch.tensor(ckpt.vocab.encode(tail), dtype=torch.long)
-    value, count = nll(ckpt.model, ids)
+    if args.decode:
+        value, count = step_nll(StepDecoder(ckpt.model, args.decode), ckpt.model, ids)
+    else:
+        value, count = nll(ckpt.model, ids)
     print(json.dumps({"nll": value, "bpc": bpc(value), "chars": count}))
     return 0
 

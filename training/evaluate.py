@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from charrnn.decode import StepDecoder
 from charrnn.model import CharRNN
 
 # Long enough that per-call overhead vanishes, short enough to bound activation memory.
@@ -30,6 +31,18 @@ def nll(model: CharRNN, ids: torch.Tensor, chunk: int = CHUNK) -> tuple[float, i
         count += y.shape[1]
     model.train(was_training)
     return total / max(count, 1), count
+
+
+@torch.inference_mode()
+def step_nll(decoder: StepDecoder, model: CharRNN, ids: torch.Tensor) -> tuple[float, int]:
+    """Like ``nll``, but one character at a time through the service's decode step, so a
+    reduced-precision step (int8) is scored exactly as it serves."""
+    total = 0.0
+    state = model.init_state(1)
+    for prev, nxt in zip(ids[:-1].tolist(), ids[1:].tolist(), strict=True):
+        logits, state = decoder.step(torch.tensor([prev]), state)
+        total -= torch.log_softmax(logits[0].double(), -1)[nxt].item()
+    return total / max(len(ids) - 1, 1), len(ids) - 1
 
 
 def bpc(nll_nats: float) -> float:

@@ -54,7 +54,7 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
                 metrics=b.ckpt.meta.get("metrics", {}),
                 device=str(b.device),
                 dtype=str(b.dtype).removeprefix("torch."),
-                decode_weights="int8" if b.decoder.int8 else "fp32",
+                decode_weights=b.decoder.weights,
             )
         )
     limits = Limits(
