@@ -7,8 +7,9 @@ import hmac
 from fastapi import HTTPException, Request
 
 
-def check_api_key(request: Request) -> None:
-    """FastAPI dependency: 401 unless ``Authorization: Bearer <key>`` names a configured key.
+async def check_api_key(request: Request) -> None:
+    """FastAPI dependency (async: see app/deps.py): 401 unless ``Authorization: Bearer <key>``
+    names a configured key.
 
     Every key is compared in constant time, and all of them are compared, so the time taken
     says nothing about which key or how much of it matched. Keys are never logged."""

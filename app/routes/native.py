@@ -82,11 +82,11 @@ async def generate(
     return GenerateResponse(model=job.model.name, prime=job.gen.prime, **_result(job, final))
 
 
-def body_job(req: GenerateRequest, registry: RegistryDep, settings: SettingsDep) -> Job:
+async def body_job(req: GenerateRequest, registry: RegistryDep, settings: SettingsDep) -> Job:
     return _job(req, registry, settings, "body")
 
 
-def query_job(
+async def query_job(
     req: Annotated[GenerateRequest, Query()], registry: RegistryDep, settings: SettingsDep
 ) -> Job:
     return _job(req, registry, settings, "query")
