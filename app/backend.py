@@ -104,8 +104,7 @@ class ModelBackend:
             if hit is not None:
                 self._cache.move_to_end(prime)
                 return hit[0], hit[1], True
-        logits, state = warm_up(self.model, self.vocab.encode(prime))
-        logits = logits[None]
+        logits, state = warm_up(self.decoder, self.vocab.encode(prime))
         if self.cache_size:
             with self._cache_lock:
                 self._cache[prime] = (logits, state)

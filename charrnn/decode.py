@@ -58,16 +58,26 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = torch.round(x * 127).to(torch.int8)
-        # W.t() is a view: _int_mm's fastest CPU path reads the [N, K] matrix transposed.
-        y = torch._int_mm(xq, self.weight.t()) * self.scales
+        return self.finish(int_sums(x, self.weight))
+
+    def finish(self, sums: torch.Tensor) -> torch.Tensor:
+        """int32 sums [B, N] -> fp32 outputs."""
+        y = sums * self.scales
         return y + self.bias if self.bias is not None else y
+
+
+def int_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """int32 ``round(127 x) @ W^T`` for x in [-1, 1] and int8 W [N, K]."""
+    xq = torch.round(x * 127).to(torch.int8)
+    # W.t() is a view: _int_mm's fastest CPU path reads the [N, K] matrix transposed.
+    return torch._int_mm(xq, weight.t())
 
 
 class StepDecoder:
     """Advances a batch of independent rows by one character: ids [B] -> logits [B, V]."""
 
     def __init__(self, model: CharRNN, weights: Precision = "fp32"):
+        self.model = model
         cfg = model.config
         self.cell = cfg.cell
         self.layers = cfg.layers
@@ -99,6 +109,33 @@ class StepDecoder:
             head = Int8Linear(head)
         self.lin = lin.to(model.head.weight.device)
         self.head = head.to(model.head.weight.device)
+        # For the int8 prime pass: [W_ih | W_hh] of each higher LSTM layer split back into
+        # its input and recurrent halves (int8 sums over K split exactly).
+        self.halves = {
+            name: (
+                layer.weight[:, : cfg.hidden].contiguous(),
+                layer.weight[:, cfg.hidden :].contiguous(),
+            )
+            for name, layer in self.lin.items()
+            if weights == "int8" and name.startswith("cat")
+        }
+
+    @torch.inference_mode()
+    def prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """Logits [1, V] after the prime ``ids`` [T] (T >= 1) and the state, from a zero state.
+
+        fp32 runs the model on the whole sequence (cuDNN on CUDA). int8 gives exactly the
+        numbers of feeding the ids one at a time to ``step``, but runs a layer at a time: the
+        layer's input projections for all T positions are one matmul, and only the
+        recurrent half (a quarter of the weight bytes, resident in cache) is applied per
+        position. ``nn.LSTM`` re-packs its fp32 weights on every call and costs ~6 ms before
+        the first character; this is ~50 µs per character and layer."""
+        if self.weights == "fp32":
+            logits, state = self.model(ids[None])
+            return logits[:, -1], state
+        if self.cell == "lstm":
+            return self._lstm_prime(ids)
+        return self._gru_prime(ids)
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -116,16 +153,44 @@ class StepDecoder:
                 gates = self.table0.index_select(0, ids) + self.lin["hh0"](h)
             else:
                 gates = self.lin[f"cat{layer}"](torch.cat([x, h], 1))
-            # One sigmoid over all four gates (the g slice is unused) costs less than three
-            # small ones: at batch 1 every op is dispatch time, not arithmetic.
-            i, f, _, o = torch.sigmoid(gates).chunk(4, 1)
-            g = torch.tanh(gates[:, 2 * self.hidden : 3 * self.hidden])
-            c = torch.addcmul(f * c, i, g)
-            x = o * torch.tanh(c)
+            x, c = self._lstm_cell(gates, c)
             hs.append(x)
             cs.append(c)
         logits = self.head(x)
         return logits, (torch.stack(hs), torch.stack(cs))
+
+    def _lstm_cell(self, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One sigmoid over all four gates (the g slice is unused) costs less than three
+        # small ones: at batch 1 every op is dispatch time, not arithmetic.
+        i, f, _, o = torch.sigmoid(gates).chunk(4, 1)
+        g = torch.tanh(gates[:, 2 * self.hidden : 3 * self.hidden])
+        c = torch.addcmul(f * c, i, g)
+        return o * torch.tanh(c), c
+
+    def _lstm_prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
+        zero = self.table0.new_zeros(1, self.hidden)
+        hs, cs = [], []
+        xs = self.table0.new_empty(0)
+        for layer in range(self.layers):
+            h, c = zero, zero
+            outs = []
+            if layer == 0:
+                pre, recurrent = self.table0.index_select(0, ids), self.lin["hh0"]
+                for t in range(len(ids)):
+                    h, c = self._lstm_cell(pre[t : t + 1] + recurrent(h), c)
+                    outs.append(h)
+            else:
+                lin = self.lin[f"cat{layer}"]
+                w_in, w_hh = self.halves[f"cat{layer}"]
+                pre = int_sums(xs, w_in)
+                for t in range(len(ids)):
+                    gates = lin.finish(pre[t : t + 1] + int_sums(h, w_hh))
+                    h, c = self._lstm_cell(gates, c)
+                    outs.append(h)
+            xs = torch.cat(outs)
+            hs.append(h)
+            cs.append(c)
+        return self.head(hs[-1]), (torch.stack(hs), torch.stack(cs))
 
     def _gru_step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         (h_all,) = state
@@ -135,12 +200,31 @@ class StepDecoder:
             h = h_all[layer]
             gi = self.table0.index_select(0, ids) if layer == 0 else self.lin[f"ih{layer}"](x)
             gh = self.lin[f"hh{layer}"](h)
-            i_r, i_z, i_n = gi.chunk(3, 1)
-            h_r, h_z, h_n = gh.chunk(3, 1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            x = n + z * (h - n)
+            x = _gru_cell(gi, gh, h)
             hs.append(x)
         logits = self.head(x)
         return logits, (torch.stack(hs),)
+
+    def _gru_prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
+        hs = []
+        xs = self.table0.new_empty(0)
+        for layer in range(self.layers):
+            h = self.table0.new_zeros(1, self.hidden)
+            pre = self.table0.index_select(0, ids) if layer == 0 else self.lin[f"ih{layer}"](xs)
+            recurrent = self.lin[f"hh{layer}"]
+            outs = []
+            for t in range(len(ids)):
+                h = _gru_cell(pre[t : t + 1], recurrent(h), h)
+                outs.append(h)
+            xs = torch.cat(outs)
+            hs.append(h)
+        return self.head(hs[-1]), (torch.stack(hs),)
+
+
+def _gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    i_r, i_z, i_n = gi.chunk(3, 1)
+    h_r, h_z, h_n = gh.chunk(3, 1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)

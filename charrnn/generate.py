@@ -15,13 +15,10 @@ from charrnn.sampling import SamplingParams, sample_next, uniforms
 from charrnn.vocab import Vocabulary
 
 
-@torch.inference_mode()
-def warm_up(model: CharRNN, ids: list[int]) -> tuple[torch.Tensor, State]:
-    """Run the prime through the network; returns the last position's logits [V] and the state."""
-    device = model.head.weight.device
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    logits, state = model(x)
-    return logits[0, -1], state
+def warm_up(decoder: StepDecoder, ids: list[int]) -> tuple[torch.Tensor, State]:
+    """Run the prime through the network: the last position's logits [1, V] and the state."""
+    device = decoder.model.head.weight.device
+    return decoder.prime(torch.tensor(ids, dtype=torch.long, device=device))
 
 
 @torch.inference_mode()
@@ -36,8 +33,7 @@ def generate(
     """Return ``length`` new characters following ``prime``."""
     decoder = decoder or StepDecoder(model)
     device = model.head.weight.device
-    logits, state = warm_up(model, vocab.encode(prime))
-    logits = logits[None]
+    logits, state = warm_up(decoder, vocab.encode(prime))
     t = torch.tensor([params.temperature], device=device)
     k = torch.tensor([params.top_k or len(vocab)], device=device)
     p = torch.tensor([params.top_p], device=device)

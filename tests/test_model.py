@@ -53,3 +53,32 @@ def test_int8_step_rows_do_not_depend_on_their_neighbours(hidden):
             assert torch.equal(logits[i], alone[i][0][0]), (b, i)
             assert torch.equal(h[:, i], alone[i][1][0][:, 0]), (b, i)
             assert torch.equal(c[:, i], alone[i][1][1][:, 0]), (b, i)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_int8_prime_pass_equals_stepping_bit_for_bit(cell):
+    """The layer-at-a-time prime pass is an optimisation, not an approximation: the state it
+    leaves is exactly the one of feeding the prime through the step one character at a time."""
+    vocab = Vocabulary("abcdefgh")
+    decoder = StepDecoder(tiny_model(vocab, cell, seed=7, hidden=40), "int8")
+    ids = torch.randint(0, 8, (23,), generator=torch.Generator().manual_seed(1))
+    logits, state = decoder.prime(ids)
+    stepped = decoder.model.init_state(1)
+    for i in ids:
+        want, stepped = decoder.step(i[None], stepped)
+    assert torch.equal(logits, want)
+    for got, exp in zip(state, stepped, strict=True):
+        assert torch.equal(got, exp)
+    # And it stays close to the fp32 model on the whole sequence.
+    full, _ = decoder.model(ids[None])
+    torch.testing.assert_close(logits[0], full[0, -1], atol=5e-2, rtol=5e-2)
+
+
+def test_fp32_prime_is_the_model_on_the_whole_sequence():
+    vocab = Vocabulary("abcdefgh")
+    model = tiny_model(vocab, seed=2)
+    ids = torch.randint(0, 8, (9,))
+    logits, (h, c) = StepDecoder(model).prime(ids)
+    with torch.inference_mode():
+        full, (fh, fc) = model(ids[None])
+    assert torch.equal(logits, full[:, -1]) and torch.equal(h, fh) and torch.equal(c, fc)
