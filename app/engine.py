@@ -1,7 +1,7 @@
 """The scheduler: a bounded queue in front of one continuously batched decode loop per model.
 
 The decode loop runs on its own thread. Each iteration it takes waiting requests into the
-batch (their primes warmed up in one sequence pass each, or taken from the prime cache),
+batch (their primes warmed up in one pass each, or taken from the prime cache),
 drops finished, stopped and cancelled rows, and advances **every** active row by one
 character with a single batched step. The characters of a step go to the event loop in one
 hand-over, so the event loop streams step *n* while the thread already computes step *n + 1*,

@@ -33,6 +33,14 @@ def table(results: dict) -> str:
         f"{s['streams32_aggregate_chars_per_s']:,} | {s['notebook_sample_chars_per_s']:,} | "
         f"{s['streams32_vs_notebook']}x |",
     ]
+    b1 = d["rows"][0]
+    if "int8_model_us" in b1 and "one_stream_step_us_per_char" in s:
+        lines.append(
+            f"| cost per character, one stream: network / sampling / scheduling + HTTP | "
+            f"{b1['int8_model_us']} / {b1['sampling_us']} / "
+            f"{s['one_stream_other_us_per_char']} µs (step in the server: "
+            f"{s['one_stream_step_us_per_char']} µs; total {s['one_stream_us_per_char']} µs) | | |"
+        )
     for n in (10, 100, 1000):
         lines.append(
             f"| time to first char, {n}-char prime, cold / cached | "

@@ -24,6 +24,7 @@ from bench.common import (
 )
 from charrnn.checkpoint import Checkpoint
 from charrnn.model import CharRNN, ModelConfig
+from charrnn.sampling import sample_next
 
 BATCHES = (1, 8, 32, 128, 512)
 
@@ -86,7 +87,21 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
                 int8.advance(batch, positions)
 
             t_int8 = median_seconds(fused_int8, reps=reps, warmup=3)
+            ids8 = torch.zeros(b, dtype=torch.long)
+            u = torch.rand(b, dtype=torch.float64)
+
+            def model_only(ids: torch.Tensor = ids8, batch: Batch = batch) -> None:
+                int8.decoder.step(ids, batch.state)
+
+            def sampling_only(batch: Batch = batch, u: torch.Tensor = u) -> None:
+                sample_next(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+
+            t_model = median_seconds(model_only, reps=reps, warmup=3)
+            t_sampling = median_seconds(sampling_only, reps=reps, warmup=3)
             row |= {
+                # The service step split: the network alone, sampling alone.
+                "int8_model_us": round(t_model * 1e6, 1),
+                "sampling_us": round(t_sampling * 1e6, 1),
                 "int8_step_us": round(t_int8 * 1e6, 1),
                 "int8_chars_per_s": round(b / t_int8),
                 "int8_speedup_vs_nn_lstm": round(t_lstm / t_int8, 2),

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -69,15 +70,25 @@ def _primes(chars: str, length: int, count: int, seed: int) -> list[str]:
     return ["".join(rng.choice(letters) for _ in range(length)) for _ in range(count)]
 
 
+async def _step_seconds(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
+    """(sum, count) of the server's decode-step histogram: its time in the batched step."""
+    text = (await client.get(f"{url}/metrics")).text
+    found = dict(re.findall(r"^charrnn_inter_char_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.M))
+    return float(found["sum"]), float(found["count"])
+
+
 async def measure(url: str, chars: str) -> dict[str, object]:
     async with httpx.AsyncClient(timeout=120) as c:
         await _stream(c, url, {"prime": "Alice", "max_new_chars": 200, "seed": 0})  # warm
-        one = []
+        one, step_s = [], []
         for rep in range(3):
+            s0, n0 = await _step_seconds(c, url)
             _, dt, n = await _stream(
                 c, url, {"prime": "Alice", "max_new_chars": 2000, "seed": rep, "top_k": 5}
             )
+            s1, n1 = await _step_seconds(c, url)
             one.append(n / dt)
+            step_s.append((s1 - s0) / (n1 - n0))
         agg = []
         for rep in range(3):
             bodies = [
@@ -96,8 +107,15 @@ async def measure(url: str, chars: str) -> dict[str, object]:
                 cached.append((await _stream(c, url, body))[0])
             ttfc[f"ttfc_ms_prime{length}_cold"] = round(statistics.median(cold) * 1e3, 2)
             ttfc[f"ttfc_ms_prime{length}_cached"] = round(statistics.median(cached) * 1e3, 2)
+    char_us = 1e6 / statistics.median(one)
+    step_us = statistics.median(step_s) * 1e6
     return {
         "one_stream_chars_per_s": round(statistics.median(one)),
+        # Where one stream's time per character goes: the batched step (network + sampling)
+        # as the server timed it, and everything else (scheduling, event loop, HTTP, client).
+        "one_stream_us_per_char": round(char_us, 1),
+        "one_stream_step_us_per_char": round(step_us, 1),
+        "one_stream_other_us_per_char": round(char_us - step_us, 1),
         "streams32_aggregate_chars_per_s": round(statistics.median(agg)),
         **ttfc,
     }

@@ -1,4 +1,4 @@
-"""Single-request generation: warm up on a prime in one sequence pass, then decode.
+"""Single-request generation: warm up on a prime in one pass, then decode.
 
 The service batches many requests through ``charrnn.decode.StepDecoder`` itself; this module
 is the plain loop used by the CLI and as the reference the service must agree with.
