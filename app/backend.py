@@ -17,6 +17,7 @@ from app.graphs import PaddedStep
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
 from charrnn.generate import warm_up
+from charrnn.kernels import scripted
 from charrnn.model import State
 from charrnn.sampling import sample_next, uniforms
 
@@ -79,6 +80,9 @@ class ModelBackend:
         self.vocab = checkpoint.vocab
         self.device = device
         self.decoder = StepDecoder(self.model, weights)
+        # Compiled on the CPU like the decode step (charrnn/kernels.py); inside CUDA graphs
+        # on CUDA.
+        self.sample = scripted(sample_next) if device.type == "cpu" else sample_next
         # On CUDA the step is replayed from graphs captured per batch-size bucket.
         self.graphed = (
             PaddedStep(self.decoder, len(self.vocab), device) if (device.type == "cuda") else None
@@ -145,7 +149,7 @@ class ModelBackend:
                 batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u
             )
         else:
-            ids = sample_next(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+            ids = self.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
             logits, state = self.decoder.step(ids, batch.state)
         nxt = Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
         return ids.tolist(), nxt

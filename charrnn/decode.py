@@ -20,6 +20,9 @@ many rows share the batch or how the kernel blocks them: a seeded request gives 
 text alone or in a crowd, bit for bit. fp32 CPU GEMMs pick other kernels for other batch
 sizes and are not batch-invariant. The result matches ``CharRNN.forward`` on one step
 (tests/test_model.py).
+
+The arithmetic itself lives in ``charrnn/kernels.py``; on the CPU it runs compiled by
+TorchScript, one GIL-free call per step.
 """
 
 from __future__ import annotations
@@ -27,98 +30,87 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import nn
 
+from charrnn import kernels
 from charrnn.model import CharRNN, State
 
 Precision = Literal["fp32", "int8"]
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    lin.weight.data.copy_(weight)
-    if bias is not None:
-        lin.bias.data.copy_(bias)
-    return lin
-
-
-class Int8Linear(nn.Module):
-    """``x @ W^T + b`` in integers for inputs in [-1, 1]: W is int8 per output channel, x is
-    quantized with the fixed scale 1/127, and the int32 sums are scaled back to fp32. Nothing
-    depends on the other rows (unlike ``torch.ao`` dynamic quantization, whose activation
-    scale spans the batch)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
-        self.register_buffer("scales", scales / 127)  # the weight's and the input's scale
-        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(int_sums(x, self.weight))
-
-    def finish(self, sums: torch.Tensor) -> torch.Tensor:
-        """int32 sums [B, N] -> fp32 outputs."""
-        y = sums * self.scales
-        return y + self.bias if self.bias is not None else y
-
-
-def int_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """int32 ``round(127 x) @ W^T`` for x in [-1, 1] and int8 W [N, K]."""
-    xq = torch.round(x * 127).to(torch.int8)
-    # W.t() is a view: _int_mm's fastest CPU path reads the [N, K] matrix transposed.
-    return torch._int_mm(xq, weight.t())
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 W per output channel (symmetric), and the scales that turn the int32 sums of
+    ``kernels.int_sums`` back into ``x @ W^T``: the weight's scale over the input's 127.
+    Unlike ``torch.ao`` dynamic quantization, whose activation scale spans the batch,
+    nothing here depends on the other rows."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scales[:, None]).to(torch.int8), scales / 127
 
 
 class StepDecoder:
     """Advances a batch of independent rows by one character: ids [B] -> logits [B, V]."""
 
     def __init__(self, model: CharRNN, weights: Precision = "fp32"):
-        self.model = model
+        if weights not in ("fp32", "int8"):
+            raise ValueError(f"unknown decode precision {weights!r}")
         cfg = model.config
+        self.model = model
         self.cell = cfg.cell
         self.layers = cfg.layers
         self.hidden = cfg.hidden
-        if weights not in ("fp32", "int8"):
-            raise ValueError(f"unknown decode precision {weights!r}")
         self.weights = weights
-        rnn = model.rnn
-        p = {name: t.detach().clone() for name, t in rnn.named_parameters()}
+        device = model.head.weight.device
+        p = {name: t.detach() for name, t in model.rnn.named_parameters()}
         lstm = cfg.cell == "lstm"
+        none = torch.empty(0, device=device)
+        # (matrix, bias) in the order kernels.lstm_step / gru_step take them.
+        mats: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             b_in0 = p["bias_ih_l0"] + p["bias_hh_l0"] if lstm else p["bias_ih_l0"]
             self.table0 = (model.embed.weight @ p["weight_ih_l0"].t() + b_in0).contiguous()
-        lin = nn.ModuleDict()
-        for k in range(cfg.layers):
-            w_ih, w_hh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"]
-            b_ih, b_hh = p[f"bias_ih_l{k}"], p[f"bias_hh_l{k}"]
-            if lstm and k == 0:
-                lin["hh0"] = _linear(w_hh, None)  # its biases live in table0
-            elif lstm:
-                lin[f"cat{k}"] = _linear(torch.cat([w_ih, w_hh], 1), b_ih + b_hh)
-            else:
-                lin[f"hh{k}"] = _linear(w_hh, b_hh)
-                if k > 0:
-                    lin[f"ih{k}"] = _linear(w_ih, b_ih)
-        head: nn.Module = _linear(model.head.weight.detach(), model.head.bias.detach())
-        if weights == "int8":
-            lin = nn.ModuleDict({name: Int8Linear(layer) for name, layer in lin.items()})
-            head = Int8Linear(head)
-        self.lin = lin.to(model.head.weight.device)
-        self.head = head.to(model.head.weight.device)
+            for k in range(cfg.layers):
+                w_ih, w_hh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"]
+                b_ih, b_hh = p[f"bias_ih_l{k}"], p[f"bias_hh_l{k}"]
+                if lstm and k == 0:
+                    mats.append((w_hh, none))  # its biases live in table0
+                elif lstm:
+                    mats.append((torch.cat([w_ih, w_hh], 1), b_ih + b_hh))
+                else:
+                    if k > 0:
+                        mats.append((w_ih, b_ih))
+                    mats.append((w_hh, b_hh))
+            mats.append((model.head.weight.detach(), model.head.bias.detach()))
+        self.mats, self.scales, self.biases = [], [], []
+        for w, b in mats:
+            wq, scales = quantize(w) if weights == "int8" else (w.clone(), none)
+            self.mats.append(wq.contiguous())
+            self.scales.append(scales)
+            self.biases.append(b.clone())
         # For the int8 prime pass: [W_ih | W_hh] of each higher LSTM layer split back into
         # its input and recurrent halves (int8 sums over K split exactly).
         self.halves = {
-            name: (
-                layer.weight[:, : cfg.hidden].contiguous(),
-                layer.weight[:, cfg.hidden :].contiguous(),
+            k: (
+                self.mats[k][:, : cfg.hidden].contiguous(),
+                self.mats[k][:, cfg.hidden :].contiguous(),
             )
-            for name, layer in self.lin.items()
-            if weights == "int8" and name.startswith("cat")
+            for k in range(1, cfg.layers)
+            if lstm and weights == "int8"
         }
+        # The CPU runs the kernels compiled (one GIL-free call per step); CUDA replays the
+        # eager ones from CUDA graphs (app/graphs.py), which removes their overhead anyway.
+        compile_ = kernels.scripted if device.type == "cpu" else (lambda fn: fn)
+        self._step = compile_(kernels.lstm_step if lstm else kernels.gru_step)
+        self._recurrence = compile_(kernels.lstm_recurrence if lstm else kernels.gru_recurrence)
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        if self.cell == "lstm":
+            logits, h, c = self._step(
+                ids, state[0], state[1], self.table0, self.mats, self.scales, self.biases
+            )
+            return logits, (h, c)
+        logits, h = self._step(ids, state[0], self.table0, self.mats, self.scales, self.biases)
+        return logits, (h,)
 
     @torch.inference_mode()
     def prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -129,7 +121,7 @@ class StepDecoder:
         layer's input projections for all T positions are one matmul, and only the
         recurrent half (a quarter of the weight bytes, resident in cache) is applied per
         position. ``nn.LSTM`` re-packs its fp32 weights on every call and costs ~6 ms before
-        the first character; this is ~50 µs per character and layer."""
+        the first character; this is ~40 µs per character and layer."""
         if self.weights == "fp32":
             logits, state = self.model(ids[None])
             return logits[:, -1], state
@@ -137,94 +129,30 @@ class StepDecoder:
             return self._lstm_prime(ids)
         return self._gru_prime(ids)
 
-    @torch.inference_mode()
-    def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        if self.cell == "lstm":
-            return self._lstm_step(ids, state)
-        return self._gru_step(ids, state)
-
-    def _lstm_step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        h_all, c_all = state
-        hs, cs = [], []
-        x = h_all.new_empty(0)
-        for layer in range(self.layers):
-            h, c = h_all[layer], c_all[layer]
-            if layer == 0:
-                gates = self.table0.index_select(0, ids) + self.lin["hh0"](h)
-            else:
-                gates = self.lin[f"cat{layer}"](torch.cat([x, h], 1))
-            x, c = self._lstm_cell(gates, c)
-            hs.append(x)
-            cs.append(c)
-        logits = self.head(x)
-        return logits, (torch.stack(hs), torch.stack(cs))
-
-    def _lstm_cell(self, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One sigmoid over all four gates (the g slice is unused) costs less than three
-        # small ones: at batch 1 every op is dispatch time, not arithmetic.
-        i, f, _, o = torch.sigmoid(gates).chunk(4, 1)
-        g = torch.tanh(gates[:, 2 * self.hidden : 3 * self.hidden])
-        c = torch.addcmul(f * c, i, g)
-        return o * torch.tanh(c), c
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return kernels.matmul(h, self.mats[-1], self.scales[-1], self.biases[-1])
 
     def _lstm_prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
-        zero = self.table0.new_zeros(1, self.hidden)
         hs, cs = [], []
-        xs = self.table0.new_empty(0)
-        for layer in range(self.layers):
-            h, c = zero, zero
-            outs = []
-            if layer == 0:
-                pre, recurrent = self.table0.index_select(0, ids), self.lin["hh0"]
-                for t in range(len(ids)):
-                    h, c = self._lstm_cell(pre[t : t + 1] + recurrent(h), c)
-                    outs.append(h)
+        xs = self.table0.index_select(0, ids)  # layer 0's input gates, all positions
+        for k in range(self.layers):
+            if k == 0:
+                xs, h, c = self._recurrence(xs, self.mats[0], self.scales[0], self.biases[0], False)
             else:
-                lin = self.lin[f"cat{layer}"]
-                w_in, w_hh = self.halves[f"cat{layer}"]
-                pre = int_sums(xs, w_in)
-                for t in range(len(ids)):
-                    gates = lin.finish(pre[t : t + 1] + int_sums(h, w_hh))
-                    h, c = self._lstm_cell(gates, c)
-                    outs.append(h)
-            xs = torch.cat(outs)
+                w_in, w_hh = self.halves[k]
+                pre = kernels.int_sums(xs, w_in)
+                xs, h, c = self._recurrence(pre, w_hh, self.scales[k], self.biases[k], True)
             hs.append(h)
             cs.append(c)
-        return self.head(hs[-1]), (torch.stack(hs), torch.stack(cs))
-
-    def _gru_step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        (h_all,) = state
-        hs = []
-        x = h_all.new_empty(0)
-        for layer in range(self.layers):
-            h = h_all[layer]
-            gi = self.table0.index_select(0, ids) if layer == 0 else self.lin[f"ih{layer}"](x)
-            gh = self.lin[f"hh{layer}"](h)
-            x = _gru_cell(gi, gh, h)
-            hs.append(x)
-        logits = self.head(x)
-        return logits, (torch.stack(hs),)
+        return self._head(hs[-1]), (torch.stack(hs), torch.stack(cs))
 
     def _gru_prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
         hs = []
-        xs = self.table0.new_empty(0)
-        for layer in range(self.layers):
-            h = self.table0.new_zeros(1, self.hidden)
-            pre = self.table0.index_select(0, ids) if layer == 0 else self.lin[f"ih{layer}"](xs)
-            recurrent = self.lin[f"hh{layer}"]
-            outs = []
-            for t in range(len(ids)):
-                h = _gru_cell(pre[t : t + 1], recurrent(h), h)
-                outs.append(h)
-            xs = torch.cat(outs)
+        xs = self.table0.index_select(0, ids)
+        for k in range(self.layers):
+            j = 2 * k
+            if k > 0:
+                xs = kernels.matmul(xs, self.mats[j - 1], self.scales[j - 1], self.biases[j - 1])
+            xs, h = self._recurrence(xs, self.mats[j], self.scales[j], self.biases[j])
             hs.append(h)
-        return self.head(hs[-1]), (torch.stack(hs),)
-
-
-def _gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    i_r, i_z, i_n = gi.chunk(3, 1)
-    h_r, h_z, h_n = gh.chunk(3, 1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return n + z * (h - n)
+        return self._head(hs[-1]), (torch.stack(hs),)

@@ -59,11 +59,13 @@ def sample_next(
 
     logits [B, V]; temperature [B] (> 0); top_k [B] (use V for "no limit"); top_p [B];
     u [B] uniforms in [0, 1). All on the logits' device. Returns ids [B] (int64).
+    Plain tensor code, so that the service can run it compiled (``charrnn.kernels.scripted``).
     """
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
     # A stable sort keeps ties in vocabulary order, so the choice is reproducible.
     p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    p_sorted = p_sorted * (_ranks(p_sorted.shape[-1], logits.device) < top_k[:, None])
+    ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
+    p_sorted = p_sorted * (ranks < top_k[:, None])
     cum = torch.cumsum(p_sorted, -1)
     # Nucleus: keep the smallest prefix whose mass reaches top_p of the top-k mass (the first
     # character is always kept).
@@ -72,14 +74,3 @@ def sample_next(
     target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
     pick = torch.searchsorted(cdf, target, right=True).clamp_(max=p_sorted.shape[-1] - 1)
     return idx.gather(-1, pick).squeeze(-1)
-
-
-_RANKS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _ranks(n: int, device: torch.device) -> torch.Tensor:
-    """0..n-1 on ``device``, made once."""
-    key = (n, str(device))
-    if key not in _RANKS:
-        _RANKS[key] = torch.arange(n, device=device)
-    return _RANKS[key]

@@ -1,0 +1,161 @@
+"""The decode step's arithmetic as plain functions over tensors, so that TorchScript can run it.
+
+A decode step is some 90 small ops. Dispatched one by one from Python, each pays a few
+microseconds of interpreter and binding overhead and gives the GIL back and takes it again,
+and in the service the HTTP event loop wants the GIL too. Compiled by ``torch.jit.script``
+the same ops run in one call that holds no GIL: a third less step time at batch 1 on its
+own, and far less time lost to a busy event loop. The compiled functions run exactly the ops
+of the eager ones in the same order, so their results are bit-identical (tests/test_model.py).
+
+TorchScript is deprecated in favour of ``torch.compile``, but that needs a C++ toolchain at
+run time, which the Docker images and many hosts lack, and it specialises batch 1 apart from
+larger batches, which would put bit-exact batch invariance at risk. ``scripted`` falls back
+to the eager function wherever TorchScript is unavailable.
+
+Int8 matrices are ``[N, K]`` int8 with per-row ``scales`` (the weight's scale over 127, the
+activations' fixed scale); their inputs are hidden states, so they lie in [-1, 1]. fp32
+matrices come with empty ``scales``. An empty ``bias`` means none.
+"""
+
+import functools
+import logging
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("charrnn.kernels")
+
+F = TypeVar("F", bound=Callable)
+
+
+@functools.cache
+def scripted(fn: F) -> F:
+    """``fn`` compiled by TorchScript (once per function), or ``fn`` itself if that fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
+            return torch.jit.script(fn)
+    except Exception as exc:  # TorchScript missing or unable: the eager function is correct
+        log.warning("TorchScript unavailable for %s (%s); running it eagerly", fn.__name__, exc)
+        return fn
+
+
+def int_sums(x: Tensor, weight: Tensor) -> Tensor:
+    """int32 ``round(127 x) @ W^T`` for x in [-1, 1] and int8 W."""
+    # W.t() is a view: _int_mm's fastest CPU path reads the [N, K] matrix transposed.
+    return torch._int_mm(torch.round(x * 127).to(torch.int8), weight.t())
+
+
+def matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor) -> Tensor:
+    """``x @ W^T + bias``, in integers for an int8 W."""
+    y = int_sums(x, weight) * scales if weight.dtype == torch.int8 else torch.mm(x, weight.t())
+    if bias.numel() > 0:
+        y = y + bias
+    return y
+
+
+def lstm_cell(gates: Tensor, c: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
+    # One sigmoid over all four gates (the g slice is unused) costs less than three small ones.
+    s = torch.sigmoid(gates)
+    g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
+    c = torch.addcmul(s[:, hidden : 2 * hidden] * c, s[:, :hidden], g)
+    return s[:, 3 * hidden :] * torch.tanh(c), c
+
+
+def gru_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+    hidden = h.shape[1]
+    r = torch.sigmoid(gi[:, :hidden] + gh[:, :hidden])
+    z = torch.sigmoid(gi[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])
+    n = torch.tanh(gi[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
+    return n + z * (h - n)
+
+
+def lstm_step(
+    ids: Tensor,
+    h_all: Tensor,
+    c_all: Tensor,
+    table0: Tensor,
+    weights: list[Tensor],
+    scales: list[Tensor],
+    biases: list[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ids [B] -> logits [B, V], h [L, B, H], c [L, B, H]. ``table0`` [V, 4H] holds layer 0's
+    input gates per character; ``weights``: layer 0's ``W_hh``, then ``[W_ih | W_hh]`` of each
+    higher layer, then the head."""
+    layers, hidden = h_all.shape[0], h_all.shape[2]
+    hs: list[Tensor] = []
+    cs: list[Tensor] = []
+    x = table0.index_select(0, ids)
+    for k in range(layers):
+        if k == 0:
+            gates = x + matmul(h_all[0], weights[0], scales[0], biases[0])
+        else:
+            gates = matmul(torch.cat([x, h_all[k]], 1), weights[k], scales[k], biases[k])
+        x, c = lstm_cell(gates, c_all[k], hidden)
+        hs.append(x)
+        cs.append(c)
+    logits = matmul(x, weights[layers], scales[layers], biases[layers])
+    return logits, torch.stack(hs), torch.stack(cs)
+
+
+def gru_step(
+    ids: Tensor,
+    h_all: Tensor,
+    table0: Tensor,
+    weights: list[Tensor],
+    scales: list[Tensor],
+    biases: list[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """ids [B] -> logits [B, V], h [L, B, H]. ``weights``: layer 0's ``W_hh``, then ``W_ih``
+    and ``W_hh`` of each higher layer, then the head."""
+    layers = h_all.shape[0]
+    hs: list[Tensor] = []
+    x = table0.index_select(0, ids)
+    for k in range(layers):
+        j = 2 * k
+        if k > 0:
+            x = matmul(x, weights[j - 1], scales[j - 1], biases[j - 1])
+        x = gru_cell(x, matmul(h_all[k], weights[j], scales[j], biases[j]), h_all[k])
+        hs.append(x)
+    head = 2 * layers - 1
+    return matmul(x, weights[head], scales[head], biases[head]), torch.stack(hs)
+
+
+def lstm_recurrence(
+    pre: Tensor, weight: Tensor, scales: Tensor, bias: Tensor, pre_is_sums: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One int8 LSTM layer over a whole sequence from a zero state, with the numbers of
+    ``lstm_step``. ``pre`` [T, 4H] is the layer's input projection: fp32 gates (layer 0) or
+    the int32 sums of the input half (higher layers), which join the recurrent sums before
+    scaling exactly as one matmul over ``[x, h]`` would. Returns outputs [T, H], h, c."""
+    hidden = weight.shape[1]
+    h = torch.zeros(1, hidden, device=pre.device)
+    c = torch.zeros(1, hidden, device=pre.device)
+    outs: list[Tensor] = []
+    for t in range(pre.shape[0]):
+        sums = int_sums(h, weight)
+        if pre_is_sums:
+            gates = (pre[t : t + 1] + sums) * scales
+            if bias.numel() > 0:
+                gates = gates + bias
+        else:
+            gates = pre[t : t + 1] + sums * scales
+        h, c = lstm_cell(gates, c, hidden)
+        outs.append(h)
+    return torch.cat(outs), h, c
+
+
+def gru_recurrence(
+    pre: Tensor, weight: Tensor, scales: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer over a whole sequence from a zero state, with the numbers of
+    ``gru_step``; ``pre`` [T, 3H] is its input projection. Returns outputs [T, H] and h."""
+    h = torch.zeros(1, weight.shape[1], device=pre.device)
+    outs: list[Tensor] = []
+    for t in range(pre.shape[0]):
+        h = gru_cell(pre[t : t + 1], matmul(h, weight, scales, bias), h)
+        outs.append(h)
+    return torch.cat(outs), h
