@@ -30,10 +30,11 @@ NOTEBOOK_STEPS = 700
 FAST = {
     "batch_size": 32,
     "seq_len": 100,
-    "epochs": 8,
-    "lr": 3e-3,
+    "epochs": 6,
+    "lr": 5e-3,
     "schedule": "onecycle",
     "dropout": 0.3,
+    "precision": "bf16",
 }
 
 

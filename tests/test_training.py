@@ -66,9 +66,10 @@ def test_ddp_ranks_take_disjoint_rows(corpus_text):
     assert torch.equal(r0.x, full.x[0::2]) and torch.equal(r1.x, full.x[1::2])
 
 
-def test_short_fit_lowers_validation_nll_and_writes_outputs(corpus_file, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_short_fit_lowers_validation_nll_and_writes_outputs(corpus_file, tmp_path, precision):
     out = tmp_path / "m.pt"
-    result = fit(tiny_cfg(corpus_file, out, epochs=4, lr=1e-2))
+    result = fit(tiny_cfg(corpus_file, out, epochs=4, lr=1e-2, precision=precision))
     records = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
     vals = [r["val_nll"] for r in records if "val_nll" in r]
     assert len(vals) == 4
@@ -81,7 +82,9 @@ def test_short_fit_lowers_validation_nll_and_writes_outputs(corpus_file, tmp_pat
     assert m["best_val_nll"] == pytest.approx(min(vals))
     assert m["best_val_bpc"] == pytest.approx(min(vals) / math.log(2))
     assert len(m["corpus_sha256"]) == 64 and m["steps"] > 0 and m["wall_time_s"] > 0
-    assert ckpt.meta["train"]["hidden"] == 32
+    assert ckpt.meta["train"]["hidden"] == 32 and ckpt.meta["train"]["precision"] == precision
+    # Mixed precision changes the arithmetic, not what is stored.
+    assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
     assert load_checkpoint(last_path(out)).extra["resume"]["progress"]["epoch"] == 4
 
 
@@ -102,15 +105,19 @@ class StopAfter(StopFlag):
         pass
 
 
-@pytest.mark.parametrize(("schedule", "ema"), [("onecycle", None), ("constant", 0.9)])
-def test_interrupt_and_resume_equals_uninterrupted(corpus_file, tmp_path, schedule, ema):
+@pytest.mark.parametrize(
+    ("schedule", "ema", "precision"),
+    [("onecycle", None, "fp32"), ("constant", 0.9, "fp32"), ("onecycle", None, "bf16")],
+)
+def test_interrupt_and_resume_equals_uninterrupted(corpus_file, tmp_path, schedule, ema, precision):
     whole = tmp_path / "whole.pt"
     parts = tmp_path / "parts.pt"
-    total = fit(tiny_cfg(corpus_file, whole, schedule=schedule, ema=ema)).steps
+    opts = {"schedule": schedule, "ema": ema, "precision": precision}
+    total = fit(tiny_cfg(corpus_file, whole, **opts)).steps
     per_epoch = total // 3
-    first = fit(tiny_cfg(corpus_file, parts, schedule=schedule, ema=ema), StopAfter(per_epoch + 3))
+    first = fit(tiny_cfg(corpus_file, parts, **opts), StopAfter(per_epoch + 3))
     assert first.interrupted and first.steps == per_epoch + 3  # mid-epoch
-    second = fit(tiny_cfg(corpus_file, parts, schedule=schedule, ema=ema, resume=True))
+    second = fit(tiny_cfg(corpus_file, parts, **opts, resume=True))
     assert not second.interrupted and second.steps == total
     a, b = load_checkpoint(last_path(whole)).model, load_checkpoint(last_path(parts)).model
     for (k, wa), (_, wb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):

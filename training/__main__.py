@@ -69,6 +69,13 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=d.precision,
+        help="bf16: mixed precision (autocast) for the forward pass, ~1.5x faster on CPUs "
+        "with native bf16; weights, optimizer and validation stay fp32",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,6 +139,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         ema=args.ema,
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
         threads=args.threads,
         resume=args.resume,
         progress=not args.quiet,

@@ -34,6 +34,8 @@ class FitConfig:
     ema: float | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast for the forward pass (weights, optimizer and validation stay fp32).
+    precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = None
     resume: bool = False
     progress: bool = True
@@ -61,6 +63,7 @@ class FitConfig:
             (self.ema is None or 0 < self.ema < 1, "--ema must be in (0, 1)"),
             (self.seed >= 0, "--seed must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (self.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
         ]
         for ok, message in checks:

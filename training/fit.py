@@ -82,7 +82,7 @@ def _make_schedule(
 
 
 def _detach(state: State) -> State:
-    return tuple(s.detach() for s in state)
+    return tuple(s.detach().float() for s in state)  # bf16 under autocast; carry fp32
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -250,9 +250,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits, state = self.net(x, self.state)
+        bf16 = self.cfg.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, state = self.net(x, self.state)
         self.state = _detach(state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
