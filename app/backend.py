@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -138,18 +139,23 @@ class ModelBackend:
         )
 
     @torch.inference_mode()
-    def advance(self, batch: Batch, positions: np.ndarray) -> tuple[list[int], Batch]:
+    def advance(
+        self, batch: Batch, positions: np.ndarray, on_sampled: Callable[[list[int]], None]
+    ) -> Batch:
         """Sample every row's next character, then run them all through the network.
 
         ``positions`` [B] is each row's count of characters generated so far; with the
-        row's seed it keys the row's random draw. One device-to-host copy per step."""
+        row's seed it keys the row's random draw. The sampled ids go to ``on_sampled`` as
+        soon as they exist: on the CPU before the network step, so a request's first
+        character does not wait for it. One device-to-host copy per step."""
         u = torch.from_numpy(uniforms(batch.seeds, positions)).to(self.device)
         if self.graphed is not None:
             ids, logits, state = self.graphed(
                 batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u
             )
+            on_sampled(ids.tolist())
         else:
             ids = self.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+            on_sampled(ids.tolist())
             logits, state = self.decoder.step(ids, batch.state)
-        nxt = Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
-        return ids.tolist(), nxt
+        return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)

@@ -336,15 +336,18 @@ class Scheduler:
         rows = self.rows
         positions = np.fromiter((len(g.chars) for g in rows), dtype=np.uint64, count=len(rows))
         t0 = time.perf_counter()
-        ids, self.batch = self.backend.advance(self.batch, positions)
-        now = time.perf_counter()
-        self._inter_char.observe(now - t0)
+        self.batch = self.backend.advance(self.batch, positions, self._emit)
+        self._inter_char.observe(time.perf_counter() - t0)
         self._batch_size.observe(len(rows))
         self._generated.inc(len(rows))
+
+    def _emit(self, ids: list[int]) -> None:
+        """One character per row, just sampled: into each row's text, and its events on."""
+        now = time.perf_counter()
         decode = self.backend.vocab.decode_one
         results = []
         urgent = False  # a first character or a final event: no reason to wait
-        for gen, i in zip(rows, ids, strict=True):
+        for gen, i in zip(self.rows, ids, strict=True):
             if gen.finished:
                 continue
             if not gen.chars:

@@ -29,6 +29,10 @@ from charrnn.sampling import sample_next
 BATCHES = (1, 8, 32, 128, 512)
 
 
+def _ignore(ids: list[int]) -> None:
+    pass
+
+
 def step_cost(cfg: ModelConfig) -> tuple[int, int]:
     """(weight bytes read, FLOPs per row) of one fused LSTM decode step."""
     h, v, g = cfg.hidden, cfg.vocab_size, 4
@@ -58,7 +62,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         reps = 30 if b <= 32 else 10
 
         def fused(batch: Batch = batch, positions: np.ndarray = positions) -> None:
-            backend.advance(batch, positions)
+            backend.advance(batch, positions, _ignore)
 
         ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
         state = model.init_state(b)
@@ -84,7 +88,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         if int8 is not None:
 
             def fused_int8(batch: Batch = batch, positions: np.ndarray = positions) -> None:
-                int8.advance(batch, positions)
+                int8.advance(batch, positions, _ignore)
 
             t_int8 = median_seconds(fused_int8, reps=reps, warmup=3)
             ids8 = torch.zeros(b, dtype=torch.long)
