@@ -125,15 +125,19 @@ def gru_step(
 
 
 def lstm_recurrence(
-    pre: Tensor, weight: Tensor, scales: Tensor, bias: Tensor, pre_is_sums: bool
+    pre: Tensor,
+    weight: Tensor,
+    scales: Tensor,
+    bias: Tensor,
+    pre_is_sums: bool,
+    h: Tensor,
+    c: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One int8 LSTM layer over a whole sequence from a zero state, with the numbers of
+    """One int8 LSTM layer over a sequence from state (h, c) [1, H], with the numbers of
     ``lstm_step``. ``pre`` [T, 4H] is the layer's input projection: fp32 gates (layer 0) or
     the int32 sums of the input half (higher layers), which join the recurrent sums before
     scaling exactly as one matmul over ``[x, h]`` would. Returns outputs [T, H], h, c."""
     hidden = weight.shape[1]
-    h = torch.zeros(1, hidden, device=pre.device)
-    c = torch.zeros(1, hidden, device=pre.device)
     outs: list[Tensor] = []
     for t in range(pre.shape[0]):
         sums = int_sums(h, weight)
@@ -146,6 +150,49 @@ def lstm_recurrence(
         h, c = lstm_cell(gates, c, hidden)
         outs.append(h)
     return torch.cat(outs), h, c
+
+
+def lstm_prime(
+    ids: Tensor,
+    table0: Tensor,
+    inputs: list[Tensor],
+    recurrent: list[Tensor],
+    scales: list[Tensor],
+    biases: list[Tensor],
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """An int8 LSTM over the prime ``ids`` [T] from a zero state: h and c [L, 1, H].
+
+    A wavefront over chunks of ``chunk`` positions: while layer k runs chunk i, layer k + 1
+    runs chunk i - 1 on another thread (``torch.jit.fork``), so a 2-layer prime takes about
+    half the time of one layer after another. Every position gets the numbers of
+    ``lstm_step``. ``inputs[k]``/``recurrent[k]`` are the halves of ``[W_ih | W_hh]`` of layer
+    k >= 1 (``recurrent[0]`` is layer 0's ``W_hh``; its inputs come from ``table0``)."""
+    layers, hidden = len(recurrent), recurrent[0].shape[1]
+    n = (ids.shape[0] + chunk - 1) // chunk
+    hs = [torch.zeros(1, hidden, device=ids.device) for _ in range(layers)]
+    cs = [torch.zeros(1, hidden, device=ids.device) for _ in range(layers)]
+    outs = [torch.empty(0, device=ids.device) for _ in range(layers)]
+    for diagonal in range(n + layers - 1):
+        tasks: list[torch.jit.Future[tuple[Tensor, Tensor, Tensor]]] = []
+        done: list[int] = []
+        for k in range(layers):
+            i = diagonal - k
+            if i < 0 or i >= n:
+                continue
+            if k == 0:
+                pre = table0.index_select(0, ids[i * chunk : (i + 1) * chunk])
+            else:
+                pre = int_sums(outs[k - 1], inputs[k])  # layer k - 1's chunk i
+            tasks.append(
+                torch.jit.fork(
+                    lstm_recurrence, pre, recurrent[k], scales[k], biases[k], k > 0, hs[k], cs[k]
+                )
+            )
+            done.append(k)
+        for j in range(len(done)):
+            outs[done[j]], hs[done[j]], cs[done[j]] = torch.jit.wait(tasks[j])
+    return torch.stack(hs), torch.stack(cs)
 
 
 def gru_recurrence(
