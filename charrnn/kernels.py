@@ -59,10 +59,10 @@ def matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor) -> Tensor:
 
 def lstm_cell(gates: Tensor, c: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
     # One sigmoid over all four gates (the g slice is unused) costs less than three small ones.
-    s = torch.sigmoid(gates)
+    i, f, _, o = torch.sigmoid(gates).chunk(4, 1)
     g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
-    c = torch.addcmul(s[:, hidden : 2 * hidden] * c, s[:, :hidden], g)
-    return s[:, 3 * hidden :] * torch.tanh(c), c
+    c = torch.addcmul(f * c, i, g)
+    return o * torch.tanh(c), c
 
 
 def gru_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
@@ -137,16 +137,20 @@ def lstm_recurrence(
     ``lstm_step``. ``pre`` [T, 4H] is the layer's input projection: fp32 gates (layer 0) or
     the int32 sums of the input half (higher layers), which join the recurrent sums before
     scaling exactly as one matmul over ``[x, h]`` would. Returns outputs [T, H], h, c."""
+    # Everything that does not change along the sequence is taken out of the loop: at ~45 µs
+    # a position, each op saved per position is measurable.
     hidden = weight.shape[1]
+    w_t = weight.t()
+    has_bias = bias.numel() > 0
     outs: list[Tensor] = []
-    for t in range(pre.shape[0]):
-        sums = int_sums(h, weight)
+    for row in pre.unbind(0):
+        sums = torch._int_mm(torch.round(h * 127).to(torch.int8), w_t)  # = int_sums(h, weight)
         if pre_is_sums:
-            gates = (pre[t : t + 1] + sums) * scales
-            if bias.numel() > 0:
+            gates = (row + sums) * scales
+            if has_bias:
                 gates = gates + bias
         else:
-            gates = pre[t : t + 1] + sums * scales
+            gates = row + sums * scales
         h, c = lstm_cell(gates, c, hidden)
         outs.append(h)
     return torch.cat(outs), h, c
