@@ -198,6 +198,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.waiting: deque[Generation] = deque()
         self.rows: list[Generation] = []
+        # Taken from the queue and being primed: counted in ``load`` so that admission does
+        # not see a free slot while a prime runs.
+        self.joining: list[Generation] = []
         self.batch: Batch | None = None
         self._closing = False
         self._stopped = False
@@ -216,7 +219,7 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        return len(self.rows) + len(self.waiting)
+        return len(self.rows) + len(self.joining) + len(self.waiting)
 
     def check_capacity(self) -> None:
         """Raise before any work if a new generation could not be queued."""
@@ -253,7 +256,7 @@ class Scheduler:
         deadline = time.monotonic() + grace_s
         while self.load and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for gen in [*self.waiting, *self.rows]:
+        for gen in [*self.waiting, *self.joining, *self.rows]:
             gen.fail(Failed("the server is shutting down", "unavailable"))
         self._wake.set()
 
@@ -280,8 +283,8 @@ class Scheduler:
                     self._step()
             except Exception:
                 log.exception("decode loop failed for model %s", self.name)
-                failed = [*self.rows]
-                self.rows, self.batch = [], None
+                failed = [*self.rows, *self.joining]
+                self.rows, self.joining, self.batch = [], [], None
                 self._hand_over(
                     [
                         (g, [Failed("generation failed inside the model", "internal")])
@@ -310,15 +313,15 @@ class Scheduler:
         self._set_gauges()
 
     def _admit(self) -> None:
-        joining: list[Generation] = []
-        while self.waiting and len(self.rows) + len(joining) < self.max_concurrent:
-            gen = self.waiting.popleft()
+        while self.waiting and len(self.rows) + len(self.joining) < self.max_concurrent:
+            gen = self.waiting[0]
             if not gen.finished:
-                joining.append(gen)
-        if not joining:
+                self.joining.append(gen)  # before it leaves the queue: never uncounted
+            self.waiting.popleft()
+        if not self.joining:
             return
         parts = []
-        for gen in joining:
+        for gen in self.joining:
             gen.t_start = time.perf_counter()
             part, cached = self.backend.new_row(
                 gen.prime, gen.temperature, gen.top_k, gen.top_p, gen.seed
@@ -328,7 +331,8 @@ class Scheduler:
             parts.append(part)
         merged = [self.batch] if self.batch is not None else []
         self.batch = Batch.concat(merged + parts)
-        self.rows.extend(joining)
+        self.rows.extend(self.joining)
+        self.joining = []
         self._set_gauges()
 
     def _step(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -125,6 +126,35 @@ def test_cancel_frees_the_row_and_capacity_is_enforced(backend):
         await asyncio.sleep(0.05)
         with pytest.raises(ShuttingDown):
             sched.submit(_gen())
+        await sched.close()
+
+    asyncio.run(run())
+
+
+def test_a_generation_being_primed_still_counts_against_capacity(backend, monkeypatch):
+    """Found when primes got fast: a request arriving while the one ahead of it was being
+    primed (out of the queue, not yet in the batch) saw a free slot."""
+    priming, release = threading.Event(), threading.Event()
+    new_row = backend.new_row
+
+    def slow_new_row(*args: object) -> object:
+        priming.set()
+        release.wait(5)
+        return new_row(*args)
+
+    monkeypatch.setattr(backend, "new_row", slow_new_row)
+
+    async def run() -> None:
+        sched = Scheduler("t", backend, Metrics(), max_concurrent=1, max_queue=1)
+        sched.start()
+        a, b = sched.submit(_gen(max_new=5)), sched.submit(_gen(max_new=5))
+        assert await asyncio.to_thread(priming.wait, 5)  # a is out of the queue, priming
+        assert sched.load == 2
+        with pytest.raises(Overloaded):
+            sched.submit(_gen())
+        release.set()
+        results = [await _collect(g) for g in (a, b)]
+        assert all(isinstance(r, Done) for r in results)
         await sched.close()
 
     asyncio.run(run())

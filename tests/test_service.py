@@ -391,11 +391,21 @@ def test_body_over_limit_is_413(server):
 
 
 def test_429_when_batch_and_queue_are_full(tiny_checkpoint, tmp_path):
-    with run_server(tmp_path, f"tiny={tiny_checkpoint}", max_concurrent=1, max_queue=1) as s:
+    # Generations long enough (and a backlog deep enough for a reader that does not read) that
+    # neither slot frees itself while the test runs: the tiny model writes ~20,000 chars/s.
+    long = 10**6
+    with run_server(
+        tmp_path,
+        f"tiny={tiny_checkpoint}",
+        max_concurrent=1,
+        max_queue=1,
+        max_new_chars_limit=long,
+        stream_backlog=long,
+    ) as s:
 
         async def run() -> None:
             async with httpx.AsyncClient(timeout=60) as c:
-                body = {"prime": "Alice", "max_new_chars": 5000}
+                body = {"prime": "Alice", "max_new_chars": long}
                 async with (
                     aconnect_sse(c, "POST", f"{s.url}/generate/stream", json=body) as a,
                     aconnect_sse(c, "POST", f"{s.url}/generate/stream", json=body) as b,
