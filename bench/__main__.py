@@ -20,10 +20,13 @@ README = ROOT / "README.md"
 def table(results: dict) -> str:
     d, s, t = results["decode_step"], results["serve_throughput"], results["train_throughput"]
     when = results["date"]
+    low, high = s.get("notebook_sample_chars_per_s_range", ["?", "?"])
     lines = [
         f"Measured {when} on {s['machine']['cores']} CPU cores ({s['machine']['cpu']}), "
         f"torch {s['machine']['torch']}, by `make bench`; ratios are against the notebook's "
         "code re-implemented in `bench/notebook.py` and run in the same session.",
+        "",
+        f"The notebook's sampler is the median of ten runs ({low}–{high} chars/s in this one).",
         "",
         "| figure | CharRNN | notebook | ratio |",
         "|---|---|---|---|",
@@ -50,6 +53,11 @@ def table(results: dict) -> str:
         f"| training chars/s (batch 128, seq 100, 2x512) | {t['ours_chars_per_s']:,} | "
         f"{t['notebook_chars_per_s']:,} | {t['speedup']}x |"
     )
+    if "ours_bf16_chars_per_s" in t:
+        lines.append(
+            f"| the same with `--precision bf16` | {t['ours_bf16_chars_per_s']:,} | "
+            f"{t['notebook_chars_per_s']:,} | {t['bf16_speedup']}x |"
+        )
     if t.get("ours_time_to_target_s"):
         lines.append(
             f"| wall time to the notebook's final val NLL {t['target_nll']} | "
