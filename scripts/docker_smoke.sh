@@ -271,6 +271,11 @@ for _ in $(seq 1 60); do
 done
 [[ "$health" == healthy ]] || fail "container health is '$health'"
 log "container is healthy"
+# The image must run the compiled decode step, not the eager fallback (charrnn/kernels.py).
+if "${compose[@]}" logs api 2>&1 | grep -q "TorchScript unavailable"; then
+    fail "the image fell back to the eager decode step: $("${compose[@]}" logs api 2>&1 | grep -m1 TorchScript)"
+fi
+log "the decode step runs compiled (TorchScript)"
 
 "${compose[@]}" down --remove-orphans --volumes --timeout 20 >/dev/null 2>&1 || fail "docker-compose down"
 [[ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")" ]] ||
