@@ -91,19 +91,21 @@ class StepDecoder:
             self.mats.append(wq.contiguous())
             self.scales.append(scales)
             self.biases.append(b.clone())
-        # For the int8 prime pass: [W_ih | W_hh] of each higher LSTM layer split back into
-        # its input and recurrent halves (int8 sums over K split exactly).
-        self.inputs = [none] + [
-            self.mats[k][:, : cfg.hidden].contiguous() for k in range(1, cfg.layers)
-        ]
-        self.recurrent = [self.mats[0]] + [
-            self.mats[k][:, cfg.hidden :].contiguous() for k in range(1, cfg.layers)
-        ]
+        # For the int8 LSTM prime: [W_ih | W_hh] of each higher layer split back into its
+        # input and recurrent halves (int8 sums over K split exactly).
+        self.inputs: list[torch.Tensor] = []
+        self.recurrent: list[torch.Tensor] = []
+        if lstm and weights == "int8":
+            higher = self.mats[1:-1]
+            self.inputs = [none] + [m[:, : cfg.hidden].contiguous() for m in higher]
+            self.recurrent = [self.mats[0]] + [m[:, cfg.hidden :].contiguous() for m in higher]
         # The CPU runs the kernels compiled (one GIL-free call per step); CUDA replays the
         # eager ones from CUDA graphs (app/graphs.py), which removes their overhead anyway.
         compile_ = kernels.scripted if device.type == "cpu" else (lambda fn: fn)
         self._step = compile_(kernels.lstm_step if lstm else kernels.gru_step)
-        self._recurrence = compile_(kernels.lstm_prime if lstm else kernels.gru_recurrence)
+        recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
+        # fp32 primes run the model itself (see ``prime``).
+        self._recurrence = compile_(recurrence) if weights == "int8" else recurrence
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
