@@ -94,8 +94,9 @@ class Registry:
             # a compiled function on its first call and optimises it on the second, so with
             # one round the first client's prime paid ~15 ms for that.
             for round_ in range(WARMUP_ROUNDS):
+                chars = m.backend.vocab.chars
                 gen = Generation(
-                    prime=m.backend.vocab.chars[round_ : round_ + WARMUP_PRIME_CHARS],
+                    prime=(chars[round_ % len(chars) :] + chars)[:WARMUP_PRIME_CHARS],
                     max_new=8,
                     temperature=1.0,
                     top_k=None,
