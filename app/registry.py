@@ -93,8 +93,8 @@ class Registry:
             # Three rounds, each with a prime not yet cached: TorchScript's executor profiles
             # a compiled function on its first call and optimises it on the second, so with
             # one round the first client's prime paid ~15 ms for that.
+            chars = m.backend.vocab.chars
             for round_ in range(WARMUP_ROUNDS):
-                chars = m.backend.vocab.chars
                 gen = Generation(
                     prime=(chars[round_ % len(chars) :] + chars)[:WARMUP_PRIME_CHARS],
                     max_new=8,

@@ -62,7 +62,6 @@ class StepDecoder:
         self.model = model
         self.cell = cfg.cell
         self.layers = cfg.layers
-        self.hidden = cfg.hidden
         self.weights = weights
         device = model.head.weight.device
         p = {name: t.detach() for name, t in model.rnn.named_parameters()}

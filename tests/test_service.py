@@ -269,15 +269,16 @@ def test_openai_sdk_plain_and_streaming(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
-    c = client.completions.create(
-        model="tiny",
-        prompt="Alice",
-        max_tokens=40,
-        seed=5,
-        temperature=0.8,
-        top_p=0.9,
-        extra_body={"top_k": 6},
-    )
+    request = {
+        "model": "tiny",
+        "prompt": "Alice",
+        "max_tokens": 40,
+        "seed": 5,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "extra_body": {"top_k": 6},
+    }
+    c = client.completions.create(**request)
     native = generate(
         server, prime="Alice", max_new_chars=40, seed=5, temperature=0.8, top_p=0.9, top_k=6
     )
@@ -286,17 +287,7 @@ def test_openai_sdk_plain_and_streaming(server):
     assert c.choices[0].finish_reason == "length"
     assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == (5, 40, 45)
     chunks = list(
-        client.completions.create(
-            model="tiny",
-            prompt="Alice",
-            max_tokens=40,
-            seed=5,
-            temperature=0.8,
-            top_p=0.9,
-            extra_body={"top_k": 6},
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        client.completions.create(**request, stream=True, stream_options={"include_usage": True})
     )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == native["generated_text"]

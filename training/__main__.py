@@ -178,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise TrainingError("the text to evaluate needs at least 2 characters")
     ids = torch.tensor(ckpt.vocab.encode(tail), dtype=torch.long)
     if args.decode:
-        value, count = step_nll(StepDecoder(ckpt.model, args.decode), ckpt.model, ids)
+        value, count = step_nll(StepDecoder(ckpt.model, args.decode), ids)
     else:
         value, count = nll(ckpt.model, ids)
     print(json.dumps({"nll": value, "bpc": bpc(value), "chars": count}))

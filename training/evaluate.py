@@ -34,11 +34,11 @@ def nll(model: CharRNN, ids: torch.Tensor, chunk: int = CHUNK) -> tuple[float, i
 
 
 @torch.inference_mode()
-def step_nll(decoder: StepDecoder, model: CharRNN, ids: torch.Tensor) -> tuple[float, int]:
+def step_nll(decoder: StepDecoder, ids: torch.Tensor) -> tuple[float, int]:
     """Like ``nll``, but one character at a time through the service's decode step, so a
     reduced-precision step (int8) is scored exactly as it serves."""
     total = 0.0
-    state = model.init_state(1)
+    state = decoder.model.init_state(1)
     for prev, nxt in zip(ids[:-1].tolist(), ids[1:].tolist(), strict=True):
         logits, state = decoder.step(torch.tensor([prev]), state)
         total -= torch.log_softmax(logits[0].double(), -1)[nxt].item()
