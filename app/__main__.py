@@ -7,9 +7,9 @@ import sys
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from app.config import Settings
-from app.main import create_app
 from charrnn.checkpoint import CheckpointError, load_checkpoint
 
 
@@ -42,8 +42,25 @@ class Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
+def _describe(error: ValidationError) -> str:
+    """One line for every bad ``CHARRNN_*`` variable: which one, what is wrong, what it got."""
+    parts = []
+    for e in error.errors():
+        name = "CHARRNN_" + "_".join(str(part) for part in e["loc"]).upper()
+        parts.append(f"{name}: {e['msg']} (got {e['input']!r})")
+    return "; ".join(parts)
+
+
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"error: cannot start: {_describe(e)}", file=sys.stderr)
+        return 1
+    # Imported only now: app.main builds its module-level app (for `uvicorn app.main:app`)
+    # from the environment, which would fail with a traceback on a bad setting.
+    from app.main import create_app
+
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -326,6 +326,30 @@ def test_startup_refuses_bad_checkpoints_and_runs_no_code(kind, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("CHARRNN_DECODE_WEIGHTS", "int4", "'auto', 'fp32' or 'int8'"),
+        ("CHARRNN_PORT", "eighty", "valid integer"),
+        ("CHARRNN_MAX_CONCURRENT", "0", "greater than or equal to 1"),
+    ],
+)
+def test_startup_refuses_a_bad_setting_in_one_line(variable, value, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={variable: value, "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: cannot start: {variable}: ") and message in lines[0]
+    assert repr(value) in lines[0]
+
+
 # -- hostile input -----------------------------------------------------------------------
 
 
