@@ -50,6 +50,17 @@ RUN if [ -s /tmp/build-ca/docker-build-ca.pem ]; then export PIP_CERT=/tmp/build
     && chmod 755 /opt/charrnn/bin/torchrun \
     && /opt/charrnn/bin/python -c 'import torch, app.main, training.fit; print("torch", torch.__version__)'
 
+# The native int8 LSTM kernels (charrnn/native.py), prebuilt into the venv with the base's own
+# distribution compiler, so that the runtime stage loads them with no compiler of its own. Their
+# build flags are portable (no -march), so the image runs on any x86-64 CPU.
+ENV CHARRNN_NATIVE_DIR=/opt/charrnn/native
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && PATH=/opt/charrnn/bin:${PATH} /opt/charrnn/bin/python -m charrnn.native \
+    && find /opt/charrnn/native -type f ! -name '*.so' -delete
+
 # Make the checkpoints world-readable whatever their mode in the context (a umask of 077, or a
 # checkpoint written owner-only by an older version), so the runtime stage gets them root-owned
 # and read-only for the service user, in a single layer.
@@ -72,6 +83,7 @@ ENV PATH=/opt/charrnn/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
+    CHARRNN_NATIVE_DIR=/opt/charrnn/native \
     CHARRNN_HOST=0.0.0.0 \
     CHARRNN_PORT=8000 \
     CHARRNN_MODELS=alice=/app/models/alice.pt

@@ -75,12 +75,13 @@ class ModelBackend:
         cache_size: int = 256,
         weights: Precision = "fp32",
         threads: int | None = None,
+        native_kernels: bool = True,
     ):
         self.ckpt = checkpoint
         self.model = checkpoint.model
         self.vocab = checkpoint.vocab
         self.device = device
-        self.decoder = StepDecoder(self.model, weights)
+        self.decoder = StepDecoder(self.model, weights, native_kernels=native_kernels)
         # Compiled on the CPU like the decode step (charrnn/kernels.py); inside CUDA graphs
         # on CUDA.
         self.sample = scripted(sample_next) if device.type == "cpu" else sample_next

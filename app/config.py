@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         description="precision of the decode step's matmuls; auto: int8 on the CPU, fp32 on "
         "CUDA (int8 is CPU-only)",
     )
+    native_kernels: bool = Field(
+        True,
+        description="run an int8 LSTM's decode step and prime with the native C++ kernels "
+        "(built on first use with a C++ compiler, or prebuilt; charrnn/native.py); false or "
+        "unavailable: TorchScript",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="how long open generations may run on after SIGTERM"
     )

@@ -68,6 +68,7 @@ class Registry:
                 cache_size=settings.prime_cache_size,
                 weights=decode_precision(settings.decode_weights, device),
                 threads=settings.threads,
+                native_kernels=settings.native_kernels,
             )
             scheduler = Scheduler(
                 name, backend, metrics, settings.max_concurrent, settings.max_queue

@@ -66,16 +66,25 @@ def table(results: dict) -> str:
         )
     lines += [
         "",
-        "| batch | service step (int8) | fp32 fused step | `nn.LSTM` step | service chars/s | "
-        "bandwidth-bound fraction (int8 / fp32) | fraction of peak ops (int8 / fp32) |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | service step (int8) | int8 step in TorchScript | fp32 fused step | "
+        "`nn.LSTM` step | service chars/s | bandwidth-bound fraction (int8 / fp32) | "
+        "fraction of peak ops (int8 / fp32) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
         lines.append(
-            f"| {r['batch']} | {r.get('int8_step_us', '-')} µs | {r['fused_step_us']} µs | "
+            f"| {r['batch']} | {r.get('int8_step_us', '-')} µs | "
+            f"{r.get('int8_torchscript_step_us', '-')} µs | {r['fused_step_us']} µs | "
             f"{r['nn_lstm_step_us']} µs | {r.get('int8_chars_per_s', 0):,} | "
             f"{r.get('int8_bandwidth_bound_fraction', '-')} / {r['bandwidth_bound_fraction']} | "
             f"{r.get('int8_ops_fraction_of_peak', '-')} / {r['flops_fraction_of_peak']} |"
+        )
+    if "int8_prime100_native_ms" in d:
+        lines.append(
+            f"\nA cold prime alone (int8, {b1.get('int8_kernels', 'native')} kernels / "
+            f"TorchScript): 100 chars {d['int8_prime100_native_ms']} / "
+            f"{d['int8_prime100_torchscript_ms']} ms, 1,000 chars "
+            f"{d['int8_prime1000_native_ms']} / {d['int8_prime1000_torchscript_ms']} ms."
         )
     lines.append(
         f"\nMachine limits measured in the same run: memory bandwidth "

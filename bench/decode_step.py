@@ -1,5 +1,7 @@
 """Decode-step time against batch size: the fused step (+ sampling) the service runs, and
-``nn.LSTM`` fed one step at a time, on a model of the notebook's size (2x512 LSTM).
+``nn.LSTM`` fed one step at a time, on a model of the notebook's size (2x512 LSTM). The int8
+step and prime are timed with the native kernels the service runs (charrnn/native.py) and
+with their TorchScript fallback.
 
 Limits: at batch 1 a step must read every weight once, so ``weight bytes / memory bandwidth``
 bounds it; at large batches the matmuls dominate, so ``FLOPs / peak FLOP/s`` bounds it.
@@ -24,7 +26,6 @@ from bench.common import (
 )
 from charrnn.checkpoint import Checkpoint
 from charrnn.model import CharRNN, ModelConfig
-from charrnn.sampling import sample_next
 
 BATCHES = (1, 8, 32, 128, 512)
 
@@ -51,6 +52,11 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
     backend = ModelBackend(Checkpoint(model, vocab), dev)
     cpu = dev.type == "cpu"
     int8 = ModelBackend(Checkpoint(model, vocab), dev, weights="int8") if cpu else None
+    scripted = (
+        ModelBackend(Checkpoint(model, vocab), dev, weights="int8", native_kernels=False)
+        if cpu
+        else None
+    )
     weight_bytes, flops_per_row = step_cost(cfg)
     int8_bytes = weight_bytes // 4  # int8 weights (plus negligible per-row scales)
     bandwidth, peak = memory_bandwidth(dev), peak_flops(dev)
@@ -90,7 +96,11 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
             def fused_int8(batch: Batch = batch, positions: np.ndarray = positions) -> None:
                 int8.advance(batch, positions, _ignore)
 
+            def fused_scripted(batch: Batch = batch, positions: np.ndarray = positions) -> None:
+                scripted.advance(batch, positions, _ignore)
+
             t_int8 = median_seconds(fused_int8, reps=reps, warmup=3)
+            t_scripted = median_seconds(fused_scripted, reps=reps, warmup=3)
             ids8 = torch.zeros(b, dtype=torch.long)
             u = torch.rand(b, dtype=torch.float64)
 
@@ -98,7 +108,8 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
                 int8.decoder.step(ids, batch.state)
 
             def sampling_only(batch: Batch = batch, u: torch.Tensor = u) -> None:
-                sample_next(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+                # The service's sampler: compiled like the step (ModelBackend.sample).
+                int8.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
 
             t_model = median_seconds(model_only, reps=reps, warmup=3)
             t_sampling = median_seconds(sampling_only, reps=reps, warmup=3)
@@ -107,12 +118,21 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
                 "int8_model_us": round(t_model * 1e6, 1),
                 "sampling_us": round(t_sampling * 1e6, 1),
                 "int8_step_us": round(t_int8 * 1e6, 1),
+                "int8_kernels": int8.decoder.kernels,
+                "int8_torchscript_step_us": round(t_scripted * 1e6, 1),
                 "int8_chars_per_s": round(b / t_int8),
                 "int8_speedup_vs_nn_lstm": round(t_lstm / t_int8, 2),
                 "int8_bandwidth_bound_fraction": round(int8_bytes / bandwidth / t_int8, 3),
                 "int8_ops_fraction_of_peak": round(flops_per_row * b / t_int8 / int8_peak, 3),
             }
         rows.append(row)
+    primes = {}
+    if int8 is not None and scripted is not None:
+        for length in (100, 1000):
+            ids = torch.arange(length) % len(vocab)
+            for name, b in (("native", int8), ("torchscript", scripted)):
+                t = median_seconds(lambda b=b, ids=ids: b.decoder.prime(ids), reps=15, warmup=3)
+                primes[f"int8_prime{length}_{name}_ms"] = round(t * 1e3, 2)
     return {
         "benchmark": "decode_step",
         "machine": machine(),
@@ -124,6 +144,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         "peak_gflops": round(peak / 1e9, 1),
         "peak_int8_gops": round(int8_peak / 1e9, 1),
         "rows": rows,
+        **primes,
     }
 
 

@@ -22,7 +22,8 @@ sizes and are not batch-invariant. The result matches ``CharRNN.forward`` on one
 (tests/test_model.py).
 
 The arithmetic itself lives in ``charrnn/kernels.py``; on the CPU it runs compiled by
-TorchScript, one GIL-free call per step.
+TorchScript, one GIL-free call per step. An int8 LSTM runs the native kernels instead
+(``charrnn/native.py``, C++ with the cell fused) wherever they can be built or are prebuilt.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ from typing import Literal
 
 import torch
 
-from charrnn import kernels
+from charrnn import kernels, native
 from charrnn.model import CharRNN, State
 
 Precision = Literal["fp32", "int8"]
+# How the step runs: the C++ int8 LSTM (native), the kernels compiled by TorchScript, or the
+# kernels op by op (CUDA, where graphs replay them; or where TorchScript is unavailable).
+Kernels = Literal["native", "torchscript", "eager"]
 
 # Positions per chunk of the int8 prime's wavefront (kernels.lstm_prime): small enough that
 # the layers overlap for most of a 100-character prime, large enough that the hand-offs
@@ -55,7 +59,7 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class StepDecoder:
     """Advances a batch of independent rows by one character: ids [B] -> logits [B, V]."""
 
-    def __init__(self, model: CharRNN, weights: Precision = "fp32"):
+    def __init__(self, model: CharRNN, weights: Precision = "fp32", *, native_kernels: bool = True):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"unknown decode precision {weights!r}")
         cfg = model.config
@@ -98,13 +102,22 @@ class StepDecoder:
             higher = self.mats[1:-1]
             self.inputs = [none] + [m[:, : cfg.hidden].contiguous() for m in higher]
             self.recurrent = [self.mats[0]] + [m[:, cfg.hidden :].contiguous() for m in higher]
-        # The CPU runs the kernels compiled (one GIL-free call per step); CUDA replays the
-        # eager ones from CUDA graphs (app/graphs.py), which removes their overhead anyway.
-        compile_ = kernels.scripted if device.type == "cpu" else (lambda fn: fn)
+        # The CPU runs the kernels compiled (one GIL-free call per step), or for an int8 LSTM
+        # the native ones, which take the same arguments; CUDA replays the eager ones from
+        # CUDA graphs (app/graphs.py), which removes their overhead anyway.
+        cpu = device.type == "cpu"
+        compile_ = kernels.scripted if cpu else (lambda fn: fn)
         self._step = compile_(kernels.lstm_step if lstm else kernels.gru_step)
         recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
         # fp32 primes run the model itself (see ``prime``).
         self._recurrence = compile_(recurrence) if weights == "int8" else recurrence
+        self.kernels: Kernels = (
+            "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
+        )
+        if native_kernels and lstm and weights == "int8" and cpu and native.load():
+            self._step = torch.ops.charrnn.lstm_step
+            self._recurrence = torch.ops.charrnn.lstm_prime
+            self.kernels = "native"
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -126,7 +139,8 @@ class StepDecoder:
         half of the weights (1 MB in int8, resident in cache) is applied per position, and
         the LSTM's layers overlap on two threads (``kernels.lstm_prime``). ``nn.LSTM``
         re-packs its fp32 weights on every call and costs ~6 ms before the first character;
-        this is ~0.2 ms for 1 character and ~6.5 ms for 100 on the shipped model."""
+        this is ~0.2 ms for 1 character and ~6.5 ms for 100 on the shipped model (~3.7 ms
+        with the native kernels)."""
         if self.weights == "fp32":
             logits, state = self.model(ids[None])
             return logits[:, -1], state

@@ -1,9 +1,27 @@
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from charrnn import Vocabulary
+from charrnn import Vocabulary, native
 from charrnn.decode import StepDecoder
+from charrnn.model import CharRNN
 from tests.conftest import tiny_model
+from tests.server import ROOT
+
+# The int8 step and prime run native (C++) for an LSTM where a compiler or a prebuilt library
+# is at hand, else compiled by TorchScript: the int8 tests run both.
+KERNELS = [pytest.param(True, id="native"), pytest.param(False, id="torchscript")]
+
+
+def int8_decoder(model: CharRNN, native_kernels: bool) -> StepDecoder:
+    decoder = StepDecoder(model, "int8", native_kernels=native_kernels)
+    if native_kernels and model.config.cell == "lstm" and decoder.kernels != "native":
+        pytest.skip("the native kernels are not available here (no C++ compiler)")
+    return decoder
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -21,12 +39,17 @@ def test_forward_shapes_and_state_carry(cell):
     torch.testing.assert_close(torch.cat([l1, l2], 1), logits)
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize(
+    "weights,native_kernels", [("fp32", False), ("int8", True), ("int8", False)]
+)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fused_step_matches_forward(cell, weights):
+def test_fused_step_matches_forward(cell, weights, native_kernels):
     vocab = Vocabulary("abcdefgh")
     model = tiny_model(vocab, cell, seed=3)
-    decoder = StepDecoder(model, weights)
+    if weights == "int8":
+        decoder = int8_decoder(model, native_kernels)
+    else:
+        decoder = StepDecoder(model, weights)
     ids = torch.randint(0, 8, (4, 6))
     full, _ = model(ids)
     _, state = model(ids[:, :1])
@@ -37,10 +60,11 @@ def test_fused_step_matches_forward(cell, weights):
         torch.testing.assert_close(logits, full[:, t], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("native_kernels", KERNELS)
 @pytest.mark.parametrize("hidden", [32, 40, 256])
-def test_int8_step_rows_do_not_depend_on_their_neighbours(hidden):
+def test_int8_step_rows_do_not_depend_on_their_neighbours(hidden, native_kernels):
     vocab = Vocabulary("abcdefgh")
-    decoder = StepDecoder(tiny_model(vocab, seed=5, hidden=hidden), "int8")
+    decoder = int8_decoder(tiny_model(vocab, seed=5, hidden=hidden), native_kernels)
     torch.manual_seed(0)
     n = 70
     ids = torch.randint(0, 8, (n,))
@@ -55,12 +79,13 @@ def test_int8_step_rows_do_not_depend_on_their_neighbours(hidden):
             assert torch.equal(c[:, i], alone[i][1][1][:, 0]), (b, i)
 
 
+@pytest.mark.parametrize("native_kernels", KERNELS)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_int8_prime_pass_equals_stepping_bit_for_bit(cell):
+def test_int8_prime_pass_equals_stepping_bit_for_bit(cell, native_kernels):
     """The layer-at-a-time prime pass is an optimisation, not an approximation: the state it
     leaves is exactly the one of feeding the prime through the step one character at a time."""
     vocab = Vocabulary("abcdefgh")
-    decoder = StepDecoder(tiny_model(vocab, cell, seed=7, hidden=40), "int8")
+    decoder = int8_decoder(tiny_model(vocab, cell, seed=7, hidden=40), native_kernels)
     ids = torch.randint(0, 8, (37,), generator=torch.Generator().manual_seed(1))  # 3 chunks
     logits, state = decoder.prime(ids)
     stepped = decoder.model.init_state(1)
@@ -82,3 +107,82 @@ def test_fp32_prime_is_the_model_on_the_whole_sequence():
     with torch.inference_mode():
         full, (fh, fc) = model(ids[None])
     assert torch.equal(logits, full[:, -1]) and torch.equal(h, fh) and torch.equal(c, fc)
+
+
+def test_native_kernels_build_wherever_there_is_a_compiler():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the decoder runs the TorchScript kernels")
+    assert native.load()
+    model = tiny_model(Vocabulary("abcdefgh"))
+    assert StepDecoder(model, "int8").kernels == "native"
+    assert StepDecoder(model, "int8", native_kernels=False).kernels == "torchscript"
+    assert StepDecoder(model, "fp32").kernels == "torchscript"
+
+
+def test_native_kernels_agree_with_torchscript():
+    """Same weights and quantization, a different tanh: the same logits to ~1e-5."""
+    vocab = Vocabulary("abcdefgh")
+    model = tiny_model(vocab, seed=11, hidden=64)
+    fast = int8_decoder(model, True)
+    reference = StepDecoder(model, "int8", native_kernels=False)
+    ids = torch.randint(0, 8, (50,), generator=torch.Generator().manual_seed(3))
+    (got, got_state), (want, want_state) = fast.prime(ids), reference.prime(ids)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    for a, b in zip(got_state, want_state, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+    step_ids = torch.randint(0, 8, (5,))
+    state = (torch.randn(2, 5, 64).tanh(), torch.randn(2, 5, 64))
+    torch.testing.assert_close(
+        fast.step(step_ids, state)[0], reference.step(step_ids, state)[0], atol=2e-3, rtol=0
+    )
+
+
+def test_native_kernels_refuse_bad_arguments_with_a_message():
+    decoder = int8_decoder(tiny_model(Vocabulary("abcdefgh"), hidden=16), True)
+    state = decoder.model.init_state(2)
+    mats = [m.float() for m in decoder.mats]  # fp32 where int8 is required
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.charrnn.lstm_step(
+            torch.zeros(2, dtype=torch.long),
+            *state,
+            decoder.table0,
+            mats,
+            decoder.scales,
+            decoder.biases,
+        )
+    with pytest.raises(RuntimeError, match="ids must be"):
+        torch.ops.charrnn.lstm_step(
+            torch.zeros(3, dtype=torch.long),
+            *state,
+            decoder.table0,
+            decoder.mats,
+            decoder.scales,
+            decoder.biases,
+        )
+    with pytest.raises(IndexError, match="out of range"):
+        decoder.prime(torch.tensor([0, 99]))
+
+
+def test_without_a_compiler_the_decoder_says_so_and_runs_torchscript(tmp_path):
+    """A machine without a C++ compiler (and no prebuilt library) still decodes."""
+    code = (
+        "import torch\n"
+        "from charrnn import Vocabulary\n"
+        "from charrnn.decode import StepDecoder\n"
+        "from tests.conftest import tiny_model\n"
+        "d = StepDecoder(tiny_model(Vocabulary('abcdefgh')), 'int8')\n"
+        "logits, _ = d.prime(torch.tensor([1, 2, 3]))\n"
+        "print(d.kernels, tuple(logits.shape))\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "CHARRNN_NATIVE_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torchscript", "(1,", "8)"]
+    assert "native int8 LSTM kernels unavailable" in out.stderr

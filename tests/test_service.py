@@ -9,7 +9,7 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse, connect_sse
 
-from charrnn import load_checkpoint
+from charrnn import load_checkpoint, native
 from tests.server import run_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,6 +69,8 @@ def test_health_ready_info(server, vocab):
     }
     assert m["parameters"] > 0 and m["device"] == "cpu" and m["dtype"] == "float32"
     assert m["decode_weights"] == "int8"
+    # The native int8 kernels wherever this process could build or load them.
+    assert m["decode_kernels"] == ("native" if native.load() else "torchscript")
     assert m["metrics"]["best_val_nll"] == 3.0
     assert info["limits"]["max_prime_chars"] == 300
     assert info["limits"]["auth_required"] is False

@@ -55,6 +55,7 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
                 device=str(b.device),
                 dtype=str(b.dtype).removeprefix("torch."),
                 decode_weights=b.decoder.weights,
+                decode_kernels=b.decoder.kernels,
             )
         )
     limits = Limits(

@@ -1,0 +1,293 @@
+// The int8 LSTM decode step and prime of charrnn/decode.py, with a fused cell.
+//
+// Run as TorchScript (charrnn/kernels.py), a step position costs ~40 us of which the int8
+// matmul is ~16: the rest is a dozen small ATen ops (dequantize, add, sigmoid, tanh, mul,
+// addcmul, round, cast), each paying dispatch and a TensorIterator. Here everything around
+// the matmuls (dequantizing the int32 sums, the gates, the new state, quantizing h for the
+// next matmul) is one pass over the row in plain C++ that the compiler vectorises.
+//
+// tanh and sigmoid are a rational approximation built only from IEEE-exact operations
+// (+, *, /, min, max), compiled with -ffp-contract=off: every element gets the same bits
+// whatever the vector width, the CPU, the batch size or the row's position in the batch.
+// So, as with the TorchScript kernels, a row's numbers do not depend on its neighbours, and
+// the prime gives exactly the state of feeding its characters one at a time to the step.
+// The numbers differ from the TorchScript kernels' (ATen's tanh) in the last bits.
+//
+// Registered as torch.ops.charrnn.lstm_step / lstm_prime, with the signatures of
+// kernels.lstm_step / kernels.lstm_prime for int8 weights. Built and loaded by
+// charrnn/native.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <future>
+#include <memory>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// tanh to within a few float ulps: Eigen's rational approximation (a 13th/6th degree ratio
+// of odd/even polynomials), clamped where it reaches +-1.
+inline float tanh_approx(float x) {
+  const float clamp = 7.90531110763549805f;
+  x = std::min(std::max(x, -clamp), clamp);
+  const float x2 = x * x;
+  float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = x2 * p + -8.60467152213735e-11f;
+  p = x2 * p + 5.12229709037114e-08f;
+  p = x2 * p + 1.48572235717979e-05f;
+  p = x2 * p + 6.37261928875436e-04f;
+  p = x2 * p + 4.89352455891786e-03f;
+  p = x * p;
+  float q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = x2 * q + 2.26843463243900e-03f;
+  q = x2 * q + 4.89352518554385e-03f;
+  return p / q;
+}
+
+inline float sigmoid_approx(float x) { return 0.5f * tanh_approx(0.5f * x) + 0.5f; }
+
+// round(127 h) as int8 (h in [-1, 1]): adding and subtracting 1.5 * 2^23 rounds to the
+// nearest integer, ties to even, like torch.round, in plain arithmetic that vectorises.
+inline int8_t quantize(float h) {
+  float v = std::min(std::max(h * 127.0f, -127.0f), 127.0f);
+  v = (v + 12582912.0f) - 12582912.0f;
+  return static_cast<int8_t>(static_cast<int32_t>(v));
+}
+
+// Where a row's gate pre-activations come from, besides the recurrent int32 sums.
+struct GateInputs {
+  const float* table = nullptr;    // layer 0: fp32 input gates of the character (with biases)
+  const int32_t* sums = nullptr;   // higher layers in the prime: int32 sums of the input half
+  const float* scales = nullptr;   // [4H]: int32 sums -> fp32
+  const float* bias = nullptr;     // [4H] for higher layers, null for layer 0
+};
+
+// One LSTM cell on one row. ``c`` is updated in place; h goes to ``h_out`` (fp32) and, as
+// round(127 h), to ``q_out`` (the next matmul's int8 input).
+void cell_row(const int32_t* sums, const GateInputs& in, float* c, float* h_out, int8_t* q_out,
+              int64_t hidden, float* gates) {
+  const int64_t n = 4 * hidden;
+  if (in.table != nullptr) {
+    for (int64_t j = 0; j < n; ++j) gates[j] = in.table[j] + static_cast<float>(sums[j]) * in.scales[j];
+  } else if (in.sums != nullptr) {
+    for (int64_t j = 0; j < n; ++j)
+      gates[j] = static_cast<float>(in.sums[j] + sums[j]) * in.scales[j] + in.bias[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) gates[j] = static_cast<float>(sums[j]) * in.scales[j] + in.bias[j];
+  }
+  const float* gi = gates;
+  const float* gf = gates + hidden;
+  const float* gg = gates + 2 * hidden;
+  const float* go = gates + 3 * hidden;
+  for (int64_t j = 0; j < hidden; ++j) {
+    const float cj = sigmoid_approx(gf[j]) * c[j] + sigmoid_approx(gi[j]) * tanh_approx(gg[j]);
+    const float hj = sigmoid_approx(go[j]) * tanh_approx(cj);
+    c[j] = cj;
+    h_out[j] = hj;
+  }
+  // A loop of its own: mixed with the float math above, the int8 stores stop vectorisation.
+  for (int64_t j = 0; j < hidden; ++j) q_out[j] = quantize(h_out[j]);
+}
+
+void check_int8_matrix(const Tensor& w, int64_t rows, int64_t cols, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kChar && w.is_contiguous(), what,
+              " must be a contiguous int8 CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, what, " must be [", rows,
+              ", ", cols, "], got ", w.sizes());
+}
+
+void check_float_vector(const Tensor& v, int64_t size, const char* what) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.is_contiguous() &&
+                  v.dim() == 1 && v.size(0) == size,
+              what, " must be a contiguous float32 CPU vector of ", size);
+}
+
+// logits = (int32 sums of the int8 last hidden state and W_head) * scales + bias
+Tensor head(const Tensor& q, const Tensor& weight, const Tensor& scales, const Tensor& bias) {
+  Tensor logits = at::_int_mm(q, weight.t()) * scales;
+  return bias.numel() > 0 ? logits + bias : logits;
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_all,
+                                             const Tensor& c_all, const Tensor& table0,
+                                             at::TensorList weights, at::TensorList scales,
+                                             at::TensorList biases) {
+  TORCH_CHECK(h_all.dim() == 3 && h_all.sizes() == c_all.sizes(), "h and c must be [L, B, H]");
+  TORCH_CHECK(h_all.scalar_type() == at::kFloat && c_all.scalar_type() == at::kFloat,
+              "h and c must be float32");
+  const int64_t layers = h_all.size(0), batch = h_all.size(1), hidden = h_all.size(2);
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == batch, "ids must be [B] with B = ", batch);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers + 1 &&
+                  scales.size() == weights.size() && biases.size() == weights.size(),
+              "expected ", layers + 1, " weights, scales and biases");
+  TORCH_CHECK(table0.dim() == 2 && table0.size(1) == 4 * hidden &&
+                  table0.scalar_type() == at::kFloat && table0.is_contiguous(),
+              "table0 must be a contiguous float32 [V, 4H]");
+  for (int64_t k = 0; k < layers; ++k) {
+    check_int8_matrix(weights[k], 4 * hidden, k == 0 ? hidden : 2 * hidden, "an LSTM weight");
+    check_float_vector(scales[k], 4 * hidden, "an LSTM weight's scales");
+    if (k > 0) check_float_vector(biases[k], 4 * hidden, "an LSTM bias");
+  }
+  check_int8_matrix(weights[layers], weights[layers].size(0), hidden, "the head's weight");
+
+  const Tensor h_in = h_all.contiguous(), c_in = c_all.contiguous();
+  Tensor h_out = at::empty_like(h_in), c_out = c_in.clone();
+  const Tensor x0 = table0.index_select(0, ids);  // checks the ids against V
+  // Each layer's int8 matmul input: layer 0 [q(h0)], layer k [q(x) | q(h_k)] with x the new
+  // h of layer k - 1; the last layer's new h goes to the head.
+  std::vector<Tensor> inputs;
+  for (int64_t k = 0; k < layers; ++k)
+    inputs.push_back(at::empty({batch, k == 0 ? hidden : 2 * hidden}, at::kChar));
+  Tensor head_q = at::empty({batch, hidden}, at::kChar);
+  for (int64_t k = 0; k < layers; ++k) {
+    int8_t* q = inputs[k].data_ptr<int8_t>();
+    const float* h = h_in.data_ptr<float>() + k * batch * hidden;
+    const int64_t width = inputs[k].size(1);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t j = 0; j < hidden; ++j) q[b * width + width - hidden + j] = quantize(h[b * hidden + j]);
+  }
+  for (int64_t k = 0; k < layers; ++k) {
+    const Tensor sums = at::_int_mm(inputs[k], weights[k].t());  // [B, 4H]
+    GateInputs in;
+    in.scales = scales[k].data_ptr<float>();
+    if (k == 0) {
+      in.table = x0.data_ptr<float>();
+    } else {
+      in.bias = biases[k].data_ptr<float>();
+    }
+    int8_t* next = k + 1 < layers ? inputs[k + 1].data_ptr<int8_t>() : head_q.data_ptr<int8_t>();
+    const int64_t next_width = k + 1 < layers ? 2 * hidden : hidden;
+    const int32_t* s = sums.data_ptr<int32_t>();
+    float* c = c_out.data_ptr<float>() + k * batch * hidden;
+    float* h = h_out.data_ptr<float>() + k * batch * hidden;
+    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> gates(4 * hidden);
+      for (int64_t b = begin; b < end; ++b) {
+        GateInputs row = in;
+        if (row.table != nullptr) row.table += b * 4 * hidden;
+        cell_row(s + b * 4 * hidden, row, c + b * hidden, h + b * hidden, next + b * next_width,
+                 hidden, gates.data());
+      }
+    });
+  }
+  Tensor logits = head(head_q, weights[layers], scales[layers], biases[layers]);
+  return {logits, h_out, c_out};
+}
+
+std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
+                                      at::TensorList inputs, at::TensorList recurrent,
+                                      at::TensorList scales, at::TensorList biases,
+                                      int64_t chunk) {
+  const int64_t layers = static_cast<int64_t>(recurrent.size());
+  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(inputs.size()) == layers &&
+                  static_cast<int64_t>(scales.size()) >= layers &&
+                  static_cast<int64_t>(biases.size()) >= layers,
+              "expected one input, recurrent weight, scales and bias per layer");
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) >= 1, "the prime must be [T] with T >= 1");
+  TORCH_CHECK(chunk >= 1, "chunk must be >= 1");
+  const int64_t hidden = recurrent[0].size(1), steps = ids.size(0);
+  TORCH_CHECK(table0.dim() == 2 && table0.size(1) == 4 * hidden &&
+                  table0.scalar_type() == at::kFloat && table0.is_contiguous(),
+              "table0 must be a contiguous float32 [V, 4H]");
+  for (int64_t k = 0; k < layers; ++k) {
+    check_int8_matrix(recurrent[k], 4 * hidden, hidden, "a recurrent weight");
+    if (k > 0) {
+      check_int8_matrix(inputs[k], 4 * hidden, hidden, "an input weight");
+      check_float_vector(biases[k], 4 * hidden, "an LSTM bias");
+    }
+    check_float_vector(scales[k], 4 * hidden, "an LSTM weight's scales");
+  }
+
+  Tensor h = at::zeros({layers, 1, hidden}, at::kFloat);
+  Tensor c = at::zeros({layers, 1, hidden}, at::kFloat);
+  // round(127 h) of every position of every layer: the next layer's matmul inputs.
+  Tensor outs = at::empty({layers, steps, hidden}, at::kChar);
+  const Tensor zero_q = at::zeros({1, hidden}, at::kChar);
+
+  // Layer k over positions [i * chunk, (i + 1) * chunk).
+  auto run = [&](int64_t k, int64_t i) {
+    const int64_t t0 = i * chunk, t1 = std::min(steps, t0 + chunk);
+    const Tensor out_k = outs[k];
+    const Tensor pre = k == 0 ? table0.index_select(0, ids.slice(0, t0, t1))
+                              : at::_int_mm(outs[k - 1].slice(0, t0, t1), inputs[k].t());
+    const Tensor w_t = recurrent[k].t();
+    GateInputs in;
+    in.scales = scales[k].data_ptr<float>();
+    if (k > 0) in.bias = biases[k].data_ptr<float>();
+    std::vector<float> gates(4 * hidden);
+    float* hk = h.data_ptr<float>() + k * hidden;
+    float* ck = c.data_ptr<float>() + k * hidden;
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tensor q = t == 0 ? zero_q : out_k.slice(0, t - 1, t);
+      const Tensor sums = at::_int_mm(q, w_t);
+      if (k == 0) {
+        in.table = pre.data_ptr<float>() + (t - t0) * 4 * hidden;
+      } else {
+        in.sums = pre.data_ptr<int32_t>() + (t - t0) * 4 * hidden;
+      }
+      cell_row(sums.data_ptr<int32_t>(), in, ck, hk, out_k.data_ptr<int8_t>() + t * hidden,
+               hidden, gates.data());
+    }
+  };
+
+  // A wavefront over chunks: while layer k runs chunk i, layer k + 1 runs chunk i - 1 on
+  // torch's inter-op pool, so the layers overlap on separate cores.
+  const int64_t n = (steps + chunk - 1) / chunk;
+  for (int64_t diagonal = 0; diagonal < n + layers - 1; ++diagonal) {
+    std::vector<int64_t> active;
+    for (int64_t k = 0; k < layers; ++k)
+      if (diagonal - k >= 0 && diagonal - k < n) active.push_back(k);
+    std::vector<std::future<void>> others;
+    for (size_t j = 1; j < active.size(); ++j) {
+      auto done = std::make_shared<std::promise<void>>();
+      others.push_back(done->get_future());
+      const int64_t k = active[j];
+      at::launch([&run, k, diagonal, done] {
+        try {
+          run(k, diagonal - k);
+          done->set_value();
+        } catch (...) {
+          done->set_exception(std::current_exception());
+        }
+      });
+    }
+    std::exception_ptr failed;
+    try {
+      run(active[0], diagonal - active[0]);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    for (auto& f : others) {  // always wait: the tasks use this frame's tensors
+      try {
+        f.get();
+      } catch (...) {
+        if (!failed) failed = std::current_exception();
+      }
+    }
+    if (failed) std::rethrow_exception(failed);
+  }
+  return {h, c};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(charrnn, m) {
+  m.def(
+      "lstm_step(Tensor ids, Tensor h_all, Tensor c_all, Tensor table0, Tensor[] weights, "
+      "Tensor[] scales, Tensor[] biases) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_prime(Tensor ids, Tensor table0, Tensor[] inputs, Tensor[] recurrent, "
+      "Tensor[] scales, Tensor[] biases, int chunk) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(charrnn, CPU, m) {
+  m.impl("lstm_step", &lstm_step);
+  m.impl("lstm_prime", &lstm_prime);
+}
