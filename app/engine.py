@@ -269,7 +269,10 @@ class Scheduler:
     # -- the decode loop (its own thread) ----------------------------------------------------
 
     def _run(self) -> None:
-        self.backend.init_worker()
+        with self.backend.worker():
+            self._loop_until_stopped()
+
+    def _loop_until_stopped(self) -> None:
         while not self._stopped:
             self._drop_finished()
             if not self.rows and not self.waiting:

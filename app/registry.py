@@ -55,7 +55,7 @@ class Registry:
     def load(cls, settings: Settings, metrics: Metrics) -> Registry:
         """Load every configured checkpoint onto the device. Raises CheckpointError (naming
         the path) for the first one that cannot be used."""
-        # torch's CPU threads belong to the decode threads (ModelBackend.init_worker). Any
+        # torch's CPU threads belong to the decode threads (ModelBackend.worker). Any
         # other thread that runs torch with several threads keeps its own OpenMP team, whose
         # idle workers spin on the same cores: the decode step then runs 2-3x slower.
         torch.set_num_threads(1)

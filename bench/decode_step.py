@@ -43,6 +43,7 @@ def step_cost(cfg: ModelConfig) -> tuple[int, int]:
     return weights * 4, 2 * weights
 
 
+@torch.inference_mode()  # as the service's decode thread runs the step
 def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, object]:
     dev = torch.device(device)
     vocab = vocabulary()

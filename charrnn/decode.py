@@ -115,12 +115,14 @@ class StepDecoder:
             "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
         )
         if native_kernels and lstm and weights == "int8" and cpu and native.load():
-            self._step = torch.ops.charrnn.lstm_step
-            self._recurrence = torch.ops.charrnn.lstm_prime
+            # The overloads themselves: calling the packets resolves them on every call.
+            self._step = torch.ops.charrnn.lstm_step.default
+            self._recurrence = torch.ops.charrnn.lstm_prime.default
             self.kernels = "native"
 
-    @torch.inference_mode()
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Call it in inference mode: it is the service's per-character hot path, so it
+        does not enter the mode itself (see ``app.backend.ModelBackend.worker``)."""
         if self.cell == "lstm":
             logits, h, c = self._step(
                 ids, state[0], state[1], self.table0, self.mats, self.scales, self.biases

@@ -55,10 +55,10 @@ def _uniform(seed: int, position: int) -> float:
 def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """SplitMix64 of (seed, position) -> float64 uniforms in [0, 1), one per row."""
     if len(seeds) < _SMALL:
-        return np.array(
-            [_uniform(int(s), int(p)) for s, p in zip(seeds, positions, strict=True)],
-            dtype=np.float64,
+        pairs = zip(
+            seeds.astype(np.uint64).tolist(), positions.astype(np.uint64).tolist(), strict=True
         )
+        return np.array([_uniform(s, p) for s, p in pairs], dtype=np.float64)
     with np.errstate(over="ignore"):
         z = seeds.astype(np.uint64) * _M1 + (positions.astype(np.uint64) + np.uint64(1)) * _M2
         z = (z ^ (z >> np.uint64(30))) * _M2

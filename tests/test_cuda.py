@@ -45,8 +45,9 @@ def test_service_backend_matches_reference_on_cuda():
 
     batch, _ = b.new_row("Alice", 0.8, 5, 0.9, 3)
     out = []
-    for pos in range(50):
-        batch = b.advance(batch, np.array([pos], dtype=np.uint64), lambda ids: out.append(ids[0]))
+    with b.worker():
+        for pos in range(50):
+            batch = b.advance(batch, np.array([pos], dtype=np.uint64), lambda i: out.append(i[0]))
     assert b.vocab.decode(out) == want
 
 

@@ -33,9 +33,10 @@ def test_uniforms_are_uniform_and_keyed_by_seed_and_position():
 def test_uniforms_of_a_few_rows_equal_the_vectorised_ones():
     """Small batches take a Python-integer path; it must draw exactly the numpy path's numbers."""
     rng = np.random.default_rng(0)
-    seeds = np.concatenate([rng.integers(0, 2**63, 200, dtype=np.uint64), [0, 2**63 - 1]])
-    positions = np.concatenate([rng.integers(0, 2**40, 200, dtype=np.uint64), [0, 2**40]])
-    many = uniforms(seeds.astype(np.uint64), positions.astype(np.uint64))
+    edges = np.array([0, 2**63 - 1], dtype=np.uint64)
+    seeds = np.concatenate([rng.integers(0, 2**63, 200, dtype=np.uint64), edges])
+    positions = np.concatenate([rng.integers(0, 2**40, 200, dtype=np.uint64), edges // 2**23])
+    many = uniforms(seeds, positions)
     few = [uniforms(seeds[i : i + 1], positions[i : i + 1])[0] for i in range(len(seeds))]
     assert np.array_equal(np.array(few), many)
     pairs = uniforms(seeds[:2], positions[:2])
