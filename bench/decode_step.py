@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from app.backend import Batch, ModelBackend
+from app.config import Settings
 from bench.common import (
     emit,
     machine,
@@ -129,11 +130,16 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         rows.append(row)
     primes = {}
     if int8 is not None and scripted is not None:
+        # With the service's intra-op threads (Settings.threads): the prime's layers run on
+        # the inter-op threads, and more intra-op threads would only oversubscribe the cores.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(Settings().threads)
         for length in (100, 1000):
             ids = torch.arange(length) % len(vocab)
             for name, b in (("native", int8), ("torchscript", scripted)):
                 t = median_seconds(lambda b=b, ids=ids: b.decoder.prime(ids), reps=15, warmup=3)
                 primes[f"int8_prime{length}_{name}_ms"] = round(t * 1e3, 2)
+        torch.set_num_threads(threads)
     return {
         "benchmark": "decode_step",
         "machine": machine(),
