@@ -4,7 +4,8 @@
 #   docker build --build-arg BASE_IMAGE=<image with CPU torch> -t charrnn:cpu .
 #
 # BASE_IMAGE contract: `python` (>= 3.11) on PATH with torch >= 2.6, < 2.14 importable, as in the
-# official pytorch/pytorch images. The project goes into its own venv at /opt/charrnn that sees
+# official pytorch/pytorch images; and, for the builder stage, root with apt-get (Debian or
+# Ubuntu, mirrors reachable) to install the compiler of the native kernels. The project goes into its own venv at /opt/charrnn that sees
 # the base's site-packages, and torch is pinned to the base's exact version while installing, so
 # torch (with its CUDA libraries) is reused, never downloaded again; a base with a torch outside
 # the range fails the build instead of pulling a second torch. The CPU base used in CI is made by

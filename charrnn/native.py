@@ -5,7 +5,7 @@ replacements for the int8 LSTM paths of ``charrnn/kernels.py`` with the cell fus
 pass: about half the time per position of the prime, and less per decode step.
 
 The library is built by torch's own extension builder (a C++ compiler and ``ninja``) once per
-source, torch version and flags, into ``$CHARRNN_NATIVE_DIR`` (default
+source, torch build, machine and flags, into ``$CHARRNN_NATIVE_DIR`` (default
 ``~/.cache/charrnn/native``); a library already there is loaded without a compiler, which is
 how the Docker image ships it prebuilt. Where it can be neither loaded nor built, ``load``
 says why once and returns False, and the decoder runs the TorchScript kernels instead.
@@ -13,10 +13,16 @@ says why once and returns False, and the decoder runs the TorchScript kernels in
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +35,8 @@ SOURCE = Path(__file__).with_name("csrc") / "lstm_int8.cpp"
 # (FP exceptions are never looked at): without it GCC keeps the clamps as branches and does
 # not vectorise the cell; it changes no result.
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+# How long a process waits for another one's build of the same library (one takes ~10 s).
+BUILD_WAIT_S = 300.0
 
 
 def cache_dir() -> Path:
@@ -36,32 +44,26 @@ def cache_dir() -> Path:
 
 
 def library_name() -> str:
-    """Names the build: a changed source, torch or flag set gets a new library."""
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
-    return "charrnn_native_" + hashlib.sha256(key).hexdigest()[:16]
+    """Names the build: another source, torch build, machine, compiler or flag set gets a
+    library of its own."""
+    key = [
+        SOURCE.read_bytes(),
+        torch.__version__,
+        torch.version.git_version,
+        str(torch.compiled_with_cxx11_abi()),
+        platform.machine(),
+        os.environ.get("CXX", "c++"),
+        *CFLAGS,
+    ]
+    digest = hashlib.sha256(b"\0".join(k if isinstance(k, bytes) else k.encode() for k in key))
+    return "charrnn_native_" + digest.hexdigest()[:16]
 
 
 @functools.cache
 def load() -> bool:
     """Whether ``torch.ops.charrnn`` is available in this process (built here if need be)."""
-    name = library_name()
-    folder = cache_dir() / name
-    library = folder / f"{name}.so"
     try:
-        if library.exists():
-            torch.ops.load_library(str(library))
-        else:
-            from torch.utils.cpp_extension import load as build
-
-            log.info("building the native int8 LSTM kernels into %s", folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            build(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=CFLAGS,
-                build_directory=str(folder),
-                is_python_module=False,
-            )
+        _load_or_build()
     except Exception as exc:  # no compiler, no ninja, an unwritable folder: still correct
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning(
@@ -69,6 +71,56 @@ def load() -> bool:
         )
         return False
     return True
+
+
+def _load_or_build() -> None:
+    name, folder = library_name(), cache_dir()
+    library = folder / f"{name}.so"
+    if not library.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with _exclusive(folder / f"{name}.lock"):
+            if not library.exists():  # nobody built it while we waited
+                _build(name, library)
+                return  # torch's builder has loaded it
+    torch.ops.load_library(str(library))
+
+
+def _build(name: str, library: Path) -> None:
+    """Build into a private folder, then move the library into place in one rename: a
+    library at ``library`` is always a whole one, even if a build is killed half-way."""
+    from torch.utils.cpp_extension import load as build
+
+    log.info("building the native int8 LSTM kernels into %s", library)
+    with tempfile.TemporaryDirectory(prefix=f"{name}.", dir=library.parent) as tmp:
+        build(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            build_directory=tmp,
+            is_python_module=False,
+        )
+        os.replace(Path(tmp) / f"{name}.so", library)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One builder at a time across processes. The kernel drops the lock when its holder
+    dies, so a killed build leaves nothing that blocks the next one."""
+    with open(path, "a") as fh:
+        deadline = time.monotonic() + BUILD_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    held = f"another build held {path} for {BUILD_WAIT_S:.0f} s"
+                    raise TimeoutError(held) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 if __name__ == "__main__":  # python -m charrnn.native: build now (the Docker image does)

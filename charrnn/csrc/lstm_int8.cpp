@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <future>
@@ -123,6 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
   TORCH_CHECK(h_all.scalar_type() == at::kFloat && c_all.scalar_type() == at::kFloat,
               "h and c must be float32");
   const int64_t layers = h_all.size(0), batch = h_all.size(1), hidden = h_all.size(2);
+  TORCH_CHECK(layers >= 1 && hidden >= 1, "h and c must be [L, B, H] with L, H >= 1");
   TORCH_CHECK(ids.dim() == 1 && ids.size(0) == batch, "ids must be [B] with B = ", batch);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers + 1 &&
                   scales.size() == weights.size() && biases.size() == weights.size(),
@@ -135,7 +137,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
     check_float_vector(scales[k], 4 * hidden, "an LSTM weight's scales");
     if (k > 0) check_float_vector(biases[k], 4 * hidden, "an LSTM bias");
   }
-  check_int8_matrix(weights[layers], weights[layers].size(0), hidden, "the head's weight");
+  TORCH_CHECK(biases[0].numel() == 0, "layer 0's biases live in table0: biases[0] must be empty");
+  const int64_t vocab = weights[layers].dim() == 2 ? weights[layers].size(0) : 0;
+  check_int8_matrix(weights[layers], vocab, hidden, "the head's weight");
+  check_float_vector(scales[layers], vocab, "the head's scales");
+  if (biases[layers].numel() > 0) check_float_vector(biases[layers], vocab, "the head's bias");
 
   const Tensor h_in = h_all.contiguous(), c_in = c_all.contiguous();
   Tensor h_out = at::empty_like(h_in), c_out = c_in.clone();
@@ -192,7 +198,9 @@ std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
               "expected one input, recurrent weight, scales and bias per layer");
   TORCH_CHECK(ids.dim() == 1 && ids.size(0) >= 1, "the prime must be [T] with T >= 1");
   TORCH_CHECK(chunk >= 1, "chunk must be >= 1");
+  TORCH_CHECK(recurrent[0].dim() == 2, "a recurrent weight must be [4H, H]");
   const int64_t hidden = recurrent[0].size(1), steps = ids.size(0);
+  chunk = std::min(chunk, steps);  // and (steps + chunk - 1) cannot overflow
   TORCH_CHECK(table0.dim() == 2 && table0.size(1) == 4 * hidden &&
                   table0.scalar_type() == at::kFloat && table0.is_contiguous(),
               "table0 must be a contiguous float32 [V, 4H]");
@@ -204,6 +212,8 @@ std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
     }
     check_float_vector(scales[k], 4 * hidden, "an LSTM weight's scales");
   }
+  TORCH_CHECK(inputs[0].numel() == 0 && biases[0].numel() == 0,
+              "layer 0's inputs and biases live in table0: inputs[0] and biases[0] must be empty");
 
   Tensor h = at::zeros({layers, 1, hidden}, at::kFloat);
   Tensor c = at::zeros({layers, 1, hidden}, at::kFloat);
@@ -238,35 +248,58 @@ std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
   };
 
   // A wavefront over chunks: while layer k runs chunk i, layer k + 1 runs chunk i - 1 on
-  // torch's inter-op pool, so the layers overlap on separate cores.
+  // torch's inter-op pool, so the layers overlap on separate cores. A task the pool has not
+  // started by the time this thread is free is run here instead (``claimed``): waiting for it
+  // could deadlock when this thread is itself one of the pool's, and is slower anyway.
+  struct Task {
+    int64_t layer = 0;
+    std::atomic<bool> claimed{false};
+    std::promise<void> done;
+  };
   const int64_t n = (steps + chunk - 1) / chunk;
   for (int64_t diagonal = 0; diagonal < n + layers - 1; ++diagonal) {
     std::vector<int64_t> active;
     for (int64_t k = 0; k < layers; ++k)
       if (diagonal - k >= 0 && diagonal - k < n) active.push_back(k);
-    std::vector<std::future<void>> others;
+    std::vector<std::shared_ptr<Task>> tasks;
+    std::vector<std::future<void>> finished;
+    tasks.reserve(active.size());
+    finished.reserve(active.size());
     for (size_t j = 1; j < active.size(); ++j) {
-      auto done = std::make_shared<std::promise<void>>();
-      others.push_back(done->get_future());
-      const int64_t k = active[j];
-      at::launch([&run, k, diagonal, done] {
-        try {
-          run(k, diagonal - k);
-          done->set_value();
-        } catch (...) {
-          done->set_exception(std::current_exception());
-        }
-      });
+      tasks.push_back(std::make_shared<Task>());
+      tasks.back()->layer = active[j];
+      finished.push_back(tasks.back()->done.get_future());
+    }
+    for (const auto& task : tasks) {
+      try {
+        at::launch([&run, task, diagonal] {
+          if (task->claimed.exchange(true)) return;  // run by the caller instead
+          try {
+            run(task->layer, diagonal - task->layer);
+            task->done.set_value();
+          } catch (...) {
+            task->done.set_exception(std::current_exception());
+          }
+        });
+      } catch (...) {  // not launched: left unclaimed, so it runs below
+      }
     }
     std::exception_ptr failed;
-    try {
-      run(active[0], diagonal - active[0]);
-    } catch (...) {
-      failed = std::current_exception();
-    }
-    for (auto& f : others) {  // always wait: the tasks use this frame's tensors
+    auto run_here = [&](int64_t k) {
       try {
-        f.get();
+        run(k, diagonal - k);
+      } catch (...) {
+        if (!failed) failed = std::current_exception();
+      }
+    };
+    run_here(active[0]);
+    for (size_t j = 0; j < tasks.size(); ++j) {
+      if (!tasks[j]->claimed.exchange(true)) {
+        run_here(tasks[j]->layer);
+        continue;
+      }
+      try {  // started by the pool: always wait, it uses this frame's tensors
+        finished[j].get();
       } catch (...) {
         if (!failed) failed = std::current_exception();
       }
