@@ -29,13 +29,24 @@
 #include <memory>
 #include <vector>
 
+// The cell is compiled three times on x86-64 Linux, for AVX-512, AVX2 and the SSE2 baseline,
+// and the loader picks one by the CPU (an ifunc). They give the same bits: the cell uses only
+// correctly rounded IEEE operations and nothing is contracted into FMAs. Its helpers must be
+// inlined into each copy, which GCC's growth limits would refuse in a unit this large.
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__)
+#define CHARRNN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CHARRNN_CLONES
+#endif
+#define CHARRNN_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 using at::Tensor;
 
 // tanh to within a few float ulps: Eigen's rational approximation (a 13th/6th degree ratio
 // of odd/even polynomials), clamped where it reaches +-1.
-inline float tanh_approx(float x) {
+CHARRNN_INLINE float tanh_approx(float x) {
   const float clamp = 7.90531110763549805f;
   x = std::min(std::max(x, -clamp), clamp);
   const float x2 = x * x;
@@ -52,11 +63,11 @@ inline float tanh_approx(float x) {
   return p / q;
 }
 
-inline float sigmoid_approx(float x) { return 0.5f * tanh_approx(0.5f * x) + 0.5f; }
+CHARRNN_INLINE float sigmoid_approx(float x) { return 0.5f * tanh_approx(0.5f * x) + 0.5f; }
 
 // round(127 h) as int8 (h in [-1, 1]): adding and subtracting 1.5 * 2^23 rounds to the
 // nearest integer, ties to even, like torch.round, in plain arithmetic that vectorises.
-inline int8_t quantize(float h) {
+CHARRNN_INLINE int8_t quantize(float h) {
   float v = std::min(std::max(h * 127.0f, -127.0f), 127.0f);
   v = (v + 12582912.0f) - 12582912.0f;
   return static_cast<int8_t>(static_cast<int32_t>(v));
@@ -72,7 +83,7 @@ struct GateInputs {
 
 // One LSTM cell on one row. ``c`` is updated in place; h goes to ``h_out`` (fp32) and, as
 // round(127 h), to ``q_out`` (the next matmul's int8 input).
-void cell_row(const int32_t* sums, const GateInputs& in, float* c, float* h_out, int8_t* q_out,
+CHARRNN_CLONES void cell_row(const int32_t* sums, const GateInputs& in, float* c, float* h_out, int8_t* q_out,
               int64_t hidden, float* gates) {
   const int64_t n = 4 * hidden;
   if (in.table != nullptr) {
