@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,23 @@ from tests.server import ROOT
 # The int8 step and prime run native (C++) for an LSTM where a compiler or a prebuilt library
 # is at hand, else compiled by TorchScript: the int8 tests run both.
 KERNELS = [pytest.param(True, id="native"), pytest.param(False, id="torchscript")]
+
+
+def run_python(folder: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter (from a file: TorchScript reads functions' source),
+    which must succeed."""
+    script = folder / "script.py"
+    script.write_text(code)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
 
 
 def int8_decoder(model: CharRNN, native_kernels: bool) -> StepDecoder:
@@ -200,19 +218,7 @@ with torch.inference_mode():
 print(all(torch.equal(a, b) for a, b in zip(got, want)), flush=True)
 import os; os._exit(0)  # skip teardown: after torch.jit.fork it sometimes aborts (PyTorch)
 """
-    script = tmp_path / "in_pool.py"  # TorchScript reads the functions' source
-    script.write_text(code)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True"
+    assert run_python(tmp_path, code).stdout.strip() == "True"
 
 
 @pytest.mark.slow
@@ -251,15 +257,6 @@ def test_without_a_compiler_the_decoder_says_so_and_runs_torchscript(tmp_path):
         # without an active exception"). Leave before it.
         "import os; os._exit(0)\n"
     )
-    env = {**os.environ, "CXX": "/bin/false", "CHARRNN_NATIVE_DIR": str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_python(tmp_path, code, CXX="/bin/false", CHARRNN_NATIVE_DIR=str(tmp_path))
     assert out.stdout.split() == ["torchscript", "(1,", "8)"]
     assert "native int8 LSTM kernels unavailable" in out.stderr
