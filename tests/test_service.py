@@ -119,6 +119,14 @@ def test_generate_fields_and_determinism(server, vocab):
     assert c["generated_text"] != a["generated_text"]
 
 
+def test_native_kernels_can_be_switched_off(tmp_path, tiny_checkpoint):
+    with run_server(tmp_path, f"tiny={tiny_checkpoint}", native_kernels="false") as s:
+        (m,) = httpx.get(f"{s.url}/info").json()["models"]
+        assert (m["decode_weights"], m["decode_kernels"]) == ("int8", "torchscript")
+        done = httpx.post(f"{s.url}/generate", json={"prime": "Alice", "max_new_chars": 20})
+        assert done.status_code == 200 and len(done.json()["generated_text"]) == 20
+
+
 def test_server_picks_and_returns_a_seed(server):
     a = generate(server, prime="The", max_new_chars=30)
     assert 0 <= a["seed"] < 2**63
