@@ -312,18 +312,24 @@ def _bad_checkpoint(kind: str, path: Path, marker: Path) -> str:
 def test_startup_refuses_bad_checkpoints_and_runs_no_code(kind, tmp_path):
     path, marker = tmp_path / "bad.pt", tmp_path / "pwned"
     message = _bad_checkpoint(kind, path, marker)
+    lines = _refused_start({"CHARRNN_MODELS": f"bad={path}"})
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], lines
+    assert not marker.exists()
+
+
+def _refused_start(env: dict[str, str]) -> list[str]:
+    """``python -m app`` with only ``env`` (and a PATH): it must exit non-zero; its stderr
+    lines."""
     done = subprocess.run(
         [sys.executable, "-m", "app"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
-        env={"CHARRNN_MODELS": f"bad={path}", "PATH": "/usr/bin:/bin"},
+        env={**env, "PATH": "/usr/bin:/bin"},
     )
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], done.stderr
-    assert not marker.exists()
+    assert done.returncode != 0, done.stderr
+    return done.stderr.strip().splitlines()
 
 
 @pytest.mark.parametrize(
@@ -335,17 +341,8 @@ def test_startup_refuses_bad_checkpoints_and_runs_no_code(kind, tmp_path):
     ],
 )
 def test_startup_refuses_a_bad_setting_in_one_line(variable, value, message):
-    done = subprocess.run(
-        [sys.executable, "-m", "app"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={variable: value, "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
+    lines = _refused_start({variable: value})
+    assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: cannot start: {variable}: ") and message in lines[0]
     assert repr(value) in lines[0]
 
