@@ -106,19 +106,21 @@ class StepDecoder:
         # the native ones, which take the same arguments; CUDA replays the eager ones from
         # CUDA graphs (app/graphs.py), which removes their overhead anyway.
         cpu = device.type == "cpu"
-        compile_ = kernels.scripted if cpu else (lambda fn: fn)
-        self._step = compile_(kernels.lstm_step if lstm else kernels.gru_step)
-        recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
-        # fp32 primes run the model itself (see ``prime``).
-        self._recurrence = compile_(recurrence) if weights == "int8" else recurrence
-        self.kernels: Kernels = (
-            "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
-        )
+        self.kernels: Kernels
         if native_kernels and lstm and weights == "int8" and cpu and native.load():
             # The overloads themselves: calling the packets resolves them on every call.
             self._step = torch.ops.charrnn.lstm_step.default
             self._recurrence = torch.ops.charrnn.lstm_prime.default
             self.kernels = "native"
+        else:
+            compile_ = kernels.scripted if cpu else (lambda fn: fn)
+            self._step = compile_(kernels.lstm_step if lstm else kernels.gru_step)
+            recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
+            # fp32 primes run the model itself (see ``prime``).
+            self._recurrence = compile_(recurrence) if weights == "int8" else recurrence
+            self.kernels = (
+                "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
+            )
 
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Call it in inference mode: it is the service's per-character hot path, so it
