@@ -36,14 +36,19 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample in /metrics (0 when absent)."""
+        return self.metrics(name, **labels)[name]
+
+    def metrics(self, *names: str, **labels: str) -> dict[str, float]:
+        """Several samples from one scrape of /metrics, so they are seen at one moment."""
+        values = dict.fromkeys(names, 0.0)
         text = httpx.get(f"{self.url}/metrics").text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == name and all(
+                if sample.name in values and all(
                     sample.labels.get(k) == v for k, v in labels.items()
                 ):
-                    return sample.value
-        return 0.0
+                    values[sample.name] = sample.value
+        return values
 
 
 @contextmanager
