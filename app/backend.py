@@ -19,9 +19,8 @@ from app.graphs import PaddedStep
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
 from charrnn.generate import warm_up
-from charrnn.kernels import scripted
 from charrnn.model import State
-from charrnn.sampling import sample_next, uniforms
+from charrnn.sampling import uniforms
 
 
 def decode_precision(setting: str, device: torch.device) -> Precision:
@@ -83,9 +82,8 @@ class ModelBackend:
         self.vocab = checkpoint.vocab
         self.device = device
         self.decoder = StepDecoder(self.model, weights, native_kernels=native_kernels)
-        # Compiled on the CPU like the decode step (charrnn/kernels.py); inside CUDA graphs
-        # on CUDA.
-        self.sample = scripted(sample_next) if device.type == "cpu" else sample_next
+        # Native or compiled on the CPU like the decode step; inside CUDA graphs on CUDA.
+        self.sample = self.decoder.sample
         # On CUDA the step is replayed from graphs captured per batch-size bucket.
         self.graphed = (
             PaddedStep(self.decoder, len(self.vocab), device) if (device.type == "cuda") else None
@@ -146,16 +144,42 @@ class ModelBackend:
             cached,
         )
 
+    @property
+    def multi_step(self) -> bool:
+        """Whether ``advance`` can make several characters per row in one call."""
+        return self.graphed is None and self.decoder.multi_step
+
     def advance(
-        self, batch: Batch, positions: np.ndarray, on_sampled: Callable[[list[int]], None]
+        self,
+        batch: Batch,
+        positions: np.ndarray,
+        on_sampled: Callable[[list[list[int]]], None],
+        steps: int = 1,
     ) -> Batch:
-        """Sample every row's next character, then run them all through the network.
+        """Sample every row's next ``steps`` characters, running them all through the network.
 
         ``positions`` [B] is each row's count of characters generated so far; with the
-        row's seed it keys the row's random draw. The sampled ids go to ``on_sampled`` as
-        soon as they exist: on the CPU before the network step, so a request's first
-        character does not wait for it. One device-to-host copy per step. Run it in inference
-        mode (``worker``)."""
+        row's seed it keys the row's random draws. The sampled ids go to ``on_sampled``, one
+        list of rows per step. One step (all that is possible without ``multi_step``) hands
+        them over as soon as they exist: on the CPU before the network step, so a request's
+        first character does not wait for it. Several steps are one native call, which pays
+        the Python around a step once for all of them. One device-to-host copy per call.
+        Run it in inference mode (``worker``)."""
+        if steps > 1:
+            if not self.multi_step:
+                raise ValueError("several steps per call need the native kernels")
+            ids, logits, state = self.decoder.decode(
+                batch.logits,
+                batch.state,
+                batch.temperature,
+                batch.top_k,
+                batch.top_p,
+                torch.from_numpy(batch.seeds.view(np.int64)),
+                torch.from_numpy(positions.astype(np.uint64).view(np.int64)),
+                steps,
+            )
+            on_sampled(ids.tolist())
+            return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
         u = torch.from_numpy(uniforms(batch.seeds, positions))
         if self.device.type != "cpu":
             u = u.to(self.device)
@@ -163,9 +187,9 @@ class ModelBackend:
             ids, logits, state = self.graphed(
                 batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u
             )
-            on_sampled(ids.tolist())
+            on_sampled([ids.tolist()])
         else:
             ids = self.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
-            on_sampled(ids.tolist())
+            on_sampled([ids.tolist()])
             logits, state = self.decoder.step(ids, batch.state)
         return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)

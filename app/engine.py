@@ -35,6 +35,12 @@ FinishReason = Literal["length", "stop"]
 # per character, and leaves the GIL to the decode thread: with 32 streams, 5 ms meant 6,400
 # writes/s on one core. 20 ms (50 updates/s) still reads as a continuous stream.
 HAND_OVER_S = 0.02
+# With the native kernels one decode call makes several characters per row, paying the Python
+# around a step (~50 us at batch 1: the ids into lists, the bookkeeping, the metrics) once for
+# all of them. A call is sized to take about CALL_S, so a request that arrives meanwhile waits
+# at most about that long to join the batch, and a client's disconnect takes effect as soon.
+CALL_S = 0.001
+MAX_STEPS = 32
 
 
 class Overloaded(Exception):
@@ -209,10 +215,13 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[tuple[Generation, list[Event]]] = []
         self._last_hand_over = 0.0
+        # Seconds per step at each batch size, from the last call at that size.
+        self._step_s: dict[int, float] = {}
         # The per-step series, looked up once: ``labels()`` costs more than ``observe()``.
         self._inter_char = metrics.inter_char_seconds.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
         self._generated = metrics.generated_chars.labels(name)
+        self._decode_seconds = metrics.decode_seconds.labels(name)
         self._ttfc = metrics.ttfc_seconds.labels(name)
 
     # -- admission (event loop) --------------------------------------------------------------
@@ -341,27 +350,49 @@ class Scheduler:
     def _step(self) -> None:
         assert self.batch is not None
         rows = self.rows
+        steps = self._steps()
         positions = np.fromiter((len(g.chars) for g in rows), dtype=np.uint64, count=len(rows))
         t0 = time.perf_counter()
-        self.batch = self.backend.advance(self.batch, positions, self._emit)
-        self._inter_char.observe(time.perf_counter() - t0)
+        self.batch = self.backend.advance(self.batch, positions, self._emit, steps)
+        elapsed = time.perf_counter() - t0
+        per_step = elapsed / steps
+        self._step_s[len(rows)] = per_step
+        self._decode_seconds.inc(elapsed)
+        self._inter_char.observe(per_step)
         self._batch_size.observe(len(rows))
-        self._generated.inc(len(rows))
 
-    def _emit(self, ids: list[int]) -> None:
-        """One character per row, just sampled: into each row's text, and its events on."""
+    def _steps(self) -> int:
+        """Characters per row for the next call: one while any row waits for its first
+        character (one step hands it over before the network step), else as many as fit in
+        ``CALL_S`` and every row still wants."""
+        rows = self.rows
+        if not self.backend.multi_step or any(not g.chars for g in rows):
+            return 1
+        per_step = self._step_s.get(len(rows))
+        if per_step is None:
+            return 1  # this batch size has not been timed yet
+        left = min(g.max_new - len(g.chars) for g in rows)
+        return max(1, min(MAX_STEPS, left, int(CALL_S / per_step)))
+
+    def _emit(self, steps: list[list[int]]) -> None:
+        """Characters just sampled, one list per step with one per row: into each row's text,
+        and its events on. A row that finishes part-way through ignores the rest."""
         now = time.perf_counter()
         decode = self.backend.vocab.decode_one
         results = []
+        pushed = 0
         urgent = False  # a first character or a final event: no reason to wait
-        for gen, i in zip(self.rows, ids, strict=True):
-            if gen.finished:
-                continue
-            if not gen.chars:
-                self._ttfc.observe(now - gen.t_submit)
-                urgent = True
-            results.append((gen, gen.push(decode(i))))
-            urgent = urgent or gen.finished
+        for ids in steps:
+            for gen, i in zip(self.rows, ids, strict=True):
+                if gen.finished:
+                    continue
+                if not gen.chars:
+                    self._ttfc.observe(now - gen.t_submit)
+                    urgent = True
+                results.append((gen, gen.push(decode(i))))
+                pushed += 1
+                urgent = urgent or gen.finished
+        self._generated.inc(pushed)
         self._hand_over(results, now=urgent)
 
     def _set_gauges(self) -> None:

@@ -34,7 +34,8 @@ class Metrics:
         )
         self.inter_char_seconds = Histogram(
             "charrnn_inter_char_seconds",
-            "Time of one batched decode step (the gap between a row's characters)",
+            "Time of one batched decode step (the gap between a row's characters); a call of "
+            "several steps counts its time over their number",
             ["model"],
             buckets=_LATENCY,
             registry=r,
@@ -52,6 +53,12 @@ class Metrics:
         self.active = Gauge(
             "charrnn_active_generations",
             "Generations in the decode batch",
+            ["model"],
+            registry=r,
+        )
+        self.decode_seconds = Counter(
+            "charrnn_decode_seconds",
+            "Time the decode thread spent in batched steps (network and sampling)",
             ["model"],
             registry=r,
         )

@@ -31,8 +31,13 @@ from charrnn.model import CharRNN, ModelConfig
 BATCHES = (1, 8, 32, 128, 512)
 
 
-def _ignore(ids: list[int]) -> None:
+def _ignore(ids: list[list[int]]) -> None:
     pass
+
+
+# Characters per row in one call of the multi-step native decode (the service sizes its
+# calls to about a millisecond: app/engine.py).
+CALL_STEPS = 16
 
 
 def step_cost(cfg: ModelConfig) -> tuple[int, int]:
@@ -101,7 +106,13 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
             def fused_scripted(batch: Batch = batch, positions: np.ndarray = positions) -> None:
                 scripted.advance(batch, positions, _ignore)
 
+            def fused_calls(batch: Batch = batch, positions: np.ndarray = positions) -> None:
+                int8.advance(batch, positions, _ignore, CALL_STEPS)
+
             t_int8 = median_seconds(fused_int8, reps=reps, warmup=3)
+            if int8.multi_step:
+                t_call = median_seconds(fused_calls, reps=max(3, reps // 4), warmup=1)
+                row["int8_multi_step_us"] = round(t_call / CALL_STEPS * 1e6, 1)
             t_scripted = median_seconds(fused_scripted, reps=reps, warmup=3)
             ids8 = torch.zeros(b, dtype=torch.long)
             u = torch.rand(b, dtype=torch.float64)

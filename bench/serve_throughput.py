@@ -73,11 +73,11 @@ def _primes(chars: str, length: int, count: int, seed: int) -> list[str]:
     return ["".join(rng.choice(letters) for _ in range(length)) for _ in range(count)]
 
 
-async def _step_seconds(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
-    """(sum, count) of the server's decode-step histogram: its time in the batched step."""
+async def _decode_counters(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
+    """The server's time in batched decode steps and its characters generated, so far."""
     text = (await client.get(f"{url}/metrics")).text
-    found = dict(re.findall(r"^charrnn_inter_char_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.M))
-    return float(found["sum"]), float(found["count"])
+    found = dict(re.findall(r"^charrnn_(\w+)_total\{[^}]*\} (\S+)$", text, re.M))
+    return float(found["decode_seconds"]), float(found["generated_characters"])
 
 
 async def measure(url: str, chars: str) -> dict[str, object]:
@@ -85,11 +85,11 @@ async def measure(url: str, chars: str) -> dict[str, object]:
         await _stream(c, url, {"prime": "Alice", "max_new_chars": 200, "seed": 0})  # warm
         one, step_s = [], []
         for rep in range(3):
-            s0, n0 = await _step_seconds(c, url)
+            s0, n0 = await _decode_counters(c, url)
             _, dt, n = await _stream(
                 c, url, {"prime": "Alice", "max_new_chars": 2000, "seed": rep, "top_k": 5}
             )
-            s1, n1 = await _step_seconds(c, url)
+            s1, n1 = await _decode_counters(c, url)
             one.append(n / dt)
             step_s.append((s1 - s0) / (n1 - n0))
         agg = []

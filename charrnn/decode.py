@@ -34,6 +34,7 @@ import torch
 
 from charrnn import kernels, native
 from charrnn.model import CharRNN, State
+from charrnn.sampling import sampler
 
 Precision = Literal["fp32", "int8"]
 # How the step runs: the C++ int8 LSTM (native), the kernels compiled by TorchScript, or the
@@ -57,7 +58,9 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class StepDecoder:
-    """Advances a batch of independent rows by one character: ids [B] -> logits [B, V]."""
+    """Advances a batch of independent rows by one character: ids [B] -> logits [B, V]
+    (``step``); samples the next ids from logits (``sample``); with the native kernels, does
+    both for many characters in one call (``decode``)."""
 
     def __init__(self, model: CharRNN, weights: Precision = "fp32", *, native_kernels: bool = True):
         if weights not in ("fp32", "int8"):
@@ -106,11 +109,14 @@ class StepDecoder:
         # the native ones, which take the same arguments; CUDA replays the eager ones from
         # CUDA graphs (app/graphs.py), which removes their overhead anyway.
         cpu = device.type == "cpu"
+        # Sampling from the step's logits, by the same choice of native code.
+        self.sample = sampler(device, native_kernels)
         self.kernels: Kernels
         if native_kernels and lstm and weights == "int8" and cpu and native.load():
             # The overloads themselves: calling the packets resolves them on every call.
             self._step = torch.ops.charrnn.lstm_step.default
             self._recurrence = torch.ops.charrnn.lstm_prime.default
+            self._decode = torch.ops.charrnn.lstm_decode.default
             self.kernels = "native"
         else:
             compile_ = kernels.scripted if cpu else (lambda fn: fn)
@@ -121,6 +127,45 @@ class StepDecoder:
             self.kernels = (
                 "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
             )
+
+    @property
+    def multi_step(self) -> bool:
+        """Whether ``decode`` can sample and step many characters in one call."""
+        return self.kernels == "native"
+
+    def decode(
+        self,
+        logits: torch.Tensor,
+        state: State,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        seeds: torch.Tensor,
+        positions: torch.Tensor,
+        steps: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """``steps`` characters per row in one native call (``multi_step`` decoders): sample
+        each from the logits as ``charrnn.sampling.sample_next`` does, with the uniform of
+        (seed, position + s), and step the network on it. ``seeds`` and ``positions`` are
+        int64 [B] (the bits of the uint64 values). Returns ids [steps, B] and the logits and
+        state after the last step. The same ids as one ``sample``-then-``step`` per character,
+        however the characters are split into calls. In inference mode, like ``step``."""
+        ids, logits, h, c = self._decode(
+            logits,
+            state[0],
+            state[1],
+            self.table0,
+            self.mats,
+            self.scales,
+            self.biases,
+            temperature,
+            top_k,
+            top_p,
+            seeds,
+            positions,
+            steps,
+        )
+        return ids, logits, (h, c)
 
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Call it in inference mode: it is the service's per-character hot path, so it

@@ -11,7 +11,7 @@ import torch
 
 from charrnn.decode import StepDecoder
 from charrnn.model import CharRNN, State
-from charrnn.sampling import SamplingParams, sample_next, uniforms
+from charrnn.sampling import SamplingParams, uniforms
 from charrnn.vocab import Vocabulary
 
 
@@ -38,10 +38,14 @@ def generate(
     k = torch.tensor([params.top_k or len(vocab)], device=device)
     p = torch.tensor([params.top_p], device=device)
     seed = np.array([params.seed], dtype=np.uint64)
+    if decoder.multi_step and length > 0:
+        seeds, start = torch.from_numpy(seed.view(np.int64)), torch.zeros(1, dtype=torch.long)
+        ids, _, _ = decoder.decode(logits, state, t, k, p, seeds, start, length)
+        return vocab.decode(ids[:, 0].tolist())
     out: list[int] = []
     for pos in range(length):
         u = torch.from_numpy(uniforms(seed, np.array([pos], dtype=np.uint64))).to(device)
-        nxt = sample_next(logits, t, k, p, u)
+        nxt = decoder.sample(logits, t, k, p, u)
         out.append(int(nxt[0]))
         if pos + 1 < length:
             logits, state = decoder.step(nxt, state)

@@ -1,8 +1,11 @@
-"""The native int8 LSTM kernels (``csrc/lstm_int8.cpp``), built and loaded on first use.
+"""The native kernels (``csrc/``), built and loaded on first use.
 
-They register ``torch.ops.charrnn.lstm_step`` and ``torch.ops.charrnn.lstm_prime``, drop-in
-replacements for the int8 LSTM paths of ``charrnn/kernels.py`` with the cell fused into one
-pass: about half the time per position of the prime, and less per decode step.
+``lstm_int8.cpp`` registers ``torch.ops.charrnn.lstm_step`` and ``torch.ops.charrnn.lstm_prime``,
+drop-in replacements for the int8 LSTM paths of ``charrnn/kernels.py`` with the cell fused
+into one pass: about half the time per position of the prime, and less per decode step.
+``decode.cpp`` registers ``torch.ops.charrnn.sample`` (``charrnn.sampling.sample_next`` for one
+row in a microsecond or two) and ``torch.ops.charrnn.lstm_decode``, which samples and steps
+many characters in one call.
 
 The library is built by torch's own extension builder (a C++ compiler and ``ninja``) once per
 source, torch build, machine and flags, into ``$CHARRNN_NATIVE_DIR`` (default
@@ -29,7 +32,7 @@ import torch
 
 log = logging.getLogger("charrnn.native")
 
-SOURCE = Path(__file__).with_name("csrc") / "lstm_int8.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("lstm_int8.cpp", "decode.cpp")]
 # No -march: a prebuilt library runs on any CPU of its architecture. No FMA contraction: the
 # cell's numbers are then the same on every CPU and at every vector width. No trapping math
 # (FP exceptions are never looked at): without it GCC keeps the clamps as branches and does
@@ -47,7 +50,7 @@ def library_name() -> str:
     """Names the build: another source, torch build, machine, compiler or flag set gets a
     library of its own."""
     key = [
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         torch.__version__,
         torch.version.git_version,
         str(torch.compiled_with_cxx11_abi()),
@@ -94,7 +97,7 @@ def _build(name: str, library: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f"{name}.", dir=library.parent) as tmp:
         build(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=CFLAGS,
             build_directory=tmp,
             is_python_module=False,

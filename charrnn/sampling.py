@@ -4,14 +4,23 @@ Randomness is counter-based: the uniform number a row uses at generation step ``
 hash of ``(seed, pos)`` (SplitMix64). A request's text therefore depends only on its own seed
 and distribution, never on which other requests share the batch or in which order they came.
 Sampling draws one uniform per row and inverts the filtered CDF, all vectorised in torch.
+``sampler`` picks how it runs: in C++ where the native kernels load (``charrnn/csrc/decode.cpp``,
+a microsecond or two a row), else compiled by TorchScript on the CPU, else eagerly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from charrnn import kernels, native
+
+Sampler = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
 
 MAX_SEED = 2**63
 
@@ -86,10 +95,26 @@ def sample_next(
     ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
     p_sorted = p_sorted * (ranks < top_k[:, None])
     cum = torch.cumsum(p_sorted, -1)
-    # Nucleus: keep the smallest prefix whose mass reaches top_p of the top-k mass (the first
-    # character is always kept).
-    p_sorted = p_sorted * ((cum - p_sorted) < top_p[:, None] * cum[:, -1:])
+    # Nucleus: keep the smallest prefix whose mass reaches top_p of the top-k mass. The first
+    # character is always kept, even where top_p times the mass rounds to 0 in float32.
+    nucleus = ((cum - p_sorted) < top_p[:, None] * cum[:, -1:]) | (ranks == 0)
+    p_sorted = p_sorted * nucleus
     cdf = torch.cumsum(p_sorted, -1)
     target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
-    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=p_sorted.shape[-1] - 1)
-    return idx.gather(-1, pick).squeeze(-1)
+    pick = torch.searchsorted(cdf, target, right=True)
+    # The kept characters are a prefix of the sorted ones. A draw that rounds up to the whole
+    # mass (u within 2**-25 of 1 rounds to 1.0 in float32) takes the last of them, not a
+    # character the filters removed.
+    kept = (p_sorted > 0).sum(-1, keepdim=True)
+    return idx.gather(-1, torch.minimum(pick, kept - 1)).squeeze(-1)
+
+
+def sampler(device: torch.device, native_kernels: bool = True) -> Sampler:
+    """``sample_next`` as fast as ``device`` runs it: the native op on the CPU where it loads
+    (the same ids but where a draw lies within float rounding of the edge between two
+    characters; tests/test_sampling.py), TorchScript on the CPU otherwise, eager on CUDA."""
+    if device.type != "cpu":
+        return sample_next
+    if native_kernels and native.load():
+        return torch.ops.charrnn.sample.default
+    return kernels.scripted(sample_next)

@@ -47,7 +47,9 @@ def test_service_backend_matches_reference_on_cuda():
     out = []
     with b.worker():
         for pos in range(50):
-            batch = b.advance(batch, np.array([pos], dtype=np.uint64), lambda i: out.append(i[0]))
+            batch = b.advance(
+                batch, np.array([pos], dtype=np.uint64), lambda i: out.append(i[0][0])
+            )
     assert b.vocab.decode(out) == want
 
 

@@ -66,6 +66,13 @@ def backend() -> ModelBackend:
     return ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), cache_size=4)
 
 
+@pytest.fixture(scope="module")
+def int8_backend() -> ModelBackend:
+    vocab = Vocabulary.from_text(make_text())
+    model = tiny_model(vocab, seed=4)
+    return ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), weights="int8")
+
+
 async def _collect(gen: Generation) -> Done | Failed:
     while True:
         event = await gen.events.get()
@@ -73,7 +80,28 @@ async def _collect(gen: Generation) -> Done | Failed:
             return event
 
 
-def test_batched_rows_equal_the_reference_sampler(backend):
+def _until_stop(text: str, stop: list[str]) -> Done:
+    """The final event for ``text`` generated in full: cut where a stop string first ends."""
+    for end in range(1, len(text) + 1):
+        for s in stop:
+            if text[:end].endswith(s):
+                return Done(text[: end - len(s)], "stop")
+    return Done(text, "length")
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_batched_rows_equal_the_reference_sampler(weights, request):
+    """Rows that join and leave a batch, some ending on a stop string part-way through a
+    call of several steps (int8 with the native kernels), each get the text of decoding
+    alone with ``charrnn.generate``."""
+    backend = request.getfixturevalue("backend" if weights == "fp32" else "int8_backend")
+    steps: list[int] = []
+    advance = backend.advance
+
+    def counting(batch, positions, on_sampled, n=1):
+        steps.append(n)
+        return advance(batch, positions, on_sampled, n)
+
     async def run() -> None:
         sched = Scheduler("t", backend, Metrics(), max_concurrent=8, max_queue=8)
         sched.start()
@@ -85,6 +113,7 @@ def test_batched_rows_equal_the_reference_sampler(backend):
                 top_k=None if i % 2 else 3 + i,
                 top_p=1.0 if i % 3 else 0.8,
                 seed=100 + i,
+                stop=["e", "o"] if i % 2 else [],
             )
             for i in range(12)
         ]  # more than fit at once: some wait in the queue
@@ -99,10 +128,15 @@ def test_batched_rows_equal_the_reference_sampler(backend):
                 g.prime,
                 g.max_new,
                 SamplingParams(g.temperature, g.top_k, g.top_p, g.seed),
+                decoder=backend.decoder,
             )
-            assert isinstance(r, Done) and r.generated_text == want
+            assert r == _until_stop(want, g.stop)
+        assert sum(r.finish_reason == "stop" for r in results) >= 2
 
-    asyncio.run(run())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "advance", counting)
+        asyncio.run(run())
+    assert max(steps) > 1 if backend.multi_step else set(steps) == {1}
 
 
 def test_cancel_frees_the_row_and_capacity_is_enforced(backend):

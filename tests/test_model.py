@@ -189,6 +189,82 @@ def test_native_kernels_refuse_bad_arguments_with_a_message():
     assert all(torch.equal(a, b) for a, b in zip(whole, huge, strict=True))
 
 
+def _rows(n: int, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """Sampling settings for ``n`` rows: temperature, top_k, top_p, seeds (int64)."""
+    g = torch.Generator().manual_seed(n)
+    return (
+        torch.rand(n, generator=g) + 0.5,
+        torch.randint(4, vocab_size + 1, (n,), generator=g),
+        torch.rand(n, generator=g) * 0.3 + 0.7,
+        torch.randint(0, 2**62, (n,), generator=g),
+    )
+
+
+@torch.inference_mode()
+def test_native_decode_equals_sampling_then_stepping_however_split():
+    """``decode`` of many characters per call gives, bit for bit, the ids, logits and state of
+    sampling (with the uniforms of charrnn.sampling) and stepping one character at a time,
+    whichever way the characters are split into calls, and a row's ids alone or in a batch."""
+    import numpy as np
+
+    from charrnn.sampling import uniforms
+
+    vocab = Vocabulary("abcdefgh")
+    decoder = int8_decoder(tiny_model(vocab, seed=9, hidden=40), True)
+    n, steps = 5, 30
+    temperature, top_k, top_p, seeds = _rows(n, 8)
+    logits0, state0 = decoder.prime(torch.tensor([1, 2, 3]))
+    logits0, state0 = logits0.expand(n, 8).contiguous(), tuple(s.repeat(1, n, 1) for s in state0)
+    logits, state, want = logits0, state0, []
+    for pos in range(steps):
+        positions = np.full(n, pos, dtype=np.uint64)
+        u = torch.from_numpy(uniforms(seeds.numpy().astype(np.uint64), positions))
+        ids = decoder.sample(logits, temperature, top_k, top_p, u)
+        want.append(ids)
+        logits, state = decoder.step(ids, state)
+    want = torch.stack(want)
+    assert len(set(map(tuple, want.t().tolist()))) == n  # the rows differ
+    for split in ([steps], [1, 7, 22], [1] * steps):
+        got, lg, st, done = [], logits0, state0, 0
+        for k in split:
+            ids, lg, st = decoder.decode(
+                lg, st, temperature, top_k, top_p, seeds, torch.full((n,), done), k
+            )
+            got.append(ids)
+            done += k
+        assert torch.equal(torch.cat(got), want), split
+        assert torch.equal(lg, logits) and all(map(torch.equal, st, state))
+    row = slice(3, 4)
+    alone, _, _ = decoder.decode(
+        logits0[row],
+        tuple(s[:, row] for s in state0),
+        temperature[row],
+        top_k[row],
+        top_p[row],
+        seeds[row],
+        torch.zeros(1, dtype=torch.long),
+        steps,
+    )
+    assert torch.equal(alone[:, 0], want[:, 3])
+
+
+def test_native_decode_refuses_bad_arguments_with_a_message():
+    decoder = int8_decoder(tiny_model(Vocabulary("abcdefgh"), hidden=16), True)
+    temperature, top_k, top_p, seeds = _rows(2, 8)
+    logits, state = torch.zeros(2, 8), decoder.model.init_state(2)
+    positions = torch.zeros(2, dtype=torch.long)
+    args = (temperature, top_k, top_p)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="steps must be >= 1"):
+            decoder.decode(logits, state, *args, seeds, positions, 0)
+        with pytest.raises(RuntimeError, match="seeds must be a Long CPU vector of 2 rows"):
+            decoder.decode(logits, state, *args, seeds.double(), positions, 3)
+        with pytest.raises(RuntimeError, match="positions must be a Long CPU vector of 2"):
+            decoder.decode(logits, state, *args, seeds, positions[:1], 3)
+        with pytest.raises(RuntimeError, match="ids must be"):  # the step's own checks
+            decoder.decode(logits, decoder.model.init_state(3), *args, seeds, positions, 3)
+
+
 def test_native_prime_runs_from_inside_the_inter_op_pool(tmp_path):
     """The prime hands layers to torch's inter-op pool; called from one of that pool's own
     threads (here a TorchScript fork with a pool of one), it must not wait on itself."""

@@ -259,9 +259,12 @@ def test_metrics_exposition(server):
         "charrnn_active_generations",
         "charrnn_batch_size",
         "charrnn_generated_characters_total",
+        "charrnn_decode_seconds_total",
     ):
         assert name in text, name
     assert server.metric("charrnn_requests_total", route="/generate", status="200") >= 1
+    assert server.metric("charrnn_decode_seconds_total", model="tiny") > 0
+    assert server.metric("charrnn_generated_characters_total", model="tiny") >= 10
 
 
 def test_prime_cache_hit(server):

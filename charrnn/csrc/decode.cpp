@@ -1,0 +1,198 @@
+// Sampling, and a decode loop that samples and steps many characters in one call.
+//
+// charrnn.sampling.sample_next run by TorchScript costs ~25 us for one row of 65 characters,
+// a dozen small ATen ops (softmax, sort, two cumsums, masks, searchsorted). The same
+// arithmetic on one row in plain C++ costs ~1-2 us. And each character decoded from Python
+// costs the service some 50 us of GIL-held Python around the step (turning ids into a list,
+// the uniforms, the bookkeeping of the call); lstm_decode pays that once per call of
+// `steps` characters.
+//
+// sample gives the ids of sample_next except where a row's draw lies within float rounding
+// of the edge between two characters: the softmax's exp and its sum are computed by other
+// code than ATen's (tests/test_sampling.py checks both against a float64 reference). The
+// random draw is the same SplitMix64 of (seed, position) as charrnn.sampling.uniforms, so a
+// row's text depends only on its own seed, never on its neighbours or on how its characters
+// were split into calls.
+//
+// Registered as torch.ops.charrnn.sample and torch.ops.charrnn.lstm_decode next to the int8
+// LSTM kernels (lstm_int8.cpp), whose step it calls through the dispatcher.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// charrnn.sampling.uniforms for one row: SplitMix64 of (seed, position) -> [0, 1).
+double uniform(uint64_t seed, uint64_t position) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ULL + (position + 1) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);  // 2^53
+}
+
+struct Scratch {
+  std::vector<float> probs, cum;
+  std::vector<int64_t> order;
+  explicit Scratch(int64_t vocab) : probs(vocab), cum(vocab), order(vocab) {}
+};
+
+// One row of sample_next, step by step in its order and precision: softmax of logits / T in
+// float32; a stable descending sort; the top-k and nucleus masks on the sorted probabilities;
+// cumulative sums accumulated in double and rounded to float32 (as ATen's CPU cumsum does);
+// the first character whose cumulative mass exceeds u times the kept mass.
+int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k,
+                   float top_p, double u, Scratch& s) {
+  float* p = s.probs.data();
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < vocab; ++j) {
+    p[j] = logits[j] / temperature;
+    top = std::max(top, p[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < vocab; ++j) {
+    p[j] = std::exp(p[j] - top);
+    sum += p[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < vocab; ++j) p[j] *= inv;
+
+  int64_t* order = s.order.data();
+  std::iota(order, order + vocab, int64_t{0});
+  std::stable_sort(order, order + vocab, [p](int64_t a, int64_t b) { return p[a] > p[b]; });
+
+  // The top-k mass, then the nucleus: the shortest prefix whose mass before each kept
+  // character stays under top_p of it (so the first character is always kept).
+  const int64_t k = std::clamp<int64_t>(top_k, 1, vocab);
+  float* cum = s.cum.data();
+  double acc = 0.0;
+  for (int64_t r = 0; r < k; ++r) cum[r] = static_cast<float>(acc += p[order[r]]);
+  const float limit = top_p * cum[k - 1];
+  int64_t kept = 1;  // even when top_p * mass rounds to 0 in float32
+  while (kept < k && cum[kept] - p[order[kept]] < limit) ++kept;
+  // Over the kept prefix the cumulative sums are the ones just made. A character whose
+  // probability rounded to 0 can never be picked, and a draw that rounds up to the whole
+  // mass picks the last character with any.
+  while (kept > 1 && p[order[kept - 1]] == 0.0f) --kept;
+  const float target = static_cast<float>(u) * cum[kept - 1];
+  const int64_t pick = std::upper_bound(cum, cum + kept, target) - cum;
+  return order[std::min(pick, kept - 1)];
+}
+
+void check_rows(const Tensor& t, int64_t batch, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
+                  t.size(0) == batch,
+              what, " must be a ", c10::toString(dtype), " CPU vector of ", batch, " rows, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+void check_logits(const Tensor& logits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
+                  logits.size(1) >= 1,
+              "logits must be a float32 CPU [B, V] with V >= 1, got ", logits.scalar_type(), " ",
+              logits.sizes());
+}
+
+void check_params(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
+                  const Tensor& top_p) {
+  check_logits(logits);
+  const int64_t batch = logits.size(0);
+  check_rows(temperature, batch, at::kFloat, "temperature");
+  check_rows(top_k, batch, at::kLong, "top_k");
+  check_rows(top_p, batch, at::kFloat, "top_p");
+}
+
+// ids [B] of rows [begin, end): the draw of row b is uniform_of(b).
+template <typename Uniform>
+void sample_rows(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
+                 const Tensor& top_p, Uniform uniform_of, int64_t* ids) {
+  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  const float* x = logits.data_ptr<float>();
+  const float* t = temperature.data_ptr<float>();
+  const int64_t* k = top_k.data_ptr<int64_t>();
+  const float* q = top_p.data_ptr<float>();
+  at::parallel_for(0, batch, 32, [&](int64_t begin, int64_t end) {
+    Scratch s(vocab);
+    for (int64_t b = begin; b < end; ++b)
+      ids[b] = sample_row(x + b * vocab, vocab, t[b], k[b], q[b], uniform_of(b), s);
+  });
+}
+
+// sample_next's signature: u [B] float64 uniforms.
+Tensor sample(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
+              const Tensor& top_p, const Tensor& u) {
+  check_params(logits, temperature, top_k, top_p);
+  const int64_t batch = logits.size(0);
+  check_rows(u, batch, at::kDouble, "u");
+  const Tensor x = logits.contiguous(), t = temperature.contiguous(), k = top_k.contiguous(),
+               p = top_p.contiguous(), draws = u.contiguous();
+  Tensor ids = at::empty({batch}, at::kLong);
+  const double* d = draws.data_ptr<double>();
+  sample_rows(x, t, k, p, [d](int64_t b) { return d[b]; }, ids.data_ptr<int64_t>());
+  return ids;
+}
+
+using StepFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                 const Tensor&, at::TensorList, at::TensorList,
+                                                 at::TensorList);
+
+// `steps` characters for every row: sample from the logits, step the network on them, and
+// again. Row b's draw for its s-th character here is uniform(seeds[b], positions[b] + s).
+// ids [steps, B], and the logits and state after the last step.
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
+    const Tensor& logits, const Tensor& h_all, const Tensor& c_all, const Tensor& table0,
+    at::TensorList weights, at::TensorList scales, at::TensorList biases,
+    const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& seeds,
+    const Tensor& positions, int64_t steps) {
+  check_params(logits, temperature, top_k, top_p);
+  const int64_t batch = logits.size(0);
+  check_rows(seeds, batch, at::kLong, "seeds");
+  check_rows(positions, batch, at::kLong, "positions");
+  TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
+  static const auto step = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("charrnn::lstm_step", "")
+                               .typed<StepFn>();
+  const Tensor t = temperature.contiguous(), k = top_k.contiguous(), p = top_p.contiguous();
+  const Tensor seed = seeds.contiguous(), pos = positions.contiguous();
+  const uint64_t* sd = reinterpret_cast<const uint64_t*>(seed.data_ptr<int64_t>());
+  const uint64_t* ps = reinterpret_cast<const uint64_t*>(pos.data_ptr<int64_t>());
+  Tensor ids = at::empty({steps, batch}, at::kLong);
+  Tensor x = logits.contiguous(), h = h_all, c = c_all;
+  for (int64_t s = 0; s < steps; ++s) {
+    Tensor row_ids = ids[s];
+    const uint64_t offset = static_cast<uint64_t>(s);
+    sample_rows(x, t, k, p, [&](int64_t b) { return uniform(sd[b], ps[b] + offset); },
+                row_ids.data_ptr<int64_t>());
+    std::tie(x, h, c) = step.call(row_ids, h, c, table0, weights, scales, biases);
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == batch && x.size(1) == logits.size(1),
+                "the step's logits must be [B, V] like the input logits");
+  }
+  return {ids, x, h, c};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(charrnn, m) {
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor u) -> Tensor");
+  m.def(
+      "lstm_decode(Tensor logits, Tensor h_all, Tensor c_all, Tensor table0, Tensor[] weights, "
+      "Tensor[] scales, Tensor[] biases, Tensor temperature, Tensor top_k, Tensor top_p, "
+      "Tensor seeds, Tensor positions, int steps) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(charrnn, CPU, m) {
+  m.impl("sample", &sample);
+  m.impl("lstm_decode", &lstm_decode);
+}
