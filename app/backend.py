@@ -155,19 +155,18 @@ class ModelBackend:
         positions: np.ndarray,
         on_sampled: Callable[[list[list[int]]], None],
         steps: int = 1,
+        early: bool = False,
     ) -> Batch:
         """Sample every row's next ``steps`` characters, running them all through the network.
 
         ``positions`` [B] is each row's count of characters generated so far; with the
         row's seed it keys the row's random draws. The sampled ids go to ``on_sampled``, one
-        list of rows per step. One step (all that is possible without ``multi_step``) hands
-        them over as soon as they exist: on the CPU before the network step, so a request's
-        first character does not wait for it. Several steps are one native call, which pays
-        the Python around a step once for all of them. One device-to-host copy per call.
-        Run it in inference mode (``worker``)."""
-        if steps > 1:
-            if not self.multi_step:
-                raise ValueError("several steps per call need the native kernels")
+        list of rows per step. ``early`` (one step only) hands them over as soon as they
+        exist: on the CPU before the network step, so a request's first character does not
+        wait for it. Otherwise, with the native kernels (``multi_step``), the steps are one
+        call that pays the Python around a step, and the wait for the GIL after it, once for
+        all of them. One device-to-host copy per call. Run it in inference mode (``worker``)."""
+        if self.multi_step and not early:
             ids, logits, state = self.decoder.decode(
                 batch.logits,
                 batch.state,
@@ -180,6 +179,8 @@ class ModelBackend:
             )
             on_sampled(ids.tolist())
             return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
+        if steps != 1:
+            raise ValueError("several steps per call need the native kernels, and early=False")
         u = torch.from_numpy(uniforms(batch.seeds, positions))
         if self.device.type != "cpu":
             u = u.to(self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,9 +99,9 @@ def test_batched_rows_equal_the_reference_sampler(weights, request):
     steps: list[int] = []
     advance = backend.advance
 
-    def counting(batch, positions, on_sampled, n=1):
+    def counting(batch, positions, on_sampled, n=1, early=False):
         steps.append(n)
-        return advance(batch, positions, on_sampled, n)
+        return advance(batch, positions, on_sampled, n, early)
 
     async def run() -> None:
         sched = Scheduler("t", backend, Metrics(), max_concurrent=8, max_queue=8)
@@ -137,6 +138,15 @@ def test_batched_rows_equal_the_reference_sampler(weights, request):
         mp.setattr(backend, "advance", counting)
         asyncio.run(run())
     assert max(steps) > 1 if backend.multi_step else set(steps) == {1}
+
+
+def test_several_steps_per_call_need_the_native_kernels(backend):
+    """The fp32 backend steps one character per call; asking for more is a bug, not a
+    silently different schedule."""
+    assert not backend.multi_step
+    batch, _ = backend.new_row("a", 1.0, None, 1.0, 0)
+    with torch.inference_mode(), pytest.raises(ValueError, match="native kernels"):
+        backend.advance(batch, np.zeros(1, dtype=np.uint64), lambda ids: None, 2)
 
 
 def test_cancel_frees_the_row_and_capacity_is_enforced(backend):
