@@ -51,7 +51,7 @@ RUN if [ -s /tmp/build-ca/docker-build-ca.pem ]; then export PIP_CERT=/tmp/build
     && chmod 755 /opt/charrnn/bin/torchrun \
     && /opt/charrnn/bin/python -c 'import torch, app.main, training.fit; print("torch", torch.__version__)'
 
-# The native int8 LSTM kernels (charrnn/native.py), prebuilt into the venv with the base's own
+# The native kernels (charrnn/native.py: the int8 LSTM, the sampler), prebuilt with the base's own
 # distribution compiler, so that the runtime stage loads them with no compiler of its own. Their
 # build flags are portable (no -march), so the image runs on any x86-64 CPU.
 ENV CHARRNN_NATIVE_DIR=/opt/charrnn/native

@@ -36,7 +36,7 @@ def _ignore(ids: list[list[int]]) -> None:
 
 
 # Characters per row in one call of the multi-step native decode (the service sizes its
-# calls to about a millisecond: app/engine.py).
+# calls to a few milliseconds: app/engine.py).
 CALL_STEPS = 16
 
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from charrnn import kernels, native
-
 Sampler = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 ]
@@ -89,7 +87,13 @@ def sample_next(
     u [B] uniforms in [0, 1). All on the logits' device. Returns ids [B] (int64).
     Plain tensor code, so that the service can run it compiled (``charrnn.kernels.scripted``).
     """
-    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    # (logits - max) / T: a temperature so small that logits / T would overflow (any T > 0 is
+    # valid input) then gives 0 for the likeliest characters and -inf for the rest, which is
+    # greedy decoding, instead of inf - inf = NaN. T is at least float32's smallest normal,
+    # so a value that rounds to 0 in float32 does the same.
+    x = logits.float()
+    t = temperature.clamp(min=1.1754943508222875e-38)[:, None]  # float32 tiny
+    probs = torch.softmax((x - x.amax(-1, keepdim=True)) / t, dim=-1)
     # A stable sort keeps ties in vocabulary order, so the choice is reproducible.
     p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
@@ -105,7 +109,7 @@ def sample_next(
     # The kept characters are a prefix of the sorted ones. A draw that rounds up to the whole
     # mass (u within 2**-25 of 1 rounds to 1.0 in float32) takes the last of them, not a
     # character the filters removed.
-    kept = (p_sorted > 0).sum(-1, keepdim=True)
+    kept = (p_sorted > 0).sum(-1, keepdim=True).clamp(min=1)
     return idx.gather(-1, torch.minimum(pick, kept - 1)).squeeze(-1)
 
 
@@ -113,6 +117,10 @@ def sampler(device: torch.device, native_kernels: bool = True) -> Sampler:
     """``sample_next`` as fast as ``device`` runs it: the native op on the CPU where it loads
     (the same ids but where a draw lies within float rounding of the edge between two
     characters; tests/test_sampling.py), TorchScript on the CPU otherwise, eager on CUDA."""
+    # Imported here, not by the package: ``python -m charrnn.native`` runs that module as a
+    # script, which must not find it imported already.
+    from charrnn import kernels, native
+
     if device.type != "cpu":
         return sample_next
     if native_kernels and native.load():

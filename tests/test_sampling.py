@@ -77,6 +77,15 @@ def test_low_temperature_is_greedy_and_high_is_flat(sample):
     assert (freq / 20000).min() > 0.28
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-46])  # 1e-46 is 0 in float32
+def test_a_vanishing_temperature_is_greedy(sample, temperature):
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(5)) * 3
+    n = len(logits)
+    u = torch.from_numpy(uniforms(np.arange(n, dtype=np.uint64), np.zeros(n, np.uint64)))
+    ids = sample(logits, torch.full((n,), temperature), torch.full((n,), 30), torch.ones(n), u)
+    assert torch.equal(ids, logits.argmax(-1))
+
+
 def test_edges_of_the_draw_never_pick_a_filtered_character(sample):
     """A draw that rounds up to the whole kept mass (u within 2**-25 of 1 is 1.0 in float32),
     a top_p that is 0 in float32, and characters whose probability underflows to 0."""

@@ -190,6 +190,15 @@ def test_stop_sequences(server):
     assert events[-1][1]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-46])  # 1e-46 is 0 in float32
+def test_a_vanishing_temperature_is_greedy_decoding(server, temperature):
+    """Any temperature > 0 is valid; one so small that logits / T overflow float32 must decode
+    greedily, not fail the batch."""
+    body = {"prime": "Alice", "max_new_chars": 40, "seed": 3}
+    got = generate(server, **body, temperature=temperature)["generated_text"]
+    assert got == generate(server, **body, top_k=1)["generated_text"]
+
+
 def test_same_seed_same_text_alone_and_among_16_concurrent(server):
     body = {"prime": "Alice was beginning", "max_new_chars": 120, "seed": 99, "top_k": 8}
     alone = generate(server, **body)["generated_text"]

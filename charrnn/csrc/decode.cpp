@@ -49,21 +49,20 @@ struct Scratch {
   explicit Scratch(int64_t vocab) : probs(vocab), cum(vocab), order(vocab) {}
 };
 
-// One row of sample_next, step by step in its order and precision: softmax of logits / T in
-// float32; a stable descending sort; the top-k and nucleus masks on the sorted probabilities;
+// One row of sample_next, step by step in its order and precision: softmax of (logits - max) / T
+// in float32; a stable descending sort; the top-k and nucleus masks on the sorted probabilities;
 // cumulative sums accumulated in double and rounded to float32 (as ATen's CPU cumsum does);
 // the first character whose cumulative mass exceeds u times the kept mass.
 int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k,
                    float top_p, double u, Scratch& s) {
+  // (logits - max) / T, as sample_next: greedy where logits / T would overflow.
   float* p = s.probs.data();
   float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < vocab; ++j) {
-    p[j] = logits[j] / temperature;
-    top = std::max(top, p[j]);
-  }
+  for (int64_t j = 0; j < vocab; ++j) top = std::max(top, logits[j]);
+  const float t = std::max(temperature, std::numeric_limits<float>::min());
   float sum = 0.0f;
   for (int64_t j = 0; j < vocab; ++j) {
-    p[j] = std::exp(p[j] - top);
+    p[j] = std::exp((logits[j] - top) / t);
     sum += p[j];
   }
   const float inv = 1.0f / sum;
