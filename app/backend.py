@@ -161,7 +161,7 @@ class ModelBackend:
 
         ``positions`` [B] is each row's count of characters generated so far; with the
         row's seed it keys the row's random draws. The sampled ids go to ``on_sampled``, one
-        list of rows per step. ``early`` (one step only) hands them over as soon as they
+        list per row. ``early`` (one step only) hands them over as soon as they
         exist: on the CPU before the network step, so a request's first character does not
         wait for it. Otherwise, with the native kernels (``multi_step``), the steps are one
         call that pays the Python around a step, and the wait for the GIL after it, once for
@@ -177,7 +177,7 @@ class ModelBackend:
                 torch.from_numpy(positions.astype(np.uint64).view(np.int64)),
                 steps,
             )
-            on_sampled(ids.tolist())
+            on_sampled(ids.t().tolist())
             return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
         if steps != 1:
             raise ValueError("several steps per call need the native kernels, and early=False")
@@ -188,9 +188,9 @@ class ModelBackend:
             ids, logits, state = self.graphed(
                 batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u
             )
-            on_sampled([ids.tolist()])
+            on_sampled(ids[:, None].tolist())
         else:
             ids = self.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
-            on_sampled([ids.tolist()])
+            on_sampled(ids[:, None].tolist())
             logits, state = self.decoder.step(ids, batch.state)
         return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)

@@ -58,7 +58,7 @@ async def wait_final(job: Job, request: Request) -> Done | Failed | None:
 
     async def final() -> Done | Failed:
         while True:
-            event: Event = await job.gen.events.get()
+            event: Event = await job.gen.next_event()
             if isinstance(event, Done | Failed):
                 return event
 

@@ -55,6 +55,10 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Token:
+    """A run of newly released characters: ``text[k]`` is character ``index + k`` of the
+    generated text. One event per character on the wire; one object per run here, so the
+    decode thread and the event loop handle a run, not each character."""
+
     index: int
     text: str
 
@@ -94,7 +98,9 @@ class Generation:
     # Called (on the event loop) when the client is cut off for reading too slowly; the
     # route uses it to close the connection.
     on_cutoff: Callable[[], None] | None = None
+    # Events for the event loop; ``queued`` counts the characters of those not yet taken.
     events: asyncio.Queue[Event] = field(init=False)
+    queued: int = 0
     chars: list[str] = field(default_factory=list)
     emitted: int = 0
     finished: bool = False  # no more characters will be generated
@@ -106,41 +112,58 @@ class Generation:
     t_end: float = 0.0
 
     def __post_init__(self) -> None:
-        # One slot more than the backlog so the final event always fits.
-        self.events = asyncio.Queue(maxsize=self.backlog + 1)
+        # Bounded by ``backlog`` characters (``deliver``), not by a count of events.
+        self.events = asyncio.Queue()
 
     # -- text bookkeeping (decode thread) ------------------------------------------------------
 
-    def _held_back(self, text: str) -> int:
-        """Characters at the end of ``text`` that may be the start of a stop string: they are
-        not streamed until it is clear, so the streamed text never contains a stop string."""
+    def _held_back(self, tail: str) -> int:
+        """Characters at the end of the text (``tail`` is its end) that may be the start of a
+        stop string: they are not streamed until it is clear, so the streamed text never
+        contains a stop string."""
         hold = 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, len(tail)), hold, -1):
+                if tail.endswith(s[:k]):
                     hold = k
                     break
         return hold
 
-    def push(self, ch: str) -> list[Event]:
-        """Add one generated character; returns the events it releases (the final one last)."""
-        self.chars.append(ch)
-        text = "".join(self.chars) if self.stop else None
-        reason: FinishReason | None = None
-        if text is not None:
+    def _tail(self) -> str:
+        """The end of the text, as long as the longest stop string."""
+        return "".join(self.chars[len(self.chars) - max(map(len, self.stop)) :])
+
+    def _append(self, text: str) -> FinishReason | None:
+        """Add characters up to the length limit; whether that ended the generation."""
+        self.chars.extend(text[: self.max_new - len(self.chars)])
+        return "length" if len(self.chars) >= self.max_new else None
+
+    def _append_until_stop(self, text: str) -> FinishReason | None:
+        """Add characters one at a time: the generation ends where a stop string first ends
+        (which is not kept), or at the length limit."""
+        for ch in text:
+            self.chars.append(ch)
+            tail = self._tail()
             for s in self.stop:
-                if text.endswith(s):
+                if tail.endswith(s):
                     del self.chars[len(self.chars) - len(s) :]
-                    reason = "stop"
-                    break
-        if reason is None and len(self.chars) >= self.max_new:
-            reason = "length"
+                    return "stop"
+            if len(self.chars) >= self.max_new:
+                return "length"
+        return None
+
+    def push(self, text: str) -> list[Event]:
+        """Add generated characters; returns the events they release: the released run as
+        one ``Token``, then the final event. Characters after the end are dropped."""
+        if self.finished:
+            return []
+        reason = self._append_until_stop(text) if self.stop else self._append(text)
         upto = len(self.chars)
-        if reason is None and text is not None:
-            upto -= self._held_back(text)
-        out: list[Event] = (
-            [Token(i, self.chars[i]) for i in range(self.emitted, upto)] if self.stream else []
-        )
+        if reason is None and self.stop:
+            upto -= self._held_back(self._tail())
+        out: list[Event] = []
+        if self.stream and upto > self.emitted:
+            out.append(Token(self.emitted, "".join(self.chars[self.emitted : upto])))
         self.emitted = max(self.emitted, upto)
         if reason is not None:
             self.finished = True
@@ -154,21 +177,39 @@ class Generation:
         for event in events:
             if self.closed:
                 return
-            try:
-                self.events.put_nowait(event)
-            except asyncio.QueueFull:
-                # The client reads slower than we generate: cut it off rather than buffer
-                # without bound. Its unread backlog is replaced by the final event.
-                while not self.events.empty():
-                    self.events.get_nowait()
-                self.cancelled = True
-                self.fail(Failed("the client read too slowly; stream cut off", "slow_client"))
-                log.warning("cut off a client %d characters behind", self.backlog)
-                if self.on_cutoff is not None:
-                    self.on_cutoff()
-                return
+            if isinstance(event, Token):
+                if self.queued + len(event.text) > self.backlog:
+                    # The client reads slower than we generate: cut it off rather than
+                    # buffer without bound. Its unread backlog is replaced by the final event.
+                    self._cut_off()
+                    return
+                self.queued += len(event.text)
+            self.events.put_nowait(event)
             if isinstance(event, Done | Failed):
                 self.closed = True
+
+    def _cut_off(self) -> None:
+        while not self.events.empty():
+            self.events.get_nowait()
+        self.queued = 0
+        self.cancelled = True
+        self.fail(Failed("the client read too slowly; stream cut off", "slow_client"))
+        log.warning("cut off a client %d characters behind", self.backlog)
+        if self.on_cutoff is not None:
+            self.on_cutoff()
+
+    async def next_event(self) -> Event:
+        """The next event, waiting for it."""
+        return self._taken(await self.events.get())
+
+    def next_event_nowait(self) -> Event | None:
+        """The next event if one is waiting."""
+        return None if self.events.empty() else self._taken(self.events.get_nowait())
+
+    def _taken(self, event: Event) -> Event:
+        if isinstance(event, Token):
+            self.queued -= len(event.text)
+        return event
 
     def fail(self, event: Failed) -> None:
         """End the generation now with an error event (event loop only)."""
@@ -176,8 +217,7 @@ class Generation:
         self.t_end = self.t_end or time.perf_counter()
         if not self.closed:
             self.closed = True
-            with contextlib.suppress(asyncio.QueueFull):
-                self.events.put_nowait(event)
+            self.events.put_nowait(event)
 
     def timings(self) -> dict[str, float]:
         end = self.t_end or time.perf_counter()
@@ -377,25 +417,24 @@ class Scheduler:
         left = min(g.max_new - len(g.chars) for g in rows)
         return max(1, min(MAX_STEPS, left, int(CALL_S / per_step)))
 
-    def _emit(self, steps: list[list[int]]) -> None:
-        """Characters just sampled, one list per step with one per row: into each row's text,
-        and its events on. A row that finishes part-way through ignores the rest."""
+    def _emit(self, runs: list[list[int]]) -> None:
+        """Characters just sampled, one list of ids per row: each row's run into its text,
+        and its events on. A row that finishes part-way through a run drops the rest."""
         now = time.perf_counter()
-        decode = self.backend.vocab.decode_one
+        decode = self.backend.vocab.decode
         results = []
-        pushed = 0
+        generated = 0
         urgent = False  # a first character or a final event: no reason to wait
-        for ids in steps:
-            for gen, i in zip(self.rows, ids, strict=True):
-                if gen.finished:
-                    continue
-                if not gen.chars:
-                    self._ttfc.observe(now - gen.t_submit)
-                    urgent = True
-                results.append((gen, gen.push(decode(i))))
-                pushed += 1
-                urgent = urgent or gen.finished
-        self._generated.inc(pushed)
+        for gen, ids in zip(self.rows, runs, strict=True):
+            if gen.finished:
+                continue
+            if not gen.chars:
+                self._ttfc.observe(now - gen.t_submit)
+                urgent = True
+            results.append((gen, gen.push(decode(ids))))
+            generated += len(ids)
+            urgent = urgent or gen.finished
+        self._generated.inc(generated)
         self._hand_over(results, now=urgent)
 
     def _set_gauges(self) -> None:

@@ -107,7 +107,7 @@ class Registry:
                     backlog=16,
                 )
                 m.scheduler.submit(gen)
-                while not isinstance(event := await gen.events.get(), Done | Failed):
+                while not isinstance(event := await gen.next_event(), Done | Failed):
                     pass
                 if isinstance(event, Failed):
                     raise RuntimeError(

@@ -43,26 +43,24 @@ async def stream_events(
 ) -> AsyncIterator[bytes]:
     """``head``, then every event encoded (several per write when they are waiting), then
     ``tail`` after the final one. Leaving early (a disconnect) frees the row."""
-    queue = job.gen.events
+    gen = job.gen
     try:
         if head:
             yield head
         while True:
             try:
                 async with asyncio.timeout(PING_S):
-                    event = await queue.get()
+                    event: Event | None = await gen.next_event()
             except TimeoutError:
                 yield KEEPALIVE_COMMENT
                 continue
             parts = []
-            while True:
+            while event is not None:
                 parts.append(encode(event))
                 if isinstance(event, Done | Failed):
                     yield b"".join(parts) + tail
                     return
-                if queue.empty():
-                    break
-                event = queue.get_nowait()
+                event = gen.next_event_nowait()
             yield b"".join(parts)
     finally:
         job.model.scheduler.cancel(job.gen)

@@ -41,8 +41,47 @@ def test_stop_string_is_held_back_and_never_streamed():
 def test_length_finish_flushes_held_characters_and_indices_count_up():
     gen = _gen(stop=["zz"], max_new=3)
     events = gen.push("a") + gen.push("z") + gen.push("y")
-    assert [e.index for e in events if isinstance(e, Token)] == [0, 1, 2]
-    assert events[-1] == Done("azy", "length")
+    assert events == [Token(0, "a"), Token(1, "zy"), Done("azy", "length")]
+
+
+@pytest.mark.parametrize(
+    ("stop", "runs", "want"),
+    [
+        # A run past the length limit: cut at the limit.
+        ([], ["abcdef"], [Token(0, "abcd"), Done("abcd", "length")]),
+        # A stop string inside a run: the text ends before it, the rest is dropped.
+        (["cd"], ["abcdef"], [Token(0, "ab"), Done("ab", "stop")]),
+        # A stop string across runs: its first characters were held back, never streamed.
+        (["abc"], ["xa", "bcz"], [Token(0, "x"), Done("x", "stop")]),
+        # A held-back start that turns out not to be one is released with the next run.
+        (["abc"], ["xa", "bx"], [Token(0, "x"), Token(1, "abx"), Done("xabx", "length")]),
+    ],
+)
+def test_runs_of_characters_finish_where_one_at_a_time_would(stop, runs, want):
+    """The decode thread pushes several characters per row at once; the text and its end
+    are those of pushing them one by one."""
+    gen = _gen(stop=stop, max_new=4)
+    assert [e for run in runs for e in gen.push(run)] == want
+    one_by_one = _gen(stop=stop, max_new=4)
+    events = [e for run in runs for ch in run for e in one_by_one.push(ch)]
+    assert _tokens(events) == _tokens(want)
+    assert [e for e in events if isinstance(e, Done)] == [e for e in want if isinstance(e, Done)]
+
+
+def test_backlog_counts_characters_not_events():
+    async def run() -> None:
+        gen = _gen(backlog=16, max_new=1000)
+        gen.deliver(gen.push("a" * 10))
+        assert gen.next_event_nowait() == Token(0, "a" * 10) and gen.queued == 0
+        gen.deliver(gen.push("b" * 10))  # 10 unread: fine
+        assert not gen.cancelled and gen.queued == 10
+        gen.deliver(gen.push("c" * 10))  # 20 unread: over the backlog
+        assert gen.cancelled and gen.queued == 0
+        final = await gen.next_event()
+        assert isinstance(final, Failed) and final.type == "slow_client"
+        assert gen.next_event_nowait() is None
+
+    asyncio.run(run())
 
 
 def test_slow_client_is_cut_off_with_a_final_event():
@@ -76,7 +115,7 @@ def int8_backend() -> ModelBackend:
 
 async def _collect(gen: Generation) -> Done | Failed:
     while True:
-        event = await gen.events.get()
+        event = await gen.next_event()
         if isinstance(event, Done | Failed):
             return event
 
@@ -158,7 +197,7 @@ def test_cancel_frees_the_row_and_capacity_is_enforced(backend):
         sched.submit(b)
         with pytest.raises(Overloaded):
             sched.submit(_gen())
-        await a.events.get()
+        await a.next_event()
         sched.cancel(a)
         for _ in range(200):
             if sched.rows == [b]:

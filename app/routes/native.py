@@ -94,8 +94,11 @@ async def query_job(
 
 def _sse_encoder(job: Job) -> Callable[[Event], bytes]:
     def encode(event: Event) -> bytes:
-        if isinstance(event, Token):
-            return sse("token", f'{{"index":{event.index},"text":{json.dumps(event.text)}}}')
+        if isinstance(event, Token):  # one event per character
+            return b"".join(
+                sse("token", f'{{"index":{i},"text":{json.dumps(ch)}}}')
+                for i, ch in enumerate(event.text, event.index)
+            )
         if isinstance(event, Done):
             payload = _result(job, event)
             payload["usage"] = payload["usage"].model_dump()

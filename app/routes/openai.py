@@ -127,9 +127,10 @@ def _stream(job: Job, cid: str, created: int, include_usage: bool) -> EventSourc
         return sse(None, json.dumps(body))
 
     def encode(event: Event) -> bytes:
-        if isinstance(event, Token):
-            return chunk(
-                [{"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}]
+        if isinstance(event, Token):  # one chunk per character
+            return b"".join(
+                chunk([{"index": 0, "text": ch, "finish_reason": None, "logprobs": None}])
+                for ch in event.text
             )
         if isinstance(event, Done):
             last = chunk(
