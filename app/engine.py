@@ -2,11 +2,12 @@
 
 The decode loop runs on its own thread. Each iteration it takes waiting requests into the
 batch (their primes warmed up in one pass each, or taken from the prime cache),
-drops finished, stopped and cancelled rows, and advances **every** active row by one
-character with a single batched step. The characters of a step go to the event loop in one
-hand-over, so the event loop streams step *n* while the thread already computes step *n + 1*,
-and HTTP, health checks and new arrivals never wait behind the model (torch releases the GIL
-in its kernels)."""
+drops finished, stopped and cancelled rows, and advances **every** active row with one
+batched call: one character while a row waits for its first, else (native kernels) as many
+as fit in ``CALL_S``. Each row's characters of a call go on as one run, and the runs go to the
+event loop in one hand-over, so the event loop streams call *n* while the thread already
+computes call *n + 1*, and HTTP, health checks and new arrivals never wait behind the model
+(torch releases the GIL in its kernels)."""
 
 from __future__ import annotations
 
