@@ -82,8 +82,6 @@ class ModelBackend:
         self.vocab = checkpoint.vocab
         self.device = device
         self.decoder = StepDecoder(self.model, weights, native_kernels=native_kernels)
-        # Native or compiled on the CPU like the decode step; inside CUDA graphs on CUDA.
-        self.sample = self.decoder.sample
         # On CUDA the step is replayed from graphs captured per batch-size bucket.
         self.graphed = (
             PaddedStep(self.decoder, len(self.vocab), device) if (device.type == "cuda") else None
@@ -190,7 +188,7 @@ class ModelBackend:
             )
             on_sampled(ids[:, None].tolist())
         else:
-            ids = self.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+            ids = self.decoder.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
             on_sampled(ids[:, None].tolist())
             logits, state = self.decoder.step(ids, batch.state)
         return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)

@@ -121,8 +121,8 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
                 int8.decoder.step(ids, batch.state)
 
             def sampling_only(batch: Batch = batch, u: torch.Tensor = u) -> None:
-                # The service's sampler: compiled like the step (ModelBackend.sample).
-                int8.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+                # The service's sampler (StepDecoder.sample: native where the step is).
+                int8.decoder.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
 
             t_model = median_seconds(model_only, reps=reps, warmup=3)
             t_sampling = median_seconds(sampling_only, reps=reps, warmup=3)

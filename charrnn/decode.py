@@ -109,8 +109,6 @@ class StepDecoder:
         # the native ones, which take the same arguments; CUDA replays the eager ones from
         # CUDA graphs (app/graphs.py), which removes their overhead anyway.
         cpu = device.type == "cpu"
-        # Sampling from the step's logits, by the same choice of native code.
-        self.sample = sampler(device, native_kernels)
         self.kernels: Kernels
         if native_kernels and lstm and weights == "int8" and cpu and native.load():
             # The overloads themselves: calling the packets resolves them on every call.
@@ -127,6 +125,8 @@ class StepDecoder:
             self.kernels = (
                 "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
             )
+        # Sampling from the step's logits, native under the same setting.
+        self.sample = sampler(device, native_kernels)
 
     @property
     def multi_step(self) -> bool:

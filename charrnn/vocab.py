@@ -59,6 +59,3 @@ class Vocabulary:
     def decode(self, ids: Iterable[int]) -> str:
         chars = self.chars
         return "".join(chars[i] for i in ids)
-
-    def decode_one(self, i: int) -> str:
-        return self.chars[i]
