@@ -82,6 +82,9 @@ def main() -> int:
     )
     server = Server(config)
     server.run()
+    if app.state.fatal:
+        print(f"error: {app.state.fatal}", file=sys.stderr)
+        return 1
     return 0 if server.started else 1
 
 

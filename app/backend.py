@@ -1,5 +1,5 @@
-"""The model backend: a loaded checkpoint on its device, a prime-state cache, and the batched
-step (fused decode + sampling) the scheduler calls from its worker thread.
+"""The model backend: a loaded checkpoint on its device, a prime-state cache, the prime in
+parts, and the batched step (fused decode + sampling) the decode thread calls.
 
 Everything here is synchronous torch code; the scheduler decides when it runs."""
 
@@ -18,9 +18,8 @@ import torch
 from app.graphs import PaddedStep
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
-from charrnn.generate import warm_up
 from charrnn.model import State
-from charrnn.sampling import uniforms
+from charrnn.sampling import SamplingParams, uniforms
 
 
 def decode_precision(setting: str, device: torch.device) -> Precision:
@@ -106,40 +105,72 @@ class ModelBackend:
     def dtype(self) -> torch.dtype:
         return self.model.head.weight.dtype
 
-    def prime(self, prime: str) -> tuple[torch.Tensor, State, bool]:
-        """Logits [1, V] and state after the prime, from the LRU cache when possible."""
+    def encode(self, prime: str) -> torch.Tensor:
+        """The prime's ids [T] on the device."""
+        return torch.tensor(self.vocab.encode(prime), dtype=torch.long, device=self.device)
+
+    @property
+    def prime_align(self) -> int:
+        return self.decoder.prime_align
+
+    @property
+    def exact_steps(self) -> bool:
+        return self.decoder.exact_steps
+
+    def cached_prime(self, prime: str) -> tuple[torch.Tensor, State] | None:
+        """Logits [1, V] and state after ``prime``, if they are in the LRU cache."""
         with self._cache_lock:
             hit = self._cache.get(prime)
             if hit is not None:
                 self._cache.move_to_end(prime)
-                return hit[0], hit[1], True
-        logits, state = warm_up(self.decoder, self.vocab.encode(prime))
-        if self.cache_size:
-            with self._cache_lock:
-                self._cache[prime] = (logits, state)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return logits, state, False
+            return hit
+
+    def cache_prime(self, prime: str, logits: torch.Tensor, state: State) -> None:
+        if not self.cache_size:
+            return
+        # Copies: the tensors may be views into a larger batch that would stay alive.
+        entry = (logits.clone(), tuple(s.clone() for s in state))
+        with self._cache_lock:
+            self._cache[prime] = entry
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
     def clear_cache(self) -> None:
         with self._cache_lock:
             self._cache.clear()
 
-    def new_row(
-        self, prime: str, temperature: float, top_k: int | None, top_p: float, seed: int
-    ) -> tuple[Batch, bool]:
-        logits, state, cached = self.prime(prime)
+    def prime_part(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """A prime continued from ``state`` (None: from zero) over ``ids`` [T]: logits [1, V]
+        and the state. Parts give exactly the numbers of one pass (``StepDecoder.prime``)."""
+        return self.decoder.prime(ids, state)
+
+    def prime_batched(
+        self, ids: torch.Tensor, starts: list[State | None]
+    ) -> tuple[torch.Tensor, State]:
+        """Several primes side by side: row i continues from ``starts[i]`` (None: zero) over
+        ``ids[i]`` ([R, T] in all), one batched step per position. Only for decoders with
+        ``exact_steps``, where that gives the numbers of ``prime_part``. Returns logits [R, V]
+        and the state [L, R, H]."""
+        zero = self.model.init_state(1)
+        state = tuple(
+            torch.cat([(s if s is not None else zero)[j] for s in starts], dim=1)
+            for j in range(len(zero))
+        )
+        logits = torch.empty(0)
+        for t in range(ids.shape[1]):
+            logits, state = self.decoder.step(ids[:, t].contiguous(), state)
+        return logits, state
+
+    def new_row(self, logits: torch.Tensor, state: State, sampling: SamplingParams) -> Batch:
+        """A one-row batch that starts from a primed state."""
         dev = self.device
-        return (
-            Batch(
-                logits,
-                state,
-                torch.tensor([temperature], device=dev),
-                torch.tensor([top_k or len(self.vocab)], device=dev),
-                torch.tensor([top_p], device=dev),
-                np.array([seed], dtype=np.uint64),
-            ),
-            cached,
+        return Batch(
+            logits,
+            state,
+            torch.tensor([sampling.temperature], device=dev),
+            torch.tensor([sampling.top_k or len(self.vocab)], device=dev),
+            torch.tensor([sampling.top_p], device=dev),
+            np.array([sampling.seed], dtype=np.uint64),
         )
 
     @property

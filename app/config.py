@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.batcher import MIN_BACKLOG
+
 
 def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
@@ -31,7 +33,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
     prime_cache_size: int = Field(256, ge=0, description="primes whose warmed-up state is kept")
     stream_backlog: int = Field(
-        8192, ge=16, description="characters a slow client may fall behind before it is cut off"
+        8192,
+        ge=MIN_BACKLOG,
+        description="characters a slow client may fall behind before it is cut off (at least "
+        "what one hand-over of the decode thread can bring a reader at full speed)",
+    )
+    prime_budget: int = Field(
+        512,
+        ge=1,
+        description="prime positions run per decode iteration, over all primes in progress: "
+        "a burst of long primes then delays streaming rows by one budget's work at most",
     )
     api_keys: str = Field("", description="comma-separated bearer keys; empty = no auth")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS")

@@ -6,16 +6,14 @@ milliseconds before its first character (and ran admission off the event loop)."
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
+from app.admission import Submitted
 from app.config import Settings
-from app.engine import Done, Event, Failed, Overloaded, ShuttingDown
 from app.registry import Registry
-from app.validation import Job
 
 
 async def get_settings(request: Request) -> Settings:
@@ -26,51 +24,18 @@ async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+async def submitted() -> AsyncIterator[Submitted]:
+    """The request's generations. FastAPI leaves a request-scoped ``yield`` dependency only
+    after the response has been sent, or when the request's task ends any other way
+    (cancelled before a stream's body started, an error): whatever is still running is
+    cancelled then, so nothing decodes for a client that is gone."""
+    gens = Submitted()
+    try:
+        yield gens
+    finally:
+        gens.cancel_all()
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
-
-
-def enqueue(job: Job) -> Job:
-    """Hand the job to its model's scheduler, or answer 429/503 before any work."""
-    try:
-        job.model.scheduler.submit(job.gen)
-    except Overloaded:
-        raise HTTPException(
-            429,
-            "the server is at its limit of concurrent and queued generations; retry later",
-            headers={"Retry-After": "1"},
-        ) from None
-    except ShuttingDown:
-        raise HTTPException(
-            503, "the server is shutting down", headers={"Retry-After": "5"}
-        ) from None
-    return job
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def wait_final(job: Job, request: Request) -> Done | Failed | None:
-    """The final event of a non-streaming generation; None (and the row freed) if the client
-    goes away first."""
-
-    async def final() -> Done | Failed:
-        while True:
-            event: Event = await job.gen.next_event()
-            if isinstance(event, Done | Failed):
-                return event
-
-    result = asyncio.ensure_future(final())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not result.done():
-            result.cancel()
-            job.model.scheduler.cancel(job.gen)
-        with contextlib.suppress(asyncio.CancelledError):
-            await gone
-    return result.result() if result.done() and not result.cancelled() else None
+SubmittedDep = Annotated[Submitted, Depends(submitted)]

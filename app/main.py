@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,6 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = registry
     app.state.loop = asyncio.get_running_loop()
     warm = asyncio.create_task(registry.warm_up(), name="warm-up")
+    warm.add_done_callback(lambda task: _stop_if_failed(app, task))
     app.state.begin_shutdown = lambda: asyncio.ensure_future(
         registry.drain(settings.shutdown_grace_s)
     )
@@ -60,6 +63,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.close()
 
 
+def _stop_if_failed(app: FastAPI, warm: asyncio.Task[None]) -> None:
+    """A model that cannot generate at start-up must not be served: say why in one line and
+    stop the server, which then exits non-zero (app/__main__.py)."""
+    if warm.cancelled() or warm.exception() is None:
+        return
+    app.state.fatal = f"cannot start: {warm.exception()}"
+    log.error("%s", app.state.fatal)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
@@ -69,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.fatal = None  # why the server stopped itself, if it did
     app.state.metrics = Metrics()
     app.state.registry = Registry()  # empty until the lifespan has loaded the models
     errors.install(app)

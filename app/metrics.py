@@ -56,6 +56,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.priming = Gauge(
+            "charrnn_priming_generations",
+            "Generations admitted whose prime is being worked through, in parts",
+            ["model"],
+            registry=r,
+        )
+        self.prime_chars = Counter(
+            "charrnn_prime_characters",
+            "Prime positions run through the network",
+            ["model"],
+            registry=r,
+        )
         self.decode_seconds = Counter(
             "charrnn_decode_seconds",
             "Time the decode thread spent in batched steps (network and sampling)",

@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from app.backend import ModelBackend, decode_precision
+from app.batcher import MIN_BACKLOG
 from app.config import Settings
-from app.engine import Done, Failed, Generation, Scheduler
+from app.engine import Scheduler
+from app.generation import Done, Failed, GenerationRequest
 from app.metrics import Metrics
 from charrnn.checkpoint import load_checkpoint
 from charrnn.model import resolve_device
+from charrnn.sampling import SamplingParams
 
 log = logging.getLogger("charrnn.registry")
 
@@ -38,12 +41,21 @@ class UnknownModel(LookupError):
         super().__init__(f"model {name!r} is not loaded; loaded models: {', '.join(known)}")
 
 
+class WarmUpFailed(RuntimeError):
+    """A model could not generate at start-up: the server must not serve it."""
+
+
 @dataclass
 class Registry:
     models: dict[str, LoadedModel] = field(default_factory=dict)
     default: str | None = None
     ready: bool = False
     closing: bool = False
+
+    @property
+    def failing(self) -> dict[str, str]:
+        """The models whose decode keeps failing, with the reason."""
+        return {n: m.scheduler.failing for n, m in self.models.items() if m.scheduler.failing}
 
     def get(self, name: str | None) -> LoadedModel:
         key = name if name is not None else self.default
@@ -71,7 +83,12 @@ class Registry:
                 native_kernels=settings.native_kernels,
             )
             scheduler = Scheduler(
-                name, backend, metrics, settings.max_concurrent, settings.max_queue
+                name,
+                backend,
+                metrics,
+                max_concurrent=settings.max_concurrent,
+                max_queue=settings.max_queue,
+                prime_budget=settings.prime_budget,
             )
             reg.models[name] = LoadedModel(
                 name, path, int(os.path.getmtime(path)), backend, scheduler
@@ -96,23 +113,17 @@ class Registry:
             # one round the first client's prime paid ~15 ms for that.
             chars = m.backend.vocab.chars
             for round_ in range(WARMUP_ROUNDS):
-                gen = Generation(
+                request = GenerationRequest(
                     prime=(chars[round_ % len(chars) :] + chars)[:WARMUP_PRIME_CHARS],
                     max_new=8,
-                    temperature=1.0,
-                    top_k=None,
-                    top_p=1.0,
-                    seed=0,
-                    stop=[],
-                    backlog=16,
+                    sampling=SamplingParams(seed=0),
+                    stream=False,
                 )
-                m.scheduler.submit(gen)
-                while not isinstance(event := await gen.next_event(), Done | Failed):
+                gen = m.scheduler.submit(request, backlog=MIN_BACKLOG)
+                while not isinstance(event := await gen.channel.get(), Done | Failed):
                     pass
                 if isinstance(event, Failed):
-                    raise RuntimeError(
-                        f"warm-up generation failed for model {m.name}: {event.message}"
-                    )
+                    raise WarmUpFailed(f"warm-up of model {m.name} failed: {event.message}")
             m.backend.clear_cache()
         # Everything loaded so far (torch, FastAPI, the models) lives as long as the process:
         # move it out of the collector's sight, or every full collection under load walks

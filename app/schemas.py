@@ -105,8 +105,11 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    status: Literal["ready", "loading", "shutting_down"]
+    status: Literal["ready", "loading", "shutting_down", "failing"]
     models: dict[str, bool] = Field(default_factory=dict)
+    failing: dict[str, str] = Field(
+        default_factory=dict, description="models whose decode keeps failing, and why"
+    )
 
 
 class Architecture(BaseModel):
@@ -133,6 +136,11 @@ class ModelInfo(BaseModel):
     decode_kernels: Literal["native", "torchscript", "eager"] = Field(
         description="what runs the decode step: the C++ int8 LSTM kernels, the TorchScript "
         "ones, or op by op (CUDA replays these from CUDA graphs)"
+    )
+    decode_failing: str | None = Field(
+        None,
+        description="why this model's decode keeps failing (it then answers /ready with 503); "
+        "null while it works",
     )
 
 

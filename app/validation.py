@@ -1,27 +1,20 @@
 """Request validation that needs the model: vocabulary, model-dependent and configured limits.
 
-Pydantic checks each field's own rules; this layer checks the rest and turns a valid request
-into a scheduler ``Generation``. Every problem is reported at once, in FastAPI's 422 shape."""
+Pydantic checks each field's own rules; this layer checks the rest against the model and the
+settings and turns a valid request into a ``GenerationRequest``. Every problem is reported at
+once, in FastAPI's 422 shape."""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
 from app.config import Settings
-from app.engine import Generation
-from app.registry import LoadedModel, Registry, UnknownModel
-from charrnn.sampling import MAX_SEED
-
-
-@dataclass
-class Job:
-    model: LoadedModel
-    gen: Generation
+from app.generation import GenerationRequest
+from app.registry import LoadedModel
+from charrnn.sampling import MAX_SEED, SamplingParams
 
 
 def _error(loc: tuple[str, ...], msg: str, kind: str = "value_error") -> dict[str, Any]:
@@ -36,12 +29,11 @@ def describe_unknown(unknown: list[tuple[str, int]]) -> str:
     )
 
 
-def build_job(
-    registry: Registry,
+def validate_generation(
+    model: LoadedModel,
     settings: Settings,
     *,
     source: str,
-    model: str | None,
     prime: str,
     max_new: int,
     temperature: float,
@@ -51,20 +43,10 @@ def build_job(
     stop: list[str],
     field_names: dict[str, str] | None = None,
     stream: bool = True,
-) -> Job:
-    """Validate against the model and settings; raises 404 (unknown model) or 422."""
+) -> GenerationRequest:
+    """The generation a request asks ``model`` for, or a 422 naming every problem."""
     names = {"prime": "prime", "max_new": "max_new_chars", "top_k": "top_k", **(field_names or {})}
-    if registry.closing:
-        raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "5"})
-    if not registry.ready:
-        raise HTTPException(
-            503, "the model is not loaded yet; retry shortly", headers={"Retry-After": "1"}
-        )
-    try:
-        loaded = registry.get(model)
-    except UnknownModel as e:
-        raise HTTPException(404, str(e)) from None
-    vocab = loaded.backend.vocab
+    vocab = model.backend.vocab
     errors: list[dict[str, Any]] = []
     if len(prime) > settings.max_prime_chars:
         errors.append(
@@ -96,15 +78,10 @@ def build_job(
         )
     if errors:
         raise RequestValidationError(errors)
-    gen = Generation(
-        prime=prime,
-        max_new=max_new,
+    sampling = SamplingParams(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed if seed is not None else secrets.randbelow(MAX_SEED),
-        stop=list(stop),
-        backlog=settings.stream_backlog,
-        stream=stream,
     )
-    return Job(loaded, gen)
+    return GenerationRequest(prime, max_new, sampling, tuple(stop), stream)

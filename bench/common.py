@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import torch
 
 from charrnn.checkpoint import load_checkpoint
@@ -92,3 +96,33 @@ def peak_int8_ops(n: int = 2048) -> float:
 
 def emit(result: dict[str, object]) -> None:
     print(json.dumps(result, indent=2))
+
+
+@contextlib.contextmanager
+def served(checkpoint: Path, port: int, **settings: str) -> Iterator[str]:
+    """``python -m app`` serving ``checkpoint`` on a loopback port, ready; yields its URL.
+    ``settings`` are ``CHARRNN_*`` variables without the prefix."""
+    env = {
+        **os.environ,
+        "CHARRNN_MODELS": f"bench={checkpoint}",
+        "CHARRNN_PORT": str(port),
+        "CHARRNN_LOG_LEVEL": "warning",
+        **{f"CHARRNN_{k.upper()}": v for k, v in settings.items()},
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import re
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import torch
 
-from bench.common import DEFAULT_MODEL, ROOT, emit, machine
+from bench.common import DEFAULT_MODEL, emit, machine, served
 from bench.notebook import NotebookCharRNN, sample
 from charrnn.checkpoint import load_checkpoint
 
@@ -127,33 +124,12 @@ async def measure(url: str, chars: str) -> dict[str, object]:
 def run(checkpoint: Path = DEFAULT_MODEL, port: int = 8765) -> dict[str, object]:
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.model.config
-    env = {
-        **os.environ,
-        "CHARRNN_MODELS": f"bench={checkpoint}",
-        "CHARRNN_PORT": str(port),
-        "CHARRNN_LOG_LEVEL": "warning",
-    }
     # The baseline runs with the machine to itself, before the server starts and after it
     # stops: on this VM its speed drifts by 2-3x within minutes, and a short measurement on
     # one side of the served figures made the ratios a lottery.
     rates = notebook_rates(ckpt.vocab.chars, cfg.hidden, cfg.layers)
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.2)
-        served = asyncio.run(measure(url, ckpt.vocab.chars))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with served(checkpoint, port) as url:
+        figures = asyncio.run(measure(url, ckpt.vocab.chars))
     rates += notebook_rates(ckpt.vocab.chars, cfg.hidden, cfg.layers)
     baseline = statistics.median(rates)
     return {
@@ -162,14 +138,14 @@ def run(checkpoint: Path = DEFAULT_MODEL, port: int = 8765) -> dict[str, object]
         "checkpoint": str(checkpoint),
         "notebook_sample_chars_per_s": round(baseline, 1),
         "notebook_sample_chars_per_s_range": [round(min(rates)), round(max(rates))],
-        **served,
-        "one_stream_vs_notebook": round(served["one_stream_chars_per_s"] / baseline, 1),
-        "streams32_vs_notebook": round(served["streams32_aggregate_chars_per_s"] / baseline, 1),
+        **figures,
+        "one_stream_vs_notebook": round(figures["one_stream_chars_per_s"] / baseline, 1),
+        "streams32_vs_notebook": round(figures["streams32_aggregate_chars_per_s"] / baseline, 1),
         # Against the notebook's fastest run: on this VM it runs at one of two speeds, about
         # 2x apart, and may change between them within a minute.
-        "one_stream_vs_notebook_fastest": round(served["one_stream_chars_per_s"] / max(rates), 1),
+        "one_stream_vs_notebook_fastest": round(figures["one_stream_chars_per_s"] / max(rates), 1),
         "streams32_vs_notebook_fastest": round(
-            served["streams32_aggregate_chars_per_s"] / max(rates), 1
+            figures["streams32_aggregate_chars_per_s"] / max(rates), 1
         ),
     }
 

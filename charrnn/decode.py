@@ -41,6 +41,9 @@ Precision = Literal["fp32", "int8"]
 # kernels op by op (CUDA, where graphs replay them; or where TorchScript is unavailable).
 Kernels = Literal["native", "torchscript", "eager"]
 
+# Positions per block of an fp32 prime (``StepDecoder.prime``): long enough that the model's
+# per-call cost (~0.2 ms on the CPU, a cuDNN launch on CUDA) stays small against the block.
+FP32_PRIME_ALIGN = 256
 # Positions per chunk of the int8 prime's wavefront (kernels.lstm_prime): small enough that
 # the layers overlap for most of a 100-character prime, large enough that the hand-offs
 # between threads (one per chunk and layer) stay a small part of the time.
@@ -70,6 +73,7 @@ class StepDecoder:
         self.cell = cfg.cell
         self.layers = cfg.layers
         self.weights = weights
+        self._fp32_align = FP32_PRIME_ALIGN
         device = model.head.weight.device
         p = {name: t.detach() for name, t in model.rnn.named_parameters()}
         lstm = cfg.cell == "lstm"
@@ -178,9 +182,25 @@ class StepDecoder:
         logits, h = self._step(ids, state[0], self.table0, self.mats, self.scales, self.biases)
         return logits, (h,)
 
+    @property
+    def prime_align(self) -> int:
+        """Where a prime may be cut into parts without changing its numbers: at multiples of
+        this many positions from its start (int8 anywhere; fp32 in fixed blocks)."""
+        return 1 if self.weights == "int8" else self._fp32_align
+
+    @property
+    def exact_steps(self) -> bool:
+        """Whether ``prime`` gives bit for bit the numbers of feeding its characters one at a
+        time to ``step`` (int8: integer sums and the same cell): the scheduler may then run
+        several primes side by side as batched steps."""
+        return self.weights == "int8"
+
     @torch.inference_mode()
-    def prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """Logits [1, V] after the prime ``ids`` [T] (T >= 1) and the state, from a zero state.
+    def prime(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Logits [1, V] after the prime ``ids`` [T] (T >= 1) and the state, from ``state``
+        (a row's [L, 1, H] tensors) or from zero. A prime cut into parts, each continued from
+        the state the last one left, ends in exactly the state of one call over the whole
+        (tests/test_model.py): the service primes in parts so long primes cannot stall others.
 
         fp32 runs the model on the whole sequence (cuDNN on CUDA). int8 gives exactly the
         numbers of feeding the ids one at a time to ``step``, but runs layer by layer over
@@ -191,17 +211,22 @@ class StepDecoder:
         this is ~0.2 ms for 1 character and ~6.5 ms for 100 on the shipped model (~3.7 ms
         with the native kernels)."""
         if self.weights == "fp32":
-            logits, state = self.model(ids[None])
-            return logits[:, -1], state
+            # In blocks of ``prime_align`` positions: a float GEMM's rounding may depend on
+            # its row count, so the blocks are the same however the prime is cut into parts.
+            for start in range(0, ids.shape[0], self.prime_align):
+                logits, state = self.model(ids[None, start : start + self.prime_align], state)
+            # A copy: a view would keep the whole [1, T, V] alive in the prime cache.
+            return logits[:, -1].clone(), state
         if self.cell == "lstm":
-            return self._lstm_prime(ids)
-        return self._gru_prime(ids)
+            return self._lstm_prime(ids, state)
+        return self._gru_prime(ids, state)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return kernels.matmul(h, self.mats[-1], self.scales[-1], self.biases[-1])
 
-    def _lstm_prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def _lstm_prime(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         layers = self.layers
+        h0, c0 = (None, None) if state is None else state
         h, c = self._recurrence(
             ids,
             self.table0,
@@ -210,16 +235,19 @@ class StepDecoder:
             self.scales[:layers],
             self.biases[:layers],
             PRIME_CHUNK,
+            h0,
+            c0,
         )
         return self._head(h[-1]), (h, c)
 
-    def _gru_prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def _gru_prime(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        h0 = self.model.init_state(1)[0] if state is None else state[0]
         hs = []
         xs = self.table0.index_select(0, ids)
         for k in range(self.layers):
             j = 2 * k
             if k > 0:
                 xs = kernels.matmul(xs, self.mats[j - 1], self.scales[j - 1], self.biases[j - 1])
-            xs, h = self._recurrence(xs, self.mats[j], self.scales[j], self.biases[j])
+            xs, h = self._recurrence(xs, self.mats[j], self.scales[j], self.biases[j], h0[k])
             hs.append(h)
         return self._head(hs[-1]), (torch.stack(hs),)

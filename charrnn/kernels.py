@@ -21,7 +21,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -164,8 +164,12 @@ def lstm_prime(
     scales: list[Tensor],
     biases: list[Tensor],
     chunk: int,
+    h0: Optional[Tensor] = None,  # noqa: UP045 (TorchScript reads Optional, not X | None)
+    c0: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
-    """An int8 LSTM over the prime ``ids`` [T] from a zero state: h and c [L, 1, H].
+    """An int8 LSTM over the prime ``ids`` [T] from the state (h0, c0) [L, 1, H], or from zero:
+    h and c [L, 1, H]. A prime continued from the state after its first part gives exactly the
+    state of one call over the whole.
 
     A wavefront over chunks of ``chunk`` positions: while layer k runs chunk i, layer k + 1
     runs chunk i - 1 on another thread (``torch.jit.fork``), so a 2-layer prime takes about
@@ -174,8 +178,12 @@ def lstm_prime(
     k >= 1 (``recurrent[0]`` is layer 0's ``W_hh``; its inputs come from ``table0``)."""
     layers, hidden = len(recurrent), recurrent[0].shape[1]
     n = (ids.shape[0] + chunk - 1) // chunk
-    hs = [torch.zeros(1, hidden, device=ids.device) for _ in range(layers)]
-    cs = [torch.zeros(1, hidden, device=ids.device) for _ in range(layers)]
+    if h0 is None or c0 is None:
+        hs = [torch.zeros(1, hidden, device=ids.device) for _ in range(layers)]
+        cs = [torch.zeros(1, hidden, device=ids.device) for _ in range(layers)]
+    else:
+        hs = [h0[k] for k in range(layers)]
+        cs = [c0[k] for k in range(layers)]
     outs = [torch.empty(0, device=ids.device) for _ in range(layers)]
     for diagonal in range(n + layers - 1):
         tasks: list[torch.jit.Future[tuple[Tensor, Tensor, Tensor]]] = []
@@ -200,11 +208,10 @@ def lstm_prime(
 
 
 def gru_recurrence(
-    pre: Tensor, weight: Tensor, scales: Tensor, bias: Tensor
+    pre: Tensor, weight: Tensor, scales: Tensor, bias: Tensor, h: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One GRU layer over a whole sequence from a zero state, with the numbers of
+    """One GRU layer over a whole sequence from the state ``h`` [1, H], with the numbers of
     ``gru_step``; ``pre`` [T, 3H] is its input projection. Returns outputs [T, H] and h."""
-    h = torch.zeros(1, weight.shape[1], device=pre.device)
     outs: list[Tensor] = []
     for t in range(pre.shape[0]):
         h = gru_cell(pre[t : t + 1], matmul(h, weight, scales, bias), h)

@@ -53,11 +53,19 @@ class Server:
 
 @contextmanager
 def run_server(
-    tmp_path: Path, models: str, wait_ready: bool = True, **settings: str | int
+    tmp_path: Path,
+    models: str,
+    wait_ready: bool = True,
+    module: str = "app",
+    env: dict[str, str] | None = None,
+    **settings: str | int,
 ) -> Iterator[Server]:
+    """The service (``python -m module``) on a free loopback port; ``settings`` are
+    ``CHARRNN_*`` variables without the prefix, ``env`` any other variables."""
     port = free_port()
     env = {
         **os.environ,
+        **(env or {}),
         "CHARRNN_MODELS": models,
         "CHARRNN_PORT": str(port),
         "CHARRNN_HOST": "127.0.0.1",
@@ -70,7 +78,7 @@ def run_server(
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app"],
+            [sys.executable, "-m", module],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -1,16 +1,19 @@
-"""Unit tests of the scheduler and a generation's text bookkeeping (no HTTP)."""
+"""Unit tests of the scheduler, the decode thread and a generation's parts (no HTTP)."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from app import batcher as batcher_module
 from app.backend import ModelBackend
-from app.engine import Done, Failed, Generation, Overloaded, Scheduler, ShuttingDown, Token
+from app.channel import EventChannel
+from app.engine import Generation, Overloaded, Scheduler, ShuttingDown
+from app.generation import Done, Failed, GenerationRequest, StopMatcher, TextRun
 from app.metrics import Metrics
 from charrnn import SamplingParams, Vocabulary
 from charrnn.checkpoint import Checkpoint
@@ -18,51 +21,60 @@ from charrnn.generate import generate
 from tests.conftest import make_text, tiny_model
 
 
-def _gen(**kw) -> Generation:
-    base = dict(
-        prime="a", max_new=100, temperature=1.0, top_k=None, top_p=1.0, seed=0, stop=[], backlog=64
-    )
-    return Generation(**{**base, **kw})
+def _request(
+    prime: str = "a",
+    max_new: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: tuple[str, ...] = (),
+) -> GenerationRequest:
+    return GenerationRequest(prime, max_new, SamplingParams(temperature, top_k, top_p, seed), stop)
+
+
+def _matcher(**kw) -> StopMatcher:
+    return StopMatcher(_request(**kw))
 
 
 def _tokens(events: list) -> str:
-    return "".join(e.text for e in events if isinstance(e, Token))
+    return "".join(e.text for e in events if isinstance(e, TextRun))
 
 
 def test_stop_string_is_held_back_and_never_streamed():
-    gen = _gen(stop=["abc"])
-    assert _tokens(gen.push("x") + gen.push("a") + gen.push("b")) == "x"  # "ab" may begin "abc"
-    assert _tokens(gen.push("d")) == "abd"
-    assert gen.push("a") + gen.push("b") == []
-    events = gen.push("c")
-    assert events == [Done("xabd", "stop")] and gen.finished
+    text = _matcher(stop=("abc",))
+    assert _tokens(text.push("x") + text.push("a") + text.push("b")) == "x"  # "ab" may be "abc"
+    assert _tokens(text.push("d")) == "abd"
+    assert text.push("a") + text.push("b") == []
+    events = text.push("c")
+    assert events == [Done("xabd", "stop")] and text.finished
 
 
 def test_length_finish_flushes_held_characters_and_indices_count_up():
-    gen = _gen(stop=["zz"], max_new=3)
-    events = gen.push("a") + gen.push("z") + gen.push("y")
-    assert events == [Token(0, "a"), Token(1, "zy"), Done("azy", "length")]
+    text = _matcher(stop=("zz",), max_new=3)
+    events = text.push("a") + text.push("z") + text.push("y")
+    assert events == [TextRun(0, "a"), TextRun(1, "zy"), Done("azy", "length")]
 
 
 @pytest.mark.parametrize(
     ("stop", "runs", "want"),
     [
         # A run past the length limit: cut at the limit.
-        ([], ["abcdef"], [Token(0, "abcd"), Done("abcd", "length")]),
+        ((), ["abcdef"], [TextRun(0, "abcd"), Done("abcd", "length")]),
         # A stop string inside a run: the text ends before it, the rest is dropped.
-        (["cd"], ["abcdef"], [Token(0, "ab"), Done("ab", "stop")]),
+        (("cd",), ["abcdef"], [TextRun(0, "ab"), Done("ab", "stop")]),
         # A stop string across runs: its first characters were held back, never streamed.
-        (["abc"], ["xa", "bcz"], [Token(0, "x"), Done("x", "stop")]),
+        (("abc",), ["xa", "bcz"], [TextRun(0, "x"), Done("x", "stop")]),
         # A held-back start that turns out not to be one is released with the next run.
-        (["abc"], ["xa", "bx"], [Token(0, "x"), Token(1, "abx"), Done("xabx", "length")]),
+        (("abc",), ["xa", "bx"], [TextRun(0, "x"), TextRun(1, "abx"), Done("xabx", "length")]),
     ],
 )
 def test_runs_of_characters_finish_where_one_at_a_time_would(stop, runs, want):
     """The decode thread pushes several characters per row at once; the text and its end
     are those of pushing them one by one."""
-    gen = _gen(stop=stop, max_new=4)
-    assert [e for run in runs for e in gen.push(run)] == want
-    one_by_one = _gen(stop=stop, max_new=4)
+    text = _matcher(stop=stop, max_new=4)
+    assert [e for run in runs for e in text.push(run)] == want
+    one_by_one = _matcher(stop=stop, max_new=4)
     events = [e for run in runs for ch in run for e in one_by_one.push(ch)]
     assert _tokens(events) == _tokens(want)
     assert [e for e in events if isinstance(e, Done)] == [e for e in want if isinstance(e, Done)]
@@ -70,29 +82,30 @@ def test_runs_of_characters_finish_where_one_at_a_time_would(stop, runs, want):
 
 def test_backlog_counts_characters_not_events():
     async def run() -> None:
-        gen = _gen(backlog=16, max_new=1000)
-        gen.deliver(gen.push("a" * 10))
-        assert gen.next_event_nowait() == Token(0, "a" * 10) and gen.queued == 0
-        gen.deliver(gen.push("b" * 10))  # 10 unread: fine
-        assert not gen.cancelled and gen.queued == 10
-        gen.deliver(gen.push("c" * 10))  # 20 unread: over the backlog
-        assert gen.cancelled and gen.queued == 0
-        final = await gen.next_event()
+        text, channel = _matcher(max_new=1000), EventChannel(backlog=16)
+        assert channel.deliver(text.push("a" * 10))
+        assert channel.get_nowait() == TextRun(0, "a" * 10) and channel.queued == 0
+        assert channel.deliver(text.push("b" * 10))  # 10 unread: fine
+        assert channel.queued == 10
+        assert not channel.deliver(text.push("c" * 10))  # 20 unread: over the backlog
+        assert channel.queued == 0 and channel.closed
+        final = await channel.get()
         assert isinstance(final, Failed) and final.type == "slow_client"
-        assert gen.next_event_nowait() is None
+        assert channel.get_nowait() is None
 
     asyncio.run(run())
 
 
 def test_slow_client_is_cut_off_with_a_final_event():
     async def run() -> None:
-        gen = _gen(backlog=16, max_new=1000)
-        for _ in range(40):
-            gen.deliver(gen.push("a"))
-        assert gen.finished and gen.cancelled and gen.closed
+        text, channel = _matcher(max_new=1000), EventChannel(backlog=16)
+        cut = []
+        channel.on_cutoff = lambda: cut.append(True)
+        delivered = [channel.deliver(text.push("a")) for _ in range(40)]
+        assert delivered.count(False) == 1 and cut == [True] and channel.closed
         events = []
-        while not gen.events.empty():
-            events.append(gen.events.get_nowait())
+        while (event := channel.get_nowait()) is not None:
+            events.append(event)
         assert len(events) == 1 and isinstance(events[0], Failed)
         assert events[0].type == "slow_client"
 
@@ -113,14 +126,27 @@ def int8_backend() -> ModelBackend:
     return ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), weights="int8")
 
 
+def _scheduler(backend: ModelBackend, **kw: int) -> Scheduler:
+    settings = {"max_concurrent": 8, "max_queue": 8, "prime_budget": 512, **kw}
+    return Scheduler("t", backend, Metrics(), **settings)
+
+
 async def _collect(gen: Generation) -> Done | Failed:
     while True:
-        event = await gen.next_event()
+        event = await gen.channel.get()
         if isinstance(event, Done | Failed):
             return event
 
 
-def _until_stop(text: str, stop: list[str]) -> Done:
+async def _until(condition, timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (it peeks at the decode thread's state)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def _until_stop(text: str, stop: tuple[str, ...]) -> Done:
     """The final event for ``text`` generated in full: cut where a stop string first ends."""
     for end in range(1, len(text) + 1):
         for s in stop:
@@ -129,12 +155,25 @@ def _until_stop(text: str, stop: list[str]) -> Done:
     return Done(text, "length")
 
 
+def _reference(backend: ModelBackend, r: GenerationRequest) -> Done:
+    text = generate(
+        backend.model, backend.vocab, r.prime, r.max_new, r.sampling, decoder=backend.decoder
+    )
+    return _until_stop(text, r.stop)
+
+
+PRIMES = make_text(3000, seed=9)
+
+
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_batched_rows_equal_the_reference_sampler(weights, request):
+@pytest.mark.parametrize("budget", [512, 7])
+def test_batched_rows_equal_the_reference_sampler(weights, budget, request):
     """Rows that join and leave a batch, some ending on a stop string part-way through a
-    call of several steps (int8 with the native kernels), each get the text of decoding
-    alone with ``charrnn.generate``."""
+    call of several steps (int8 with the native kernels), their primes of 1 to 700
+    characters worked through in parts (side by side as batched steps when several int8
+    primes are in progress), each get the text of decoding alone with ``charrnn.generate``."""
     backend = request.getfixturevalue("backend" if weights == "fp32" else "int8_backend")
+    backend.clear_cache()
     steps: list[int] = []
     advance = backend.advance
 
@@ -142,114 +181,187 @@ def test_batched_rows_equal_the_reference_sampler(weights, request):
         steps.append(n)
         return advance(batch, positions, on_sampled, n, early)
 
-    async def run() -> None:
-        sched = Scheduler("t", backend, Metrics(), max_concurrent=8, max_queue=8)
+    requests = [
+        _request(
+            prime=PRIMES[i * 97 : i * 97 + (1 + i % 5 if i % 3 else 300 + 40 * i)],
+            max_new=20 + 7 * i,
+            temperature=0.5 + i / 8,
+            top_k=None if i % 2 else 3 + i,
+            top_p=1.0 if i % 3 else 0.8,
+            seed=100 + i,
+            stop=("e", "o") if i % 2 else (),
+        )
+        for i in range(14)
+    ]  # more than fit at once: some wait in the queue
+
+    async def run() -> list[Done | Failed]:
+        sched = _scheduler(backend, max_concurrent=10, max_queue=8, prime_budget=budget)
         sched.start()
-        gens = [
-            _gen(
-                prime="Alice"[: 1 + i % 5],
-                max_new=20 + 7 * i,
-                temperature=0.5 + i / 8,
-                top_k=None if i % 2 else 3 + i,
-                top_p=1.0 if i % 3 else 0.8,
-                seed=100 + i,
-                stop=["e", "o"] if i % 2 else [],
-            )
-            for i in range(12)
-        ]  # more than fit at once: some wait in the queue
-        for g in gens:
-            sched.submit(g)
+        gens = [sched.submit(r, backlog=10_000) for r in requests]
         results = await asyncio.gather(*(_collect(g) for g in gens))
         await sched.close()
-        for g, r in zip(gens, results, strict=True):
-            want = generate(
-                backend.model,
-                backend.vocab,
-                g.prime,
-                g.max_new,
-                SamplingParams(g.temperature, g.top_k, g.top_p, g.seed),
-                decoder=backend.decoder,
-            )
-            assert r == _until_stop(want, g.stop)
-        assert sum(r.finish_reason == "stop" for r in results) >= 2
+        return results
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backend, "advance", counting)
-        asyncio.run(run())
+        results = asyncio.run(run())
+    for r, got in zip(requests, results, strict=True):
+        assert got == _reference(backend, r)
+    assert sum(r.finish_reason == "stop" for r in results) >= 2
     assert max(steps) > 1 if backend.multi_step else set(steps) == {1}
+
+
+def test_primes_side_by_side_equal_primes_one_by_one(int8_backend):
+    """Batched steps over several primes at once (what a burst gets) leave exactly the
+    logits and state of each prime run alone, wherever it was cut."""
+    b = int8_backend
+    ids = [b.encode(PRIMES[i * 50 : i * 50 + 40]) for i in range(9)]
+    first = [b.prime_part(x[:13], None) for x in ids[:4]]  # four already under way
+    starts = [f[1] for f in first] + [None] * 5
+    done = [13] * 4 + [0] * 5
+    window = torch.stack([x[d : d + 20] for x, d in zip(ids, done, strict=True)])
+    with torch.inference_mode():
+        logits, state = b.prime_batched(window, starts)
+    for i, x in enumerate(ids):
+        want_logits, want_state = b.prime_part(x[: done[i] + 20], None)
+        assert torch.equal(logits[i : i + 1], want_logits), i
+        for got, want in zip(state, want_state, strict=True):
+            assert torch.equal(got[:, i : i + 1], want), i
+
+
+def test_a_burst_of_long_primes_does_not_stall_running_rows(int8_backend, monkeypatch):
+    """While long primes are worked through in parts, every iteration still advances the
+    rows already streaming, and a short prime that arrives mid-burst joins the batch before
+    the long ones finish."""
+    calls: list[tuple[int, int]] = []  # (rows in the batch, primes in progress) per decode call
+    advance = int8_backend.advance
+
+    async def run() -> None:
+        sched = _scheduler(int8_backend, max_concurrent=16, prime_budget=64)
+        batcher = sched.batcher
+
+        def watching(batch, positions, on_sampled, n=1, early=False):
+            calls.append((len(batcher.rows), len(batcher.priming)))
+            return advance(batch, positions, on_sampled, n, early)
+
+        monkeypatch.setattr(int8_backend, "advance", watching)
+        sched.start()
+        running = [sched.submit(_request(max_new=100_000, seed=i), 10**6) for i in range(2)]
+        await _until(lambda: len(batcher.rows) == 2)
+        long = [
+            sched.submit(_request(prime=PRIMES[i * 300 : i * 300 + 1500]), 10**6) for i in range(9)
+        ]
+        await _until(lambda: len(batcher.priming) == 9)
+        short = sched.submit(_request(prime="Alice", max_new=5), 10**6)
+        assert isinstance(await _collect(short), Done)
+        assert batcher.priming, "the short prime waited for the long ones"
+        for g in long:
+            sched.cancel(g)
+        for g in running:
+            sched.cancel(g)
+        await sched.close()
+
+    asyncio.run(run())
+    during = [rows for rows, priming in calls if priming]
+    assert len(during) >= 5 and min(during) >= 2
+
+
+@pytest.mark.parametrize("place", ["queued", "priming", "batch"])
+def test_cancel_frees_the_place_wherever_the_request_is(int8_backend, monkeypatch, place):
+    """A client that leaves frees its place at once for admission (429 counts only requests
+    someone waits for), and the decode thread drops it from wherever it is: the queue, a
+    prime in progress, or the batch."""
+    backend = int8_backend
+    backend.clear_cache()
+    prime_part = backend.prime_part
+
+    def slow_prime_part(ids, state):  # a prime of 2,000 characters takes ~1 s
+        time.sleep(0.015)
+        return prime_part(ids, state)
+
+    monkeypatch.setattr(backend, "prime_part", slow_prime_part)
+
+    async def run() -> None:
+        sched = _scheduler(backend, max_concurrent=2, max_queue=1, prime_budget=32)
+        batcher = sched.batcher
+        sched.start()
+        in_batch = sched.submit(_request(max_new=100_000), 10**6)
+        await _until(lambda: len(batcher.rows) == 1)
+        priming = sched.submit(_request(prime=PRIMES[:2000]), 10**6)
+        queued = sched.submit(_request(), 10**6)
+        await _until(lambda: len(batcher.priming) == 1 and len(batcher.waiting) == 1)
+        with pytest.raises(Overloaded):
+            sched.submit(_request(), 10**6)
+        gone = {"queued": queued, "priming": priming, "batch": in_batch}[place]
+        sched.cancel(gone)
+        assert sched.load == 2
+        again = sched.submit(_request(), 10**6)  # the freed place is taken at once
+        where = {
+            "queued": lambda: gone not in batcher.waiting,
+            "priming": lambda: all(p.gen is not gone for p in batcher.priming),
+            "batch": lambda: gone not in batcher.rows,
+        }[place]
+        await _until(where, timeout=0.5)  # well before the prime is done
+        assert batcher.priming or place == "priming"
+        for g in (in_batch, priming, queued, again):
+            sched.cancel(g)
+        await _until(lambda: not (batcher.rows or batcher.priming or batcher.waiting))
+        await sched.drain(0)
+        with pytest.raises(ShuttingDown):
+            sched.submit(_request(), 10)
+        await sched.close()
+
+    asyncio.run(run())
+
+
+def test_a_failing_unit_fails_only_its_generations(backend, monkeypatch):
+    """An exception in a prime part fails that generation (an error event) and the loop goes
+    on for the others; three failures in a row mark the model failing until one succeeds."""
+    prime_part = backend.prime_part
+
+    def faulty(ids, state):
+        if int(ids[0]) == backend.vocab.encode("Q")[0]:
+            raise RuntimeError("injected fault")
+        return prime_part(ids, state)
+
+    monkeypatch.setattr(backend, "prime_part", faulty)
+
+    async def run() -> None:
+        sched = _scheduler(backend)
+        sched.start()
+        bad = sched.submit(_request(prime="Queen"), 100)
+        good = sched.submit(_request(prime="Alice", max_new=30), 100)
+        failed, done = await _collect(bad), await _collect(good)
+        assert isinstance(failed, Failed) and "injected fault" in failed.message
+        assert isinstance(done, Done) and len(done.generated_text) == 30
+        assert sched.failing is None
+        for _ in range(batcher_module.FAILING_AFTER):
+            assert isinstance(await _collect(sched.submit(_request(prime="Q"), 100)), Failed)
+        assert sched.failing is not None and "injected fault" in sched.failing
+        assert isinstance(await _collect(sched.submit(_request(prime="A"), 100)), Done)
+        assert sched.failing is None
+        await sched.close()
+
+    asyncio.run(run())
 
 
 def test_several_steps_per_call_need_the_native_kernels(backend):
     """The fp32 backend steps one character per call; asking for more is a bug, not a
     silently different schedule."""
     assert not backend.multi_step
-    batch, _ = backend.new_row("a", 1.0, None, 1.0, 0)
+    logits, state = backend.prime_part(backend.encode("a"), None)
+    batch = backend.new_row(logits, state, SamplingParams())
     with torch.inference_mode(), pytest.raises(ValueError, match="native kernels"):
         backend.advance(batch, np.zeros(1, dtype=np.uint64), lambda ids: None, 2)
-
-
-def test_cancel_frees_the_row_and_capacity_is_enforced(backend):
-    async def run() -> None:
-        sched = Scheduler("t", backend, Metrics(), max_concurrent=1, max_queue=1)
-        sched.start()
-        a, b = _gen(max_new=10_000), _gen(max_new=10_000)
-        sched.submit(a)
-        sched.submit(b)
-        with pytest.raises(Overloaded):
-            sched.submit(_gen())
-        await a.next_event()
-        sched.cancel(a)
-        for _ in range(200):
-            if sched.rows == [b]:
-                break
-            await asyncio.sleep(0.01)
-        assert sched.rows == [b] and not sched.waiting
-        await sched.drain(0)
-        assert isinstance(await _collect(b), Failed)
-        await asyncio.sleep(0.05)
-        with pytest.raises(ShuttingDown):
-            sched.submit(_gen())
-        await sched.close()
-
-    asyncio.run(run())
-
-
-def test_a_generation_being_primed_still_counts_against_capacity(backend, monkeypatch):
-    """Found when primes got fast: a request arriving while the one ahead of it was being
-    primed (out of the queue, not yet in the batch) saw a free slot."""
-    priming, release = threading.Event(), threading.Event()
-    new_row = backend.new_row
-
-    def slow_new_row(*args: object) -> object:
-        priming.set()
-        release.wait(5)
-        return new_row(*args)
-
-    monkeypatch.setattr(backend, "new_row", slow_new_row)
-
-    async def run() -> None:
-        sched = Scheduler("t", backend, Metrics(), max_concurrent=1, max_queue=1)
-        sched.start()
-        a, b = sched.submit(_gen(max_new=5)), sched.submit(_gen(max_new=5))
-        assert await asyncio.to_thread(priming.wait, 5)  # a is out of the queue, priming
-        assert sched.load == 2
-        with pytest.raises(Overloaded):
-            sched.submit(_gen())
-        release.set()
-        results = [await _collect(g) for g in (a, b)]
-        assert all(isinstance(r, Done) for r in results)
-        await sched.close()
-
-    asyncio.run(run())
 
 
 def test_prime_cache_is_an_lru(backend):
     backend.clear_cache()
     for prime in ["a", "b", "c", "d", "a", "e"]:
-        backend.prime(prime)
+        if backend.cached_prime(prime) is None:
+            backend.cache_prime(prime, *backend.prime_part(backend.encode(prime), None))
     assert list(backend._cache) == ["c", "d", "a", "e"]
-    _, _, hit = backend.prime("a")
-    assert hit
+    assert backend.cached_prime("a") is not None and backend.cached_prime("b") is None
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])

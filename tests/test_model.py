@@ -117,6 +117,41 @@ def test_int8_prime_pass_equals_stepping_bit_for_bit(cell, native_kernels):
     torch.testing.assert_close(logits[0], full[0, -1], atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize(
+    ("weights", "cell", "native_kernels"),
+    [
+        ("int8", "lstm", True),
+        ("int8", "lstm", False),
+        ("int8", "gru", False),
+        ("fp32", "lstm", True),
+        ("fp32", "gru", True),
+    ],
+)
+def test_a_prime_in_parts_equals_the_whole_prime_bit_for_bit(weights, cell, native_kernels):
+    """The service primes long prompts in parts, each continued from the state the last left
+    (app/engine.py): the logits and state must be exactly those of one pass, wherever the
+    cuts fall, or a request's text would depend on how busy the server was."""
+    vocab = Vocabulary("abcdefgh")
+    model = tiny_model(vocab, cell, seed=5, hidden=40)
+    if weights == "int8":
+        decoder = int8_decoder(model, native_kernels)
+        cutting = ([1], [16, 17], [5, 40, 41, 74], [*range(1, 75)])
+    else:  # fp32 in fixed blocks: cuts at their edges
+        decoder = StepDecoder(model, "fp32")
+        decoder._fp32_align = 8
+        cutting = ([8], [16, 24], [8, 40, 72], [*range(8, 75, 8)])
+    ids = torch.randint(0, 8, (75,), generator=torch.Generator().manual_seed(3))
+    want_logits, want_state = decoder.prime(ids)
+    for cuts in cutting:
+        assert all(cut % decoder.prime_align == 0 for cut in cuts)
+        state = None
+        for a, b in zip([0, *cuts], [*cuts, 75], strict=True):
+            logits, state = decoder.prime(ids[a:b], state)
+        assert torch.equal(logits, want_logits), cuts
+        for got, exp in zip(state, want_state, strict=True):
+            assert torch.equal(got, exp), cuts
+
+
 def test_fp32_prime_is_the_model_on_the_whole_sequence():
     vocab = Vocabulary("abcdefgh")
     model = tiny_model(vocab, seed=2)

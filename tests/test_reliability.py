@@ -366,6 +366,8 @@ def _refused_start(env: dict[str, str]) -> list[str]:
         ("CHARRNN_DECODE_WEIGHTS", "int4", "'auto', 'fp32' or 'int8'"),
         ("CHARRNN_PORT", "eighty", "valid integer"),
         ("CHARRNN_MAX_CONCURRENT", "0", "greater than or equal to 1"),
+        # Below what one hand-over brings a reader at full speed: every stream would be cut.
+        ("CHARRNN_STREAM_BACKLOG", "100", "greater than or equal to 512"),
     ],
 )
 def test_startup_refuses_a_bad_setting_in_one_line(variable, value, message):
@@ -384,7 +386,7 @@ def server(tiny_checkpoint, tmp_path_factory):
         tmp_path_factory.mktemp("hostile"),
         f"tiny={tiny_checkpoint}",
         max_new_chars_limit=500,
-        stream_backlog=16,
+        stream_backlog=512,
     ) as s:
         yield s
 
@@ -504,8 +506,12 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(server):
 
 
 def test_slow_reader_is_cut_off_without_stalling_others(tiny_checkpoint, tmp_path):
-    with run_server(tmp_path, f"tiny={tiny_checkpoint}", stream_backlog=16) as server:
-        body = json.dumps({"prime": "Alice", "max_new_chars": 10000, "seed": 1}).encode()
+    # The smallest backlog allowed, and a generation (~10 MB of events) far larger than what
+    # the socket buffers between the server and a reader that never reads can hold.
+    with run_server(
+        tmp_path, f"tiny={tiny_checkpoint}", stream_backlog=512, max_new_chars_limit=250_000
+    ) as server:
+        body = json.dumps({"prime": "Alice", "max_new_chars": 250_000, "seed": 1}).encode()
         host, port = server.url.removeprefix("http://").split(":")
         slow = socket.socket()
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)

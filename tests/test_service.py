@@ -55,7 +55,8 @@ def stream(server, method="POST", **body) -> tuple[list[tuple[str, dict]], httpx
 
 def test_health_ready_info(server, vocab):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready", "models": {"tiny": True}}
+    ready = {"status": "ready", "models": {"tiny": True}, "failing": {}}
+    assert httpx.get(f"{server.url}/ready").json() == ready
     info = httpx.get(f"{server.url}/info").json()
     (m,) = info["models"]
     assert m["name"] == "tiny" and m["default"] is True

@@ -10,12 +10,16 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse
 
-from app.deps import RegistryDep, SettingsDep, enqueue, wait_final
-from app.engine import Done, Event, Failed, Token
+from app.admission import Submitted, resolve_model
+from app.config import Settings
+from app.deps import RegistryDep, SettingsDep, SubmittedDep
+from app.engine import Generation
+from app.generation import Done, Event, Failed, TextRun
+from app.registry import LoadedModel, Registry
 from app.schemas import GenerateRequest, GenerateResponse, StreamError, Usage
 from app.security import check_api_key
-from app.streaming import SSE_HEADERS, close_when_cut_off, sse, stream_events
-from app.validation import Job, build_job
+from app.streaming import SSE_HEADERS, close_when_cut_off, sse, stream_events, wait_final
+from app.validation import validate_generation
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(check_api_key)])
 
@@ -29,49 +33,54 @@ _ERRORS = {
 }
 
 
-def _job(
+def _submit(
     req: GenerateRequest,
-    registry: RegistryDep,
-    settings: SettingsDep,
+    registry: Registry,
+    settings: Settings,
+    gens: Submitted,
     source: str,
     stream: bool = True,
-) -> Job:
-    return enqueue(
-        build_job(
-            registry,
-            settings,
-            source=source,
-            model=req.model,
-            prime=req.prime,
-            max_new=req.max_new_chars,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=req.stop,
-            stream=stream,
-        )
+) -> tuple[LoadedModel, Generation]:
+    model = resolve_model(registry, req.model)
+    request = validate_generation(
+        model,
+        settings,
+        source=source,
+        prime=req.prime,
+        max_new=req.max_new_chars,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=req.stop,
+        stream=stream,
     )
+    return model, gens.submit(model, request, settings.stream_backlog)
 
 
-def _result(job: Job, done: Done) -> dict:
-    gen = job.gen
+def _result(gen: Generation, done: Done) -> dict:
     return {
         "generated_text": done.generated_text,
         "finish_reason": done.finish_reason,
-        "seed": gen.seed,
-        "usage": Usage(prime_chars=len(gen.prime), generated_chars=len(done.generated_text)),
-        "timings": gen.timings(),
+        "seed": gen.request.sampling.seed,
+        "usage": Usage(
+            prime_chars=len(gen.request.prime), generated_chars=len(done.generated_text)
+        ),
+        "timings": gen.timings.as_dict(len(done.generated_text)),
     }
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(
-    req: GenerateRequest, request: Request, registry: RegistryDep, settings: SettingsDep
+    req: GenerateRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    gens: SubmittedDep,
 ) -> GenerateResponse | Response:
     """Generate text after a prime and return it whole."""
-    job = _job(req, registry, settings, "body", stream=False)
-    final = await wait_final(job, request)
+    model, gen = _submit(req, registry, settings, gens, "body", stream=False)
+    final = await wait_final(gen, request)
     if final is None:  # the client left; nobody reads this
         return Response(status_code=499)
     if isinstance(final, Failed):
@@ -79,28 +88,36 @@ async def generate(
         return Response(
             json.dumps({"detail": final.message}), status_code=status, media_type="application/json"
         )
-    return GenerateResponse(model=job.model.name, prime=job.gen.prime, **_result(job, final))
+    return GenerateResponse(model=model.name, prime=gen.request.prime, **_result(gen, final))
 
 
-async def body_job(req: GenerateRequest, registry: RegistryDep, settings: SettingsDep) -> Job:
-    return _job(req, registry, settings, "body")
+Submission = tuple[LoadedModel, Generation]
 
 
-async def query_job(
-    req: Annotated[GenerateRequest, Query()], registry: RegistryDep, settings: SettingsDep
-) -> Job:
-    return _job(req, registry, settings, "query")
+async def body_submission(
+    req: GenerateRequest, registry: RegistryDep, settings: SettingsDep, gens: SubmittedDep
+) -> Submission:
+    return _submit(req, registry, settings, gens, "body")
 
 
-def _sse_encoder(job: Job) -> Callable[[Event], bytes]:
+async def query_submission(
+    req: Annotated[GenerateRequest, Query()],
+    registry: RegistryDep,
+    settings: SettingsDep,
+    gens: SubmittedDep,
+) -> Submission:
+    return _submit(req, registry, settings, gens, "query")
+
+
+def _sse_encoder(gen: Generation) -> Callable[[Event], bytes]:
     def encode(event: Event) -> bytes:
-        if isinstance(event, Token):  # one event per character
+        if isinstance(event, TextRun):  # one event per character
             return b"".join(
                 sse("token", f'{{"index":{i},"text":{json.dumps(ch)}}}')
                 for i, ch in enumerate(event.text, event.index)
             )
         if isinstance(event, Done):
-            payload = _result(job, event)
+            payload = _result(gen, event)
             payload["usage"] = payload["usage"].model_dump()
             return sse("done", json.dumps(payload))
         return sse("error", StreamError(message=event.message, type=event.type).model_dump_json())
@@ -108,16 +125,18 @@ def _sse_encoder(job: Job) -> Callable[[Event], bytes]:
     return encode
 
 
-def _sse_response(job: Job, request: Request) -> EventSourceResponse:
+def _sse_response(submission: Submission, request: Request) -> EventSourceResponse:
     """start, one token per character, then done (or error)."""
-    close_when_cut_off(job, request)
-    gen = job.gen
-    start = sse(
-        "start",
-        json.dumps({"model": job.model.name, "seed": gen.seed, "prime_chars": len(gen.prime)}),
-    )
+    model, gen = submission
+    close_when_cut_off(gen, model.name, request)
+    start = {
+        "model": model.name,
+        "seed": gen.request.sampling.seed,
+        "prime_chars": len(gen.request.prime),
+    }
     return EventSourceResponse(
-        stream_events(job, _sse_encoder(job), head=start), headers=SSE_HEADERS
+        stream_events(gen, _sse_encoder(gen), head=sse("start", json.dumps(start))),
+        headers=SSE_HEADERS,
     )
 
 
@@ -132,16 +151,16 @@ _SSE_DOC = {
 
 @router.post("/generate/stream", response_model=None, responses=_SSE_DOC)
 async def generate_stream(
-    job: Annotated[Job, Depends(body_job)], request: Request
+    submission: Annotated[Submission, Depends(body_submission)], request: Request
 ) -> EventSourceResponse:
     """Stream the generation as server-sent events (JSON body)."""
-    return _sse_response(job, request)
+    return _sse_response(submission, request)
 
 
 @router.get("/generate/stream", response_model=None, responses=_SSE_DOC)
 async def generate_stream_get(
-    job: Annotated[Job, Depends(query_job)], request: Request
+    submission: Annotated[Submission, Depends(query_submission)], request: Request
 ) -> EventSourceResponse:
     """Stream the generation as server-sent events (query parameters, for EventSource and
     `curl -N`; repeat `stop` for several stop strings)."""
-    return _sse_response(job, request)
+    return _sse_response(submission, request)

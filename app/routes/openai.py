@@ -10,9 +10,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse
 
-from app.deps import RegistryDep, SettingsDep, enqueue, wait_final
-from app.engine import Done, Event, Token
+from app.admission import Submitted, resolve_model
+from app.config import Settings
+from app.deps import RegistryDep, SettingsDep, SubmittedDep
+from app.engine import Generation
 from app.errors import openai_error
+from app.generation import Done, Event, TextRun
+from app.registry import LoadedModel, Registry
 from app.schemas import (
     Completion,
     CompletionChoice,
@@ -23,8 +27,8 @@ from app.schemas import (
     OpenAIError,
 )
 from app.security import check_api_key
-from app.streaming import SSE_HEADERS, close_when_cut_off, sse, stream_events
-from app.validation import Job, build_job
+from app.streaming import SSE_HEADERS, close_when_cut_off, sse, stream_events, wait_final
+from app.validation import validate_generation
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)])
 
@@ -39,7 +43,9 @@ async def list_models(registry: RegistryDep) -> ModelList:
     )
 
 
-def _job(req: CompletionRequest, registry: RegistryDep, settings: SettingsDep) -> Job:
+def _submit(
+    req: CompletionRequest, registry: Registry, settings: Settings, gens: Submitted
+) -> tuple[LoadedModel, Generation]:
     prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -54,11 +60,11 @@ def _job(req: CompletionRequest, registry: RegistryDep, settings: SettingsDep) -
     top_k = req.top_k
     if temperature == 0:  # OpenAI's greedy decoding
         temperature, top_k = 1.0, 1
-    job = build_job(
-        registry,
+    model = resolve_model(registry, req.model)
+    request = validate_generation(
+        model,
         settings,
         source="body",
-        model=req.model,
         prime=prompt,
         max_new=req.max_tokens or 16,
         temperature=temperature,
@@ -69,11 +75,11 @@ def _job(req: CompletionRequest, registry: RegistryDep, settings: SettingsDep) -
         field_names={"prime": "prompt", "max_new": "max_tokens"},
         stream=req.stream,
     )
-    return enqueue(job)
+    return model, gens.submit(model, request, settings.stream_backlog)
 
 
-def _usage(job: Job, completion_chars: int) -> CompletionUsage:
-    prompt_chars = len(job.gen.prime)
+def _usage(gen: Generation, completion_chars: int) -> CompletionUsage:
+    prompt_chars = len(gen.request.prime)
     return CompletionUsage(
         prompt_tokens=prompt_chars,
         completion_tokens=completion_chars,
@@ -87,17 +93,21 @@ def _usage(job: Job, completion_chars: int) -> CompletionUsage:
     responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
 )
 async def completions(
-    req: CompletionRequest, request: Request, registry: RegistryDep, settings: SettingsDep
+    req: CompletionRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    gens: SubmittedDep,
 ) -> Completion | Response:
     """OpenAI text completion; with `stream: true`, `data:` chunks ending in `[DONE]`."""
-    job = _job(req, registry, settings)
+    model, gen = _submit(req, registry, settings, gens)
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        close_when_cut_off(job, request)
-        return _stream(job, cid, created, usage)
-    final = await wait_final(job, request)
+        close_when_cut_off(gen, model.name, request)
+        return _stream(model.name, gen, cid, created, usage)
+    final = await wait_final(gen, request)
     if final is None:
         return Response(status_code=499)
     if not isinstance(final, Done):
@@ -105,15 +115,16 @@ async def completions(
     return Completion(
         id=cid,
         created=created,
-        model=job.model.name,
+        model=model.name,
         choices=[CompletionChoice(text=final.generated_text, finish_reason=final.finish_reason)],
-        usage=_usage(job, len(final.generated_text)),
+        usage=_usage(gen, len(final.generated_text)),
     )
 
 
-def _stream(job: Job, cid: str, created: int, include_usage: bool) -> EventSourceResponse:
+def _stream(
+    name: str, gen: Generation, cid: str, created: int, include_usage: bool
+) -> EventSourceResponse:
     """``data:`` chunks of text_completion objects, one per character, then [DONE]."""
-    name = job.model.name
 
     def chunk(choices: list[dict], usage: CompletionUsage | None = None) -> bytes:
         body = {
@@ -127,7 +138,7 @@ def _stream(job: Job, cid: str, created: int, include_usage: bool) -> EventSourc
         return sse(None, json.dumps(body))
 
     def encode(event: Event) -> bytes:
-        if isinstance(event, Token):  # one chunk per character
+        if isinstance(event, TextRun):  # one chunk per character
             return b"".join(
                 chunk([{"index": 0, "text": ch, "finish_reason": None, "logprobs": None}])
                 for ch in event.text
@@ -137,7 +148,7 @@ def _stream(job: Job, cid: str, created: int, include_usage: bool) -> EventSourc
                 [{"index": 0, "text": "", "finish_reason": event.finish_reason, "logprobs": None}]
             )
             if include_usage:
-                last += chunk([], _usage(job, len(event.generated_text)))
+                last += chunk([], _usage(gen, len(event.generated_text)))
             return last
         return sse(
             None,
@@ -154,5 +165,5 @@ def _stream(job: Job, cid: str, created: int, include_usage: bool) -> EventSourc
         )
 
     return EventSourceResponse(
-        stream_events(job, encode, tail=sse(None, "[DONE]")), headers=SSE_HEADERS
+        stream_events(gen, encode, tail=sse(None, "[DONE]")), headers=SSE_HEADERS
     )

@@ -22,11 +22,17 @@ async def health() -> Health:
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
 async def ready(registry: RegistryDep) -> Ready | JSONResponse:
-    """200 once every model is loaded, on its device and warmed up; 503 otherwise."""
-    if registry.ready and not registry.closing:
+    """200 once every model is loaded, on its device and warmed up, and while none keeps
+    failing to decode; 503 otherwise."""
+    failing = registry.failing
+    if registry.ready and not registry.closing and not failing:
         return Ready(status="ready", models={name: True for name in registry.models})
-    status = "shutting_down" if registry.closing else "loading"
-    body = Ready(status=status, models={name: registry.ready for name in registry.models})
+    status = "shutting_down" if registry.closing else "failing" if failing else "loading"
+    body = Ready(
+        status=status,
+        models={name: registry.ready and name not in failing for name in registry.models},
+        failing=failing,
+    )
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
 
@@ -56,6 +62,7 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
                 dtype=str(b.dtype).removeprefix("torch."),
                 decode_weights=b.decoder.weights,
                 decode_kernels=b.decoder.kernels,
+                decode_failing=m.scheduler.failing,
             )
         )
     limits = Limits(

@@ -27,6 +27,7 @@
 #include <exception>
 #include <future>
 #include <memory>
+#include <optional>
 #include <vector>
 
 // The cell is compiled three times on x86-64 Linux, for AVX-512, AVX2 and the SSE2 baseline,
@@ -201,7 +202,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
 std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
                                       at::TensorList inputs, at::TensorList recurrent,
                                       at::TensorList scales, at::TensorList biases,
-                                      int64_t chunk) {
+                                      int64_t chunk, const std::optional<Tensor>& h0,
+                                      const std::optional<Tensor>& c0) {
   const int64_t layers = static_cast<int64_t>(recurrent.size());
   TORCH_CHECK(layers >= 1 && static_cast<int64_t>(inputs.size()) == layers &&
                   static_cast<int64_t>(scales.size()) >= layers &&
@@ -226,11 +228,30 @@ std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
   TORCH_CHECK(inputs[0].numel() == 0 && biases[0].numel() == 0,
               "layer 0's inputs and biases live in table0: inputs[0] and biases[0] must be empty");
 
-  Tensor h = at::zeros({layers, 1, hidden}, at::kFloat);
-  Tensor c = at::zeros({layers, 1, hidden}, at::kFloat);
+  // From (h0, c0) [L, 1, H] when given (a prime continued in chunks), else from zero: the
+  // same numbers as one call over the whole prime, since every position only reads the state.
+  TORCH_CHECK(h0.has_value() == c0.has_value(), "give both h0 and c0, or neither");
+  Tensor h, c;
+  if (h0.has_value()) {
+    for (const Tensor* s : {&*h0, &*c0})
+      TORCH_CHECK(s->dim() == 3 && s->size(0) == layers && s->size(1) == 1 &&
+                      s->size(2) == hidden && s->scalar_type() == at::kFloat && s->device().is_cpu(),
+                  "h0 and c0 must be float32 CPU [", layers, ", 1, ", hidden, "]");
+    h = h0->contiguous().clone();
+    c = c0->contiguous().clone();
+  } else {
+    h = at::zeros({layers, 1, hidden}, at::kFloat);
+    c = at::zeros({layers, 1, hidden}, at::kFloat);
+  }
   // round(127 h) of every position of every layer: the next layer's matmul inputs.
   Tensor outs = at::empty({layers, steps, hidden}, at::kChar);
-  const Tensor zero_q = at::zeros({1, hidden}, at::kChar);
+  // Each layer's recurrent input before the first position: round(127 h0) (zero from zero).
+  Tensor first_q = at::empty({layers, 1, hidden}, at::kChar);
+  {
+    const float* hp = h.data_ptr<float>();
+    int8_t* qp = first_q.data_ptr<int8_t>();
+    for (int64_t j = 0; j < layers * hidden; ++j) qp[j] = quantize(hp[j]);
+  }
 
   // Layer k over positions [i * chunk, (i + 1) * chunk).
   auto run = [&](int64_t k, int64_t i) {
@@ -246,7 +267,7 @@ std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
     float* hk = h.data_ptr<float>() + k * hidden;
     float* ck = c.data_ptr<float>() + k * hidden;
     for (int64_t t = t0; t < t1; ++t) {
-      const Tensor q = t == 0 ? zero_q : out_k.slice(0, t - 1, t);
+      const Tensor q = t == 0 ? first_q[k] : out_k.slice(0, t - 1, t);
       const Tensor sums = at::_int_mm(q, w_t);
       if (k == 0) {
         in.table = pre.data_ptr<float>() + (t - t0) * 4 * hidden;
@@ -328,7 +349,7 @@ TORCH_LIBRARY(charrnn, m) {
       "Tensor[] scales, Tensor[] biases) -> (Tensor, Tensor, Tensor)");
   m.def(
       "lstm_prime(Tensor ids, Tensor table0, Tensor[] inputs, Tensor[] recurrent, "
-      "Tensor[] scales, Tensor[] biases, int chunk) -> (Tensor, Tensor)");
+      "Tensor[] scales, Tensor[] biases, int chunk, Tensor? h0=None, Tensor? c0=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(charrnn, CPU, m) {
