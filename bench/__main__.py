@@ -10,7 +10,7 @@ import json
 import re
 import time
 
-from bench import decode_step, serve_throughput, train_throughput
+from bench import burst, decode_step, serve_throughput, train_throughput
 from bench.common import DEFAULT_MODEL, ROOT
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -55,6 +55,20 @@ def table(results: dict) -> str:
             f"| time to first char, {n}-char prime, cold / cached | "
             f"{s[f'ttfc_ms_prime{n}_cold']} / {s[f'ttfc_ms_prime{n}_cached']} ms | | |"
         )
+    if "burst" in results:
+        b, base = results["burst"], results["burst"]["baseline_unbounded_prime_budget"]
+        lines += [
+            f"| burst of 32 cold 4,090-char primes: running streams' largest gap | "
+            f"{b['running_largest_gap_ms']} ms | {base['running_largest_gap_ms']} ms (whole "
+            f"primes first) | {b['largest_gap_vs_baseline']}x |",
+            f"| the same burst: through (last first char) / median first char | "
+            f"{b['burst_through_ms']} / {b['burst_first_char_ms_median']} ms | "
+            f"{base['burst_through_ms']} / {base['burst_first_char_ms_median']} ms | "
+            f"{b['burst_through_vs_baseline']}x |",
+            f"| a 10-char prime sent {b['short_prime_sent_after_ms']:.0f} ms into the burst: "
+            f"first char | {b['short_prime_mid_burst_first_char_ms']} ms | "
+            f"{base['short_prime_mid_burst_first_char_ms']} ms | |",
+        ]
     lines.append(
         f"| training chars/s (batch 128, seq 100, 2x512) | {t['ours_chars_per_s']:,} | "
         f"{t['notebook_chars_per_s']:,} | {t['speedup']}x |"
@@ -115,13 +129,16 @@ def update_readme(text: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--only", choices=["decode_step", "serve_throughput", "train_throughput"])
+    p.add_argument(
+        "--only", choices=["decode_step", "serve_throughput", "burst", "train_throughput"]
+    )
     p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
     args = p.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     runs = {
         "decode_step": lambda: decode_step.run(),
         "serve_throughput": lambda: serve_throughput.run(args.checkpoint),
+        "burst": lambda: burst.run(args.checkpoint),
         "train_throughput": lambda: train_throughput.run(),
     }
     for name, fn in runs.items():
