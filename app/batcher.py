@@ -196,14 +196,14 @@ class Batcher:
         self._set_gauges()
 
     def _keep_rows(self, keep: list[int]) -> None:
-        if len(keep) == len(self.rows):
-            return
         self.rows = [self.rows[i] for i in keep]
         self.batch = self.batch.select(keep) if keep and self.batch is not None else None
 
     # -- admission and primes ------------------------------------------------------------------
 
     def _admit(self) -> None:
+        if not self.waiting or len(self.rows) + len(self.priming) >= self.max_concurrent:
+            return
         while self.waiting and len(self.rows) + len(self.priming) < self.max_concurrent:
             gen = self.waiting.popleft()
             gen.timings.started = time.perf_counter()
@@ -295,8 +295,10 @@ class Batcher:
 
     def _decode(self) -> None:
         self._guarded(list(self.rows), self._decode_call)
-        self._keep_rows([i for i, g in enumerate(self.rows) if not g.text.finished])
-        self._set_gauges()
+        keep = [i for i, g in enumerate(self.rows) if not g.text.finished]
+        if len(keep) < len(self.rows):
+            self._keep_rows(keep)
+            self._set_gauges()
 
     def _decode_call(self) -> None:
         assert self.batch is not None
