@@ -64,10 +64,12 @@ MAX_STEPS = 32
 # (app/config.py) for a reader at full speed never to be cut off.
 HAND_OVER_CALLS = 16
 MIN_BACKLOG = HAND_OVER_CALLS * MAX_STEPS
-# From this many primes in progress, int8 primes advance side by side as batched steps: an
-# int8 step at batch 8 costs about what one prime position costs alone, and at batch 32 a
-# position of 32 primes costs ~0.85 ms against ~1.4 ms one prime after another.
-LOCKSTEP_ROWS = 8
+# From this many primes in progress, int8 primes advance side by side as batched steps. On the
+# shipped model one prime alone runs ~26-31k positions/s (its layers overlap on two threads);
+# side by side (budget 512), 8 primes run ~20k, 16 ~28k, 32 ~36k and 64 ~41k, measured with
+# ``prime_part`` and ``prime_batched``. Below 16, one prime after another is as fast, and its
+# first primes finish early.
+LOCKSTEP_ROWS = 16
 # A prime that runs alone gets at least this many positions per iteration.
 MIN_PRIME_PART = 32
 # Failed units of work in a row (a prime part, a decode call) before the model is failing.

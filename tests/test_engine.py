@@ -162,7 +162,7 @@ def _reference(backend: ModelBackend, r: GenerationRequest) -> Done:
     return _until_stop(text, r.stop)
 
 
-PRIMES = make_text(3000, seed=9)
+PRIMES = make_text(8000, seed=9)
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
@@ -191,11 +191,11 @@ def test_batched_rows_equal_the_reference_sampler(weights, budget, request):
             seed=100 + i,
             stop=("e", "o") if i % 2 else (),
         )
-        for i in range(14)
+        for i in range(24)
     ]  # more than fit at once: some wait in the queue
 
     async def run() -> list[Done | Failed]:
-        sched = _scheduler(backend, max_concurrent=10, max_queue=8, prime_budget=budget)
+        sched = _scheduler(backend, max_concurrent=18, max_queue=8, prime_budget=budget)
         sched.start()
         gens = [sched.submit(r, backlog=10_000) for r in requests]
         results = await asyncio.gather(*(_collect(g) for g in gens))
@@ -237,7 +237,7 @@ def test_a_burst_of_long_primes_does_not_stall_running_rows(int8_backend, monkey
     advance = int8_backend.advance
 
     async def run() -> None:
-        sched = _scheduler(int8_backend, max_concurrent=16, prime_budget=64)
+        sched = _scheduler(int8_backend, max_concurrent=24, prime_budget=64)
         batcher = sched.batcher
 
         def watching(batch, positions, on_sampled, n=1, early=False):
