@@ -316,6 +316,50 @@ def phase_control(base: str) -> None:
         )
 
 
+def check_stopped(streams: list[Stream], victim: str, t_stop: float, grace: float) -> str:
+    """Every stream ends whole (`done`) or with an `error` event, whichever replica it was on;
+    only the stopped replica's may end with `error`, and not later than its grace period."""
+    cut = [s for s in streams if s.check_done() and not (s.final == "error" and not s.problem)]
+    if cut:
+        s = cut[0]
+        raise Failure(
+            f"{len(cut)} streams were cut off silently, e.g. after {len(s.tokens())} "
+            f"characters: {s.check_done()}"
+        )
+    unknown = [s.rid[:8] for s in streams if s.replica is None]
+    if unknown:
+        raise Failure(f"no single replica's log has the request ids {unknown[:3]}")
+    on_victim = [s for s in streams if s.replica == victim]
+    if not any(s.t_end > t_stop for s in on_victim):
+        raise Failure("no stream was open on the stopped replica: the test tested nothing")
+    failed = [s for s in streams if s.replica != victim and s.final == "error"]
+    if failed:
+        raise Failure(f"{len(failed)} streams on the replica that kept running ended in `error`")
+    late = max(s.t_end for s in on_victim) - t_stop
+    if late > grace + 5:
+        raise Failure(f"a stream ran {late:.1f} s past the stop (grace {grace:g} s)")
+    errors = sum(s.final == "error" for s in on_victim)
+    return (
+        f"its {len(on_victim)} streams: {len(on_victim) - errors} `done`, {errors} `error`, "
+        f"0 cut off; the other's {len(streams) - len(on_victim)} all `done`"
+    )
+
+
+def check_during(during: list[Stream], replicas: list[str], logs: dict[str, str]) -> str:
+    """Requests sent while a replica drains all succeed on the other one."""
+    victim, survivor = replicas
+    bad = [(s.rid[:8], s.check_done()) for s in during if s.check_done()]
+    if bad:
+        raise Failure(f"{len(bad)} requests sent during the drain failed: {bad[:3]}")
+    if any(s.replica != survivor for s in during):
+        raise Failure("a request sent during the drain was served by the draining replica")
+    retried = sum(bool(access_statuses(replicas, s.rid, logs)[victim]) for s in during)
+    return (
+        f"{len(during)} sent during the drain all `done` on the other ({retried} of them after "
+        "a 503 from the draining one, retried by nginx)"
+    )
+
+
 def phase_stop(base: str, replicas: list[str], grace: float) -> str:
     """Stop one replica while streams are open on both; returns the survivor."""
     victim, survivor = replicas
@@ -341,43 +385,11 @@ def phase_stop(base: str, replicas: list[str], grace: float) -> str:
         t.join()
     exit_code = docker("inspect", "-f", "{{.State.ExitCode}}", victim).strip()
     logs = attribute([*streams, *during], replicas)
-    bad = [(s.rid[:8], s.check_done()) for s in during if s.check_done()]
-    if bad:
-        raise Failure(f"{len(bad)} requests sent during the drain failed: {bad[:3]}")
-    if any(s.replica != survivor for s in during):
-        raise Failure("a request sent during the drain was served by the draining replica")
-    retried = sum(bool(access_statuses(replicas, s.rid, logs)[victim]) for s in during)
-
-    unknown = [s.rid[:8] for s in streams if s.replica is None]
-    if unknown:
-        raise Failure(f"no single replica's log has the request ids {unknown[:3]}")
-    on_victim = [s for s in streams if s.replica == victim]
-    on_survivor = [s for s in streams if s.replica == survivor]
-    open_at_stop = [s for s in on_victim if s.t_end > t_stop]
-    if not open_at_stop:
-        raise Failure("no stream was open on the stopped replica: the test tested nothing")
-    bad = [(s.rid[:8], s.check_done()) for s in on_survivor if s.check_done()]
-    if bad:
-        raise Failure(f"streams on the replica that kept running failed: {bad[:3]}")
-    done = errors = 0
-    for s in on_victim:
-        if s.final == "error" and not s.problem:
-            errors += 1
-        elif s.check_done() is None:
-            done += 1
-        else:
-            raise Failure(
-                f"a stream on the stopped replica was cut off silently: {s.check_done()} "
-                f"({len(s.tokens())} characters)"
-            )
-        if s.t_end > t_stop + grace + 5:
-            raise Failure(f"a stream ran {s.t_end - t_stop:.1f} s past the stop (grace {grace} s)")
+    stopped = check_stopped(streams, victim, t_stop, grace)
+    drained = check_during(during, replicas, logs)
     log(
         f"stop: `docker stop` took {stop_s:.1f} s (grace {grace:g} s), exit code {exit_code}; "
-        f"its {len(on_victim)} streams ({len(open_at_stop)} open at the stop): {done} `done`, "
-        f"{errors} `error`, 0 cut off; the other's {len(on_survivor)} all `done`; "
-        f"{len(during)} sent during the drain all `done` on the other ({retried} of them "
-        "after a 503 from the draining one, retried by nginx)"
+        f"{stopped}; {drained}"
     )
     if exit_code != "0":
         raise Failure(f"the stopped replica exited {exit_code}, not 0 after a graceful drain")
