@@ -130,8 +130,8 @@ def check_settings(env: dict[str, str]) -> list[str]:
     from app.config import Settings
 
     names = {f"CHARRNN_{field.upper()}" for field in Settings.model_fields}
-    problems = [f"{k} is not a setting of the service" for k in env if k.startswith("CHARRNN_")]
-    problems = [p for p in problems if p.split()[0] not in names]
+    unknown = [k for k in env if k.startswith("CHARRNN_") and k not in names]
+    problems = [f"{k} is not a setting of the service" for k in unknown]
     values = {k.removeprefix("CHARRNN_").lower(): v for k, v in env.items() if k in names}
     try:
         Settings(_env_file=None, **values)  # type: ignore[call-arg]
