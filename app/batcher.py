@@ -353,7 +353,9 @@ class Batcher:
         self._generated.inc(generated)
         self._pending.extend(results)
         self._calls_since += 1
-        due = now - self._last_hand_over >= HAND_OVER_S
+        # While primes are in progress an iteration takes a budget's prime work: waiting for
+        # HAND_OVER_S on top would double the running streams' gaps.
+        due = now - self._last_hand_over >= HAND_OVER_S or bool(self.priming)
         if urgent or due or self._calls_since >= HAND_OVER_CALLS:
             self._flush()
 

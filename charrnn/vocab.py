@@ -44,6 +44,8 @@ class Vocabulary:
 
     def unknown(self, text: str) -> list[tuple[str, int]]:
         """Each character of ``text`` missing from the vocabulary, with its first position."""
+        if self._index.keys() >= set(text):  # the usual case, without a Python loop
+            return []
         seen: dict[str, int] = {}
         for pos, ch in enumerate(text):
             if ch not in self._index and ch not in seen:
