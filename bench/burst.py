@@ -56,11 +56,12 @@ def _texts(chars: str) -> str:
     return "".join(rng.choice(letters) for _ in range(BURST * 200 + PRIME_CHARS))
 
 
-def _largest_gap(arrivals: list[float], start: float, end: float) -> float:
-    """The longest time without a character between ``start`` and ``end``."""
+def _largest_gap(arrivals: list[float], start: float, end: float) -> tuple[float, float]:
+    """The longest time without a character between ``start`` and ``end``, and when (from
+    ``start``) it began."""
     inside = [t for t in arrivals if start <= t <= end]
     edges = [start, *inside, end]
-    return max(b - a for a, b in itertools.pairwise(edges))
+    return max((b - a, a - start) for a, b in itertools.pairwise(edges))
 
 
 async def burst(url: str, chars: str, seed: int) -> dict[str, float]:
@@ -99,12 +100,13 @@ async def burst(url: str, chars: str, seed: int) -> dict[str, float]:
         await _stream(c, url, short, firsts[BURST])
         await asyncio.gather(*burst)
         end = max(f[0] for f in firsts[:BURST])
-        gap = max(_largest_gap(a, t0, end) for a in running)
+        gap, gap_at = max(_largest_gap(a, t0, end) for a in running)
         for s in streams:
             s.cancel()
         ttfc = sorted(f[0] - t0 for f in firsts[:BURST])
         return {
             "running_largest_gap_ms": round(gap * 1e3, 1),
+            "running_largest_gap_began_ms": round(gap_at * 1e3, 1),
             "burst_first_char_ms_min": round(ttfc[0] * 1e3, 1),
             "burst_first_char_ms_median": round(statistics.median(ttfc) * 1e3, 1),
             "burst_through_ms": round(ttfc[-1] * 1e3, 1),

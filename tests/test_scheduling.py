@@ -266,3 +266,44 @@ def test_a_failed_warm_up_exits_non_zero_with_one_line(tiny_checkpoint, tmp_path
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot start: warm-up of model tiny failed"), last
     assert "injected decode fault" in last
+
+
+def test_a_long_prime_gives_the_same_text_alone_and_in_a_crowd_of_long_primes(
+    tiny_checkpoint, tmp_path
+):
+    """Primes cut into parts, or run side by side with 20 others, leave exactly the state of
+    one pass: a seeded request's text is the CLI's (one pass over its prime) whether it was
+    alone or in a burst. No prime cache, so every prime is worked through."""
+    from charrnn import SamplingParams, load_checkpoint
+    from charrnn.decode import StepDecoder
+    from charrnn.generate import generate
+
+    text = make_text(21 * 150 + 3000, seed=5)
+    target = {"prime": text[:3000], "max_new_chars": 300, "seed": 7, "top_k": 5}
+    with run_server(
+        tmp_path, f"tiny={tiny_checkpoint}", prime_cache_size=0, prime_budget=64
+    ) as server:
+        alone = httpx.post(f"{server.url}/generate", json=target, timeout=60).json()
+
+        async def crowd() -> list[dict]:
+            async with httpx.AsyncClient(timeout=120) as c:
+                bodies = [
+                    {"prime": text[i * 150 : i * 150 + 3000], "max_new_chars": 50, "seed": i}
+                    for i in range(1, 21)
+                ]
+                rs = await asyncio.gather(
+                    *(c.post(f"{server.url}/generate", json=b) for b in [target, *bodies])
+                )
+                return [r.json() for r in rs]
+
+        among = asyncio.run(crowd())[0]
+    ckpt = load_checkpoint(tiny_checkpoint)
+    reference = generate(
+        ckpt.model,
+        ckpt.vocab,
+        target["prime"],
+        300,
+        SamplingParams(top_k=5, seed=7),
+        decoder=StepDecoder(ckpt.model, "int8"),
+    )
+    assert alone["generated_text"] == among["generated_text"] == reference
