@@ -1,10 +1,11 @@
 """A burst of long primes against running streams, over real HTTP.
 
-Four SSE streams of 6,000 characters are running when 32 requests arrive at once, each with a
-cold 4,090-character prime (different slices of a text); half-way through the burst a request
-with a 10-character prime arrives. Measured: the running streams' largest gap between two
-characters while the burst is worked through, each burst request's time to first character
-(the last of them is when the burst as a whole is through), and the short prime's.
+Four SSE streams of 6,000 characters are running (read by a process of their own) when 32
+requests arrive at once, each with a cold 4,090-character prime (different slices of a text);
+one second into the burst a request with a 10-character prime arrives. Measured: the running
+streams' largest gap between two characters while the burst is worked through, each burst
+request's time to first character (the last of them is when the burst as a whole is
+through), and the short prime's.
 
 The baseline, in the same run, is the same burst against a server whose prime budget is
 unbounded (``CHARRNN_PRIME_BUDGET`` = 10⁹): every prime then runs whole before the next decode
@@ -15,14 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.common import CORPUS, DEFAULT_MODEL, emit, machine, served
+from bench.common import CORPUS, DEFAULT_MODEL, ROOT, emit, machine, served
 from charrnn.checkpoint import load_checkpoint
 
 RUNNING, RUNNING_CHARS = 4, 6000
@@ -64,24 +68,42 @@ def _largest_gap(arrivals: list[float], start: float, end: float) -> tuple[float
     return max((b - a, a - start) for a, b in itertools.pairwise(edges))
 
 
-async def burst(url: str, chars: str, seed: int) -> dict[str, float]:
-    text = _texts(chars)
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+async def _watch(url: str, seed: int) -> None:
+    """The running streams, read in a process of their own (as their clients would be), so
+    that sending the burst cannot delay their reads: prints ``ready`` once all are streaming,
+    then, after a line on stdin, every stream's arrival times as JSON."""
+    async with httpx.AsyncClient(timeout=300) as c:
         running: list[list[float]] = [[] for _ in range(RUNNING)]
-        streams = [
-            asyncio.create_task(
-                _stream(
-                    c,
-                    url,
-                    {"prime": "Alice", "max_new_chars": RUNNING_CHARS, "seed": seed + i},
-                    running[i],
-                )
-            )
+        bodies = [
+            {"prime": "Alice", "max_new_chars": RUNNING_CHARS, "seed": seed + i}
             for i in range(RUNNING)
         ]
-        while min(len(a) for a in running) < 200:  # all four are streaming
+        streams = [
+            asyncio.create_task(_stream(c, url, b, running[i])) for i, b in enumerate(bodies)
+        ]
+        while min(len(a) for a in running) < 200:
             await asyncio.sleep(0.01)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        print(json.dumps(running), flush=True)
+        for stream in streams:
+            stream.cancel()
+
+
+async def burst(url: str, chars: str, seed: int) -> dict[str, float]:
+    text = _texts(chars)
+    # time.perf_counter is the system's monotonic clock: the watcher's times compare with ours.
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "bench.burst", "--watch", url, "--seed", str(seed)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert watcher.stdin is not None and watcher.stdout is not None
+    assert (await asyncio.to_thread(watcher.stdout.readline)).strip() == "ready"
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
         firsts: list[list[float]] = [[] for _ in range(BURST + 1)]
         t0 = time.perf_counter()
         offset = random.Random(seed).randrange(200)
@@ -99,10 +121,12 @@ async def burst(url: str, chars: str, seed: int) -> dict[str, float]:
         short = {"prime": text[offset : offset + 10], "max_new_chars": 1, "seed": 99}
         await _stream(c, url, short, firsts[BURST])
         await asyncio.gather(*burst)
+        watcher.stdin.write("stop\n")
+        watcher.stdin.flush()
+        running = json.loads(await asyncio.to_thread(watcher.stdout.readline))
+        watcher.wait(timeout=30)
         end = max(f[0] for f in firsts[:BURST])
         gap, gap_at = max(_largest_gap(a, t0, end) for a in running)
-        for s in streams:
-            s.cancel()
         ttfc = sorted(f[0] - t0 for f in firsts[:BURST])
         return {
             "running_largest_gap_ms": round(gap * 1e3, 1),
@@ -153,7 +177,12 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--port", type=int, default=8766)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--watch", metavar="URL", help=argparse.SUPPRESS)  # the watcher process
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.watch:
+        asyncio.run(_watch(args.watch, args.seed))
+        return
     emit(run(args.checkpoint, args.port, args.reps))
 
 
