@@ -72,6 +72,10 @@ MIN_BACKLOG = HAND_OVER_CALLS * MAX_STEPS
 LOCKSTEP_ROWS = 16
 # A prime that runs alone gets at least this many positions per iteration.
 MIN_PRIME_PART = 32
+# An iteration's prime work also stops after about this long, however many positions the
+# budget allows: on a slower or busier CPU the budget's positions take longer, and the rows
+# that are streaming wait for them. Measured per position as the primes run.
+PRIME_SLICE_S = 0.012
 # Failed units of work in a row (a prime part, a decode call) before the model is failing.
 FAILING_AFTER = 3
 
@@ -122,6 +126,10 @@ class Batcher:
         self._calls_since = 0
         self._failures = 0
         self._failing: str | None = None  # why the model is failing, once it is
+        # Seconds per position of a prime part, and of a side-by-side step at each group size:
+        # what fits in PRIME_SLICE_S (a guess until measured).
+        self._part_s = 40e-6
+        self._side_s: dict[int, float] = {}
         # Seconds per step at each batch size, from the last call at that size.
         self._step_s: dict[int, float] = {}
         # The per-step series, looked up once: ``labels()`` costs more than ``observe()``.
@@ -228,9 +236,12 @@ class Batcher:
         if self.backend.exact_steps and len(self.priming) >= LOCKSTEP_ROWS:
             group = self.priming
             positions = max(1, self.prime_budget // len(group))
+            step_s = self._side_s.get(len(group))
+            if step_s is not None:
+                positions = max(1, min(positions, int(PRIME_SLICE_S / step_s)))
             self._guarded([p.gen for p in group], self._prime_side_by_side, group, positions)
         else:
-            budget = self.prime_budget
+            budget = min(self.prime_budget, max(MIN_PRIME_PART, int(PRIME_SLICE_S / self._part_s)))
             share = max(MIN_PRIME_PART, budget // len(self.priming))
             # The primes that end within their share first (shortest first), then the others
             # in arrival order: a short prime never waits behind long ones, and long ones are
@@ -261,7 +272,10 @@ class Batcher:
         return min(p.left, max(align, most // align * align))
 
     def _prime_part(self, p: Priming, n: int) -> None:
+        t0 = time.perf_counter()
         p.logits, p.state = self.backend.prime_part(p.ids[p.done : p.done + n], p.state)
+        if n >= MIN_PRIME_PART:  # short parts are mostly the call's fixed cost
+            self._part_s = (time.perf_counter() - t0) / n
         p.done += n
         self._prime_chars.inc(n)
 
@@ -271,7 +285,9 @@ class Batcher:
         n = min(positions, min(p.left for p in group))
         ids = torch.stack([p.ids[p.done : p.done + n] for p in group])
         starts = [p.state for p in group]
+        t0 = time.perf_counter()
         logits, state = self.backend.prime_batched(ids, starts)
+        self._side_s[len(group)] = (time.perf_counter() - t0) / n
         for i, p in enumerate(group):
             p.logits = logits[i : i + 1]
             p.state = tuple(s[:, i : i + 1] for s in state)
