@@ -27,6 +27,7 @@ from bench.common import (
 )
 from charrnn.checkpoint import Checkpoint
 from charrnn.model import CharRNN, ModelConfig
+from charrnn.sampling import SamplingParams
 
 BATCHES = (1, 8, 32, 128, 512)
 
@@ -70,7 +71,10 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
     int8_peak = peak_int8_ops() if int8 is not None else 0.0
     rows = []
     for b in batches:
-        batch = Batch.concat([backend.new_row("Alice", 1.0, 5, 0.95, i)[0] for i in range(b)])
+        primed = backend.prime_part(backend.encode("Alice"), None)
+        batch = Batch.concat(
+            [backend.new_row(*primed, SamplingParams(1.0, 5, 0.95, i)) for i in range(b)]
+        )
         positions = np.zeros(b, dtype=np.uint64)
         reps = 30 if b <= 32 else 10
 

@@ -28,7 +28,8 @@ def test_cuda_graph_replay_equals_eager(rows):
     b = _backend()
     graphed = PaddedStep(b.decoder, len(b.vocab), torch.device("cuda"), use_graphs=True)
     eager = PaddedStep(b.decoder, len(b.vocab), torch.device("cuda"), use_graphs=False)
-    batch = Batch.concat([b.new_row("Alice", 0.9, 5, 0.95, i)[0] for i in range(rows)])
+    primed = b.prime_part(b.encode("Alice"), None)
+    batch = Batch.concat([b.new_row(*primed, SamplingParams(0.9, 5, 0.95, i)) for i in range(rows)])
     u = torch.rand(rows, dtype=torch.float64, device="cuda")
     args = (batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u)
     for _ in range(3):  # capture, then replays
@@ -43,7 +44,7 @@ def test_service_backend_matches_reference_on_cuda():
     want = generate(b.model, b.vocab, "Alice", 50, SamplingParams(0.8, 5, 0.9, 3))
     import numpy as np
 
-    batch, _ = b.new_row("Alice", 0.8, 5, 0.9, 3)
+    batch = b.new_row(*b.prime_part(b.encode("Alice"), None), SamplingParams(0.8, 5, 0.9, 3))
     out = []
     with b.worker():
         for pos in range(50):
