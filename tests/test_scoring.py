@@ -29,6 +29,8 @@ def server(tiny_checkpoint, tmp_path_factory):
         f"tiny={tiny_checkpoint}",
         max_prime_chars=3000,
         max_score_chars=5000,
+        # Small parts, so that concurrent primes overlap (test_scores_side_by_side_...).
+        prime_budget=128,
     ) as s:
         yield s
 
@@ -311,3 +313,62 @@ def test_openai_models_and_refusals(server, client, vocab):
     ):
         r = post(server, "/v1/completions", **body)
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
+
+
+# -- the pass behind /score, for every kind of decoder ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cell", "weights", "native_kernels"),
+    [
+        ("lstm", "int8", True),
+        ("lstm", "int8", False),
+        ("gru", "int8", False),
+        ("lstm", "fp32", False),
+    ],
+)
+def test_prime_all_gives_the_step_logits(cell, weights, native_kernels):
+    """``StepDecoder.prime_all`` keeps the logits after every position: the last equals the
+    prime's, a prime in parts equals one pass, and (int8) every row is exactly what the
+    one-character step gives after the same characters."""
+    import torch
+
+    from charrnn import Vocabulary
+    from charrnn.decode import StepDecoder
+    from tests.conftest import tiny_model
+
+    text = make_text(300, seed=5)
+    vocab = Vocabulary.from_text(text)
+    model = tiny_model(vocab, cell=cell)
+    decoder = StepDecoder(model, weights, native_kernels=native_kernels)
+    ids = torch.tensor(vocab.encode(text))
+    with torch.inference_mode():
+        every, _ = decoder.prime_all(ids)
+        last, _ = decoder.prime(ids)
+        first, mid = decoder.prime_all(ids[:137])
+        rest, _ = decoder.prime_all(ids[137:], mid)
+        step_state = model.init_state(1)
+        steps = []
+        for t in range(40):
+            logits, step_state = decoder.step(ids[t : t + 1], step_state)
+            steps.append(logits)
+    assert every.shape == (len(text), len(vocab))
+    tol = 0 if weights == "int8" else 1e-5
+    torch.testing.assert_close(every[-1:], last, atol=tol, rtol=0)
+    torch.testing.assert_close(torch.cat([first, rest]), every, atol=tol, rtol=0)
+    torch.testing.assert_close(torch.cat(steps), every[:40], atol=tol, rtol=0)
+
+
+def test_scores_side_by_side_equal_scores_alone(server):
+    """Ten texts scored at once (primes side by side as batched steps, with a stream
+    running) give exactly what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [make_text(2000, seed=20 + i) for i in range(10)]
+    alone = [score(server, text=t, context="A")["logprobs"]["token_logprobs"] for t in texts]
+    with ThreadPoolExecutor(11) as pool:
+        running = pool.submit(post, server, "/generate", prime=PRIME, max_new_chars=3000)
+        together = list(pool.map(lambda t: score(server, text=t, context="A"), texts))
+        assert running.result().status_code == 200
+    for got, want in zip(together, alone, strict=True):
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-6)
