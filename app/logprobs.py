@@ -69,11 +69,25 @@ def summary(token_logprobs: list[float | None]) -> dict[str, Any]:
     }
 
 
+_JSON: dict[str, str] = {}
+
+
+def _json_char(ch: str) -> str:
+    """``json.dumps(ch)``, remembered: the vocabulary is small and this runs per character."""
+    out = _JSON.get(ch)
+    if out is None:
+        out = _JSON[ch] = json.dumps(ch)
+    return out
+
+
 def token_event(index: int, ch: str, logprob: float | None, top: Top | None) -> str:
-    """A native stream ``token`` event's data."""
-    data = f'{{"index":{index},"text":{json.dumps(ch)}'
+    """A native stream ``token`` event's data, written by hand: it runs once per streamed
+    character, where ``json.dumps`` of the alternatives cost ~7 µs. The logprobs are float32
+    numbers: 9 significant digits give each back exactly."""
+    data = f'{{"index":{index},"text":{_json_char(ch)}'
     if logprob is not None:
-        data += f',"logprob":{logprob!r}'
+        data += f',"logprob":{logprob:.9g}'
     if top is not None:
-        data += ',"top_logprobs":' + json.dumps(native_top(top), separators=(",", ":"))
+        alts = ",".join(f'{{"text":{_json_char(c)},"logprob":{v:.9g}}}' for c, v in top)
+        data += f',"top_logprobs":[{alts}]'
     return data + "}"
