@@ -136,7 +136,7 @@ class StopMatcher:
             self.finished = True
             text = "".join(self.chars)
             lp = None
-            if self.logprobs is not None:
+            if self.logprobs is not None and not self.stream:  # a stream's runs carried them
                 alts: list[Top | None] | None = list(self.top) if self.top is not None else None
                 lp = Logprobs(text, list(self.logprobs), alts)
             out.append(Done(text, reason, lp, self.scored))

@@ -60,8 +60,10 @@ def _submit(
     return model, gens.submit(model, request, settings.stream_backlog)
 
 
-def _result(gen: Generation, done: Done) -> dict:
-    extra = {} if done.logprobs is None else {"logprobs": logprobs.native(done.logprobs)}
+def _result(gen: Generation, done: Done, with_logprobs: bool = True) -> dict:
+    extra = {}
+    if with_logprobs and done.logprobs is not None:
+        extra["logprobs"] = logprobs.native(done.logprobs)
     return {
         **extra,
         "generated_text": done.generated_text,
@@ -138,8 +140,7 @@ def _sse_encoder(gen: Generation) -> Callable[[Event], bytes]:
                 for i, ch in enumerate(event.text, event.index)
             )
         if isinstance(event, Done):
-            payload = _result(gen, event)
-            payload.pop("logprobs", None)  # the token events carried them
+            payload = _result(gen, event, with_logprobs=False)  # the token events had them
             payload["usage"] = payload["usage"].model_dump()
             return sse("done", json.dumps(payload))
         if isinstance(event, Failed):
