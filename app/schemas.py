@@ -230,6 +230,7 @@ class Limits(BaseModel):
     max_concurrent: int
     max_queue: int
     max_body_bytes: int
+    max_score_chars: int = Field(description="longest text POST /score takes")
     auth_required: bool
 
 

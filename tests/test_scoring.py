@@ -245,6 +245,12 @@ def test_openai_echo_scoring_equals_score(server, client):
     ]
     assert streamed[0] is None
     assert streamed[1:] == pytest.approx(g.logprobs.token_logprobs[1:], abs=1e-7)
+    plain_echo = list(
+        client.completions.create(model="tiny", prompt=prompt, echo=True, max_tokens=5, stream=True)
+    )
+    assert plain_echo[0].choices[0].text == prompt
+    assert len("".join(ch.choices[0].text for ch in plain_echo if ch.choices)) == len(prompt) + 5
+    assert httpx.get(f"{server.url}/info").json()["limits"]["max_score_chars"] == 5000
     stream0 = list(
         client.completions.create(
             model="tiny", prompt=prompt, echo=True, logprobs=5, max_tokens=0, stream=True
