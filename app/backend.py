@@ -6,6 +6,7 @@ Everything here is synchronous torch code; the scheduler decides when it runs.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from app.generation import Top
 from app.graphs import PaddedStep
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
@@ -39,6 +41,8 @@ class Batch:
     top_k: torch.Tensor  # [B]
     top_p: torch.Tensor  # [B]
     seeds: np.ndarray  # [B] uint64
+    # [B] alternatives each row wants with its logprobs; -1: no logprobs.
+    logprobs: np.ndarray
 
     def select(self, keep: list[int]) -> Batch:
         idx = torch.tensor(keep, device=self.logits.device)
@@ -49,7 +53,12 @@ class Batch:
             self.top_k.index_select(0, idx),
             self.top_p.index_select(0, idx),
             self.seeds[keep],
+            self.logprobs[keep],
         )
+
+    def moved(self, logits: torch.Tensor, state: State) -> Batch:
+        """The same rows after a step."""
+        return dataclasses.replace(self, logits=logits, state=state)
 
     @staticmethod
     def concat(parts: list[Batch]) -> Batch:
@@ -62,7 +71,13 @@ class Batch:
             torch.cat([p.top_k for p in parts]),
             torch.cat([p.top_p for p in parts]),
             np.concatenate([p.seeds for p in parts]),
+            np.concatenate([p.logprobs for p in parts]),
         )
+
+
+# Per row of a call, the sampled characters' logprobs and alternatives (None for a row that
+# did not ask for them).
+RowLogprobs = list[tuple[list[float], list[Top] | None] | None]
 
 
 class ModelBackend:
@@ -150,24 +165,55 @@ class ModelBackend:
         and the state. Parts give exactly the numbers of one pass (``StepDecoder.prime``)."""
         return self.decoder.prime(ids, state)
 
+    def prime_part_all(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """``prime_part`` keeping the logits after every position: [T, V], for scoring."""
+        return self.decoder.prime_all(ids, state)
+
     def prime_batched(
-        self, ids: torch.Tensor, starts: list[State | None]
+        self, ids: torch.Tensor, starts: list[State | None], every: bool = False
     ) -> tuple[torch.Tensor, State]:
         """Several primes side by side: row i continues from ``starts[i]`` (None: zero) over
         ``ids[i]`` ([R, T] in all), one batched step per position. Only for decoders with
         ``exact_steps``, where that gives the numbers of ``prime_part``. Returns logits [R, V]
-        and the state [L, R, H]."""
+        (with ``every``, after every position: [R, T, V]) and the state [L, R, H]."""
         zero = self.model.init_state(1)
         state = tuple(
             torch.cat([(s if s is not None else zero)[j] for s in starts], dim=1)
             for j in range(len(zero))
         )
         logits = torch.empty(0)
+        steps = []
         for t in range(ids.shape[1]):
             logits, state = self.decoder.step(ids[:, t].contiguous(), state)
-        return logits, state
+            if every:
+                steps.append(logits)
+        return (torch.stack(steps, dim=1) if every else logits), state
 
-    def new_row(self, logits: torch.Tensor, state: State, sampling: SamplingParams) -> Batch:
+    def logprobs(
+        self, logits: torch.Tensor, targets: torch.Tensor, n: int
+    ) -> tuple[list[float], list[Top] | None]:
+        """For each row of ``logits`` [N, V], the logprob of ``targets`` [N] under softmax
+        (temperature 1, before top-k/top-p) and, if ``n``, the ``n`` likeliest characters
+        with theirs (likeliest first)."""
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lsm.gather(1, targets.view(-1, 1).to(lsm.device)).view(-1).tolist()
+        if not n:
+            return chosen, None
+        values, idx = lsm.topk(n, dim=-1)
+        chars = self.vocab.chars
+        top = [
+            list(zip([chars[i] for i in row_ids], row_vals, strict=True))
+            for row_ids, row_vals in zip(idx.tolist(), values.tolist(), strict=True)
+        ]
+        return chosen, top
+
+    def new_row(
+        self,
+        logits: torch.Tensor,
+        state: State,
+        sampling: SamplingParams,
+        logprobs: int | None = None,
+    ) -> Batch:
         """A one-row batch that starts from a primed state."""
         dev = self.device
         return Batch(
@@ -177,6 +223,7 @@ class ModelBackend:
             torch.tensor([sampling.top_k or len(self.vocab)], device=dev),
             torch.tensor([sampling.top_p], device=dev),
             np.array([sampling.seed], dtype=np.uint64),
+            np.array([-1 if logprobs is None else logprobs]),
         )
 
     @property
@@ -191,6 +238,7 @@ class ModelBackend:
         on_sampled: Callable[[list[list[int]]], None],
         steps: int = 1,
         early: bool = False,
+        on_logprobs: Callable[[RowLogprobs], None] | None = None,
     ) -> Batch:
         """Sample every row's next ``steps`` characters, running them all through the network.
 
@@ -200,8 +248,16 @@ class ModelBackend:
         exist: on the CPU before the network step, so a request's first character does not
         wait for it. Otherwise, with the native kernels (``multi_step``), the steps are one
         call that pays the Python around a step, and the wait for the GIL after it, once for
-        all of them. One device-to-host copy per call. Run it in inference mode (``worker``)."""
+        all of them. One device-to-host copy per call. Run it in inference mode (``worker``).
+
+        Rows with ``logprobs`` >= 0 also get each sampled character's logprob and
+        alternatives, handed to ``on_logprobs`` just before ``on_sampled``; a call where no
+        row asked for them does no more work than before."""
+        asking = np.flatnonzero(batch.logprobs >= 0) if on_logprobs else np.empty(0, np.int64)
         if self.multi_step and not early:
+            seen = None
+            if asking.size:
+                seen = torch.empty(steps, *batch.logits.shape, dtype=batch.logits.dtype)
             ids, logits, state = self.decoder.decode(
                 batch.logits,
                 batch.state,
@@ -211,9 +267,12 @@ class ModelBackend:
                 torch.from_numpy(batch.seeds.view(np.int64)),
                 torch.from_numpy(positions.astype(np.uint64).view(np.int64)),
                 steps,
+                seen,
             )
+            if seen is not None and on_logprobs:
+                on_logprobs(self._row_logprobs(batch, asking, seen, ids))
             on_sampled(ids.t().tolist())
-            return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
+            return batch.moved(logits, state)
         if steps != 1:
             raise ValueError("several steps per call need the native kernels, and early=False")
         u = torch.from_numpy(uniforms(batch.seeds, positions))
@@ -223,9 +282,23 @@ class ModelBackend:
             ids, logits, state = self.graphed(
                 batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u
             )
+            if asking.size and on_logprobs:
+                on_logprobs(self._row_logprobs(batch, asking, batch.logits[None], ids[None]))
             on_sampled(ids[:, None].tolist())
         else:
             ids = self.decoder.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+            if asking.size and on_logprobs:
+                on_logprobs(self._row_logprobs(batch, asking, batch.logits[None], ids[None]))
             on_sampled(ids[:, None].tolist())
             logits, state = self.decoder.step(ids, batch.state)
-        return Batch(logits, state, batch.temperature, batch.top_k, batch.top_p, batch.seeds)
+        return batch.moved(logits, state)
+
+    def _row_logprobs(
+        self, batch: Batch, asking: np.ndarray, seen: torch.Tensor, ids: torch.Tensor
+    ) -> RowLogprobs:
+        """The logprobs of the rows in ``asking``: ``seen`` [S, B, V] the logits each of
+        the ``ids`` [S, B] was sampled from."""
+        out: RowLogprobs = [None] * len(batch.seeds)
+        for b in asking.tolist():
+            out[b] = self.logprobs(seen[:, b], ids[:, b], int(batch.logprobs[b]))
+        return out

@@ -30,14 +30,14 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from app.backend import Batch, ModelBackend
-from app.generation import Event, Failed
+from app.backend import Batch, ModelBackend, RowLogprobs
+from app.generation import Done, Event, Failed, Logprobs, Scored, Top
 from app.metrics import Metrics
 from charrnn.model import State
 
@@ -85,17 +85,25 @@ Message = tuple[Literal["submit", "cancel", "stop"], "Generation | None"]
 
 @dataclass
 class Priming:
-    """A prime in progress: ``ids`` [T], ``done`` of them run; the logits and state so far."""
+    """A prime in progress: ``ids`` [T], ``done`` of them run; the logits and state so far.
+    A scored prime (``/score``, OpenAI's ``echo`` with ``logprobs``) also gathers, part by
+    part, the logprob of each character from ``score_from`` on given those before it."""
 
     gen: Generation
     ids: torch.Tensor
     done: int = 0
     logits: torch.Tensor | None = None
     state: State | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top: list[Top] = field(default_factory=list)
 
     @property
     def left(self) -> int:
         return self.ids.shape[0] - self.done
+
+    @property
+    def scored(self) -> bool:
+        return self.gen.request.score_from is not None
 
 
 class Batcher:
@@ -130,6 +138,7 @@ class Batcher:
         # what fits in PRIME_SLICE_S (a guess until measured).
         self._part_s = 40e-6
         self._side_s: dict[int, float] = {}
+        self._call_logprobs: RowLogprobs | None = None  # of the decode call being emitted
         # Seconds per step at each batch size, from the last call at that size.
         self._step_s: dict[int, float] = {}
         # The per-step series, looked up once: ``labels()`` costs more than ``observe()``.
@@ -217,7 +226,12 @@ class Batcher:
         while self.waiting and len(self.rows) + len(self.priming) < self.max_concurrent:
             gen = self.waiting.popleft()
             gen.timings.started = time.perf_counter()
-            cached = self.backend.cached_prime(gen.request.prime)
+            # A scored prime needs its pass run: its logprobs are what it asks for.
+            scored = gen.request.score_from is not None
+            if gen.request.max_new == 0 and not scored:  # nothing to compute (OpenAI echo)
+                self._score_only_done(gen)
+                continue
+            cached = None if scored else self.backend.cached_prime(gen.request.prime)
             self.metrics.prime_cache.labels(self.name, "hit" if cached else "miss").inc()
             if cached is not None:
                 self._join_batch(gen, *cached)
@@ -227,7 +241,7 @@ class Batcher:
 
     def _join_batch(self, gen: Generation, logits: torch.Tensor, state: State) -> None:
         gen.timings.warmed = time.perf_counter()
-        row = self.backend.new_row(logits, state, gen.request.sampling)
+        row = self.backend.new_row(logits, state, gen.request.sampling, gen.request.logprobs)
         self.batch = row if self.batch is None else Batch.concat([self.batch, row])
         self.rows.append(gen)
 
@@ -259,9 +273,55 @@ class Batcher:
             self.priming = [p for p in self.priming if p.left > 0]
             for p in finished:
                 assert p.logits is not None and p.state is not None
+                if p.scored:
+                    scored = self._scores(p)
+                    p.gen.text.scored = scored  # its final event carries it
+                    if p.gen.request.stream:
+                        self._pending.append((p.gen, [scored]))
+                if p.gen.request.max_new == 0:  # scoring only: it never joins the batch
+                    self._score_only_done(p.gen)
+                    continue
                 self.backend.cache_prime(p.gen.request.prime, p.logits, p.state)
                 self._join_batch(p.gen, p.logits, p.state)
             self._set_gauges()
+            if any(p.scored for p in finished):
+                self._flush()
+
+    def _scores(self, p: Priming) -> Scored:
+        """The scored part of a finished prime; a first character with nothing before it
+        has no logprob."""
+        request = p.gen.request
+        start = request.score_from or 0
+        head: list[float | None] = [None] if start == 0 else []
+        top: list[Top | None] | None = None
+        if request.score_top:
+            top = [None] * len(head) + list(p.top)
+        tokens = request.prime[start:]
+        return Scored(start, Logprobs(tokens, head + list(p.logprobs), top))
+
+    def _score_only_done(self, gen: Generation) -> None:
+        now = time.perf_counter()
+        gen.timings.warmed = gen.timings.ended = now
+        lp = Logprobs("", [], [] if gen.request.logprobs else None)
+        done = Done("", "length", lp if gen.request.logprobs is not None else None)
+        done.prime = gen.text.scored
+        gen.text.finished = True
+        self._pending.append((gen, [done]))
+
+    def _collect(self, p: Priming, start: int, logits: torch.Tensor) -> None:
+        """Scores from the logits after positions ``start``, ``start + 1``, … of ``p``'s
+        prime ([n, V]): row i gives the distribution of character ``start + i + 1``."""
+        request = p.gen.request
+        assert request.score_from is not None
+        lo = max(start + 1, request.score_from)
+        hi = min(start + logits.shape[0], p.ids.shape[0] - 1)  # inclusive
+        if lo > hi:
+            return
+        rows = logits[lo - 1 - start : hi - start]
+        chosen, top = self.backend.logprobs(rows, p.ids[lo : hi + 1], request.score_top)
+        p.logprobs.extend(chosen)
+        if top is not None:
+            p.top.extend(top)
 
     def _part(self, p: Priming, most: int) -> int:
         """Positions for ``p``'s next part: all that is left if it fits in ``most``, else
@@ -272,8 +332,14 @@ class Batcher:
         return min(p.left, max(align, most // align * align))
 
     def _prime_part(self, p: Priming, n: int) -> None:
+        ids = p.ids[p.done : p.done + n]
         t0 = time.perf_counter()
-        p.logits, p.state = self.backend.prime_part(p.ids[p.done : p.done + n], p.state)
+        if p.scored:
+            every, p.state = self.backend.prime_part_all(ids, p.state)
+            self._collect(p, p.done, every)
+            p.logits = every[-1:]
+        else:
+            p.logits, p.state = self.backend.prime_part(ids, p.state)
         if n >= MIN_PRIME_PART:  # short parts are mostly the call's fixed cost
             self._part_s = (time.perf_counter() - t0) / n
         p.done += n
@@ -285,11 +351,17 @@ class Batcher:
         n = min(positions, min(p.left for p in group))
         ids = torch.stack([p.ids[p.done : p.done + n] for p in group])
         starts = [p.state for p in group]
+        every = any(p.scored for p in group)
         t0 = time.perf_counter()
-        logits, state = self.backend.prime_batched(ids, starts)
+        logits, state = self.backend.prime_batched(ids, starts, every)
         self._side_s[len(group)] = (time.perf_counter() - t0) / n
         for i, p in enumerate(group):
-            p.logits = logits[i : i + 1]
+            if every:
+                if p.scored:
+                    self._collect(p, p.done, logits[i])
+                p.logits = logits[i, -1:]
+            else:
+                p.logits = logits[i : i + 1]
             p.state = tuple(s[:, i : i + 1] for s in state)
             p.done += n
         self._prime_chars.inc(n * len(group))
@@ -326,7 +398,9 @@ class Batcher:
         steps = 1 if early or self.priming else self._steps()
         positions = np.fromiter((len(g.text) for g in rows), dtype=np.uint64, count=len(rows))
         t0 = time.perf_counter()
-        self.batch = self.backend.advance(self.batch, positions, self._emit, steps, early)
+        # Only when a row asked for logprobs: the others' calls are exactly as before.
+        asked = {"on_logprobs": self._keep_call_logprobs} if self.batch.logprobs.max() >= 0 else {}
+        self.batch = self.backend.advance(self.batch, positions, self._emit, steps, early, **asked)
         elapsed = time.perf_counter() - t0
         per_step = elapsed / steps
         self._step_s[len(rows)] = per_step
@@ -346,6 +420,9 @@ class Batcher:
         left = min(g.request.max_new - len(g.text) for g in rows)
         return max(1, min(MAX_STEPS, left, int(CALL_S / per_step)))
 
+    def _keep_call_logprobs(self, rows: RowLogprobs) -> None:
+        self._call_logprobs = rows
+
     def _emit(self, runs: list[list[int]]) -> None:
         """Characters just sampled, one list of ids per row: each row's run into its text,
         and its events on. A row that finishes part-way through a run drops the rest."""
@@ -354,14 +431,17 @@ class Batcher:
         results: Results = []
         generated = 0
         urgent = False  # a first character or a final event: no reason to wait
-        for gen, ids in zip(self.rows, runs, strict=True):
+        logprobs, self._call_logprobs = self._call_logprobs, None
+        for b, (gen, ids) in enumerate(zip(self.rows, runs, strict=True)):
             text = gen.text
             if text.finished:
                 continue
             if not len(text):
                 self._ttfc.observe(now - gen.timings.submitted)
                 urgent = True
-            results.append((gen, text.push(decode(ids))))
+            row = logprobs[b] if logprobs is not None else None
+            events = text.push(decode(ids), *row) if row is not None else text.push(decode(ids))
+            results.append((gen, events))
             generated += len(ids)
             if text.finished:
                 gen.timings.ended = now

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="generations waiting for a batch slot")
     max_prime_chars: int = Field(4096, ge=1)
     max_new_chars_limit: int = Field(10000, ge=1)
+    max_score_chars: int = Field(
+        100_000, ge=1, description="longest text POST /score takes (its body limit follows)"
+    )
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
     prime_cache_size: int = Field(256, ge=0, description="primes whose warmed-up state is kept")
     stream_backlog: int = Field(
@@ -79,6 +82,13 @@ class Settings(BaseSettings):
         if not pairs:
             raise ValueError("CHARRNN_MODELS names no model")
         return pairs
+
+    @property
+    def score_body_bytes(self) -> int:
+        """The body limit of ``POST /score``: a text of ``max_score_chars`` and a context of
+        ``max_prime_chars`` characters, each written as a JSON escape of up to 12 bytes
+        (a surrogate pair), and room for the other fields."""
+        return max(self.max_body_bytes, 12 * (self.max_score_chars + self.max_prime_chars) + 4096)
 
     @cached_property
     def api_key_list(self) -> list[str]:

@@ -3,7 +3,9 @@
 - ``GenerationRequest``: what the client asked for (immutable; built by app/validation.py).
 - ``StopMatcher``: the text so far, the length limit and the stop strings. It turns sampled
   characters into events; the decode thread owns it.
-- ``TextRun``, ``Done``, ``Failed``: the events, in the order a client receives them.
+- ``Scored``, ``TextRun``, ``Done``, ``Failed``: the events, in the order a client receives
+  them (``Scored`` only for a request that scores its prime).
+- ``Logprobs``: log-probabilities of characters and their likeliest alternatives.
 - ``Timings``: when the request was submitted, admitted, warmed up and finished.
 
 The event channel a client reads lives in app/channel.py and belongs to the event loop."""
@@ -27,6 +29,37 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     # False for whole-text (non-streaming) requests: only the final event is produced.
     stream: bool = True
+    # Log-probabilities of the generated characters and this many alternatives (None: none).
+    logprobs: int | None = None
+    # Score the prime's characters from this position on (None: the prime is not scored):
+    # ``/score`` (after its context) and OpenAI's ``echo`` with ``logprobs``. A scored prime
+    # runs in full (never from the prime cache) and its logprobs come as a ``Scored`` event.
+    score_from: int | None = None
+    # Alternatives per scored prime character.
+    score_top: int = 0
+
+
+# One character's alternatives, likeliest first: (character, logprob).
+Top = list[tuple[str, float]]
+
+
+@dataclass
+class Logprobs:
+    """Per character, its log-probability under the model's own distribution (softmax of
+    the logits at temperature 1; None for a character with nothing before it) and, when
+    asked for, its likeliest alternatives."""
+
+    tokens: str
+    token_logprobs: list[float | None]
+    top: list[Top | None] | None = None
+
+
+@dataclass
+class Scored:
+    """The scored part of the prime, ``prime[start:]``, when its pass has run."""
+
+    start: int
+    logprobs: Logprobs
 
 
 @dataclass
@@ -37,12 +70,16 @@ class TextRun:
 
     index: int
     text: str
+    logprobs: list[float] | None = None  # one per character, when the request asked
+    top: list[Top] | None = None
 
 
 @dataclass
 class Done:
     generated_text: str
     finish_reason: FinishReason
+    logprobs: Logprobs | None = None  # of generated_text, when the request asked
+    prime: Scored | None = None  # the prime's scores, when the request asked
 
 
 @dataclass
@@ -51,7 +88,7 @@ class Failed:
     type: str
 
 
-Event = TextRun | Done | Failed
+Event = Scored | TextRun | Done | Failed
 
 
 class StopMatcher:
@@ -64,6 +101,10 @@ class StopMatcher:
         self.stop = request.stop
         self.stream = request.stream
         self.chars: list[str] = []
+        # Parallel to ``chars`` when the request asked for logprobs.
+        self.logprobs: list[float] | None = [] if request.logprobs is not None else None
+        self.top: list[Top] | None = [] if request.logprobs else None
+        self.scored: Scored | None = None  # the prime's scores, set when its pass ends
         self.emitted = 0
         self.finished = False
         self._longest = max(map(len, self.stop), default=0)
@@ -71,23 +112,51 @@ class StopMatcher:
     def __len__(self) -> int:
         return len(self.chars)
 
-    def push(self, text: str) -> list[Event]:
-        """Add generated characters; returns the events they release: the released run as
-        one ``TextRun``, then the final event. Characters after the end are dropped."""
+    def push(
+        self, text: str, logprobs: list[float] | None = None, top: list[Top] | None = None
+    ) -> list[Event]:
+        """Add generated characters (with their logprobs and alternatives, when asked for);
+        returns the events they release: the released run as one ``TextRun``, then the
+        final event. Characters after the end are dropped."""
         if self.finished:
             return []
+        before = len(self.chars)
         reason = self._append_until_stop(text) if self.stop else self._append(text)
+        self._keep_logprobs(before, logprobs, top)
         upto = len(self.chars)
         if reason is None and self.stop:
             upto -= self._held_back(self._tail())
         out: list[Event] = []
         if self.stream and upto > self.emitted:
-            out.append(TextRun(self.emitted, "".join(self.chars[self.emitted : upto])))
+            lps = self.logprobs[self.emitted : upto] if self.logprobs is not None else None
+            top = self.top[self.emitted : upto] if self.top is not None else None
+            out.append(TextRun(self.emitted, "".join(self.chars[self.emitted : upto]), lps, top))
         self.emitted = max(self.emitted, upto)
         if reason is not None:
             self.finished = True
-            out.append(Done("".join(self.chars), reason))
+            text = "".join(self.chars)
+            lp = None
+            if self.logprobs is not None and not self.stream:  # a stream's runs carried them
+                alts: list[Top | None] | None = list(self.top) if self.top is not None else None
+                lp = Logprobs(text, list(self.logprobs), alts)
+            out.append(Done(text, reason, lp, self.scored))
         return out
+
+    def _keep_logprobs(
+        self, before: int, logprobs: list[float] | None, top: list[Top] | None
+    ) -> None:
+        """The logprobs of the characters kept (a stop string's were cut with it)."""
+        if self.logprobs is None:
+            return
+        kept = len(self.chars) - before
+        if kept > 0 and logprobs is not None:
+            self.logprobs.extend(logprobs[:kept])
+            if self.top is not None and top is not None:
+                self.top.extend(top[:kept])
+        elif kept < 0:  # a stop string that began in an earlier run was removed
+            del self.logprobs[len(self.chars) :]
+            if self.top is not None:
+                del self.top[len(self.chars) :]
 
     def _append(self, text: str) -> FinishReason | None:
         self.chars.extend(text[: self.max_new - len(self.chars)])

@@ -24,7 +24,7 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.registry import Registry
-from app.routes import native, openai, ops
+from app.routes import native, openai, ops, scoring
 
 log = logging.getLogger("charrnn")
 
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = Registry()  # empty until the lifespan has loaded the models
     errors.install(app)
     app.include_router(native.router)
+    app.include_router(scoring.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
     app.mount("/static", StaticFiles(packages=[("app", "static")]), name="static")
@@ -98,7 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        route_limits={"/score": settings.score_body_bytes},
+    )
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app
 

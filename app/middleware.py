@@ -77,9 +77,16 @@ class BodyLimitMiddleware:
     declared Content-Length is too big, else (chunked uploads) as soon as the bytes read pass
     the limit. Bodies here are small, so a chunked one is read whole and replayed."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, route_limits: dict[str, int] | None = None
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Routes whose bodies have a limit of their own (POST /score takes long texts).
+        self.route_limits = route_limits or {}
+
+    def _limit(self, scope: Scope) -> int:
+        return self.route_limits.get(scope["path"], self.max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -88,7 +95,7 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             size = int(declared) if declared.isdigit() else 0
-            if size > self.max_body_bytes:
+            if size > self._limit(scope):
                 await self._too_large(scope, receive, send, size)
                 return
             await self.app(scope, receive, send)
@@ -100,7 +107,7 @@ class BodyLimitMiddleware:
                 return
             chunks.append(message.get("body", b""))
             total += len(chunks[-1])
-            if total > self.max_body_bytes:
+            if total > self._limit(scope):
                 await self._too_large(scope, receive, send, total)
                 return
             if not message.get("more_body"):
@@ -117,10 +124,13 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
-        message = (
-            f"request body of {size}+ bytes is over the limit of {self.max_body_bytes} "
-            "bytes (CHARRNN_MAX_BODY_BYTES)"
+        limit = self._limit(scope)
+        setting = (
+            "CHARRNN_MAX_SCORE_CHARS"
+            if scope["path"] in self.route_limits
+            else "CHARRNN_MAX_BODY_BYTES"
         )
+        message = f"request body of {size}+ bytes is over the limit of {limit} bytes ({setting})"
         if scope["path"].startswith("/v1/"):
             response = openai_error(413, message)
         else:

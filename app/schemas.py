@@ -19,6 +19,9 @@ def _no_bool(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
+# Alternatives per character, at most (as OpenAI's and vLLM's logprobs).
+MAX_TOP_LOGPROBS = 20
+
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
 
 
@@ -49,6 +52,13 @@ class GenerateRequest(BaseModel):
     seed: Int | None = Field(None, ge=0, lt=MAX_SEED, description="null: the server picks")
     stop: StopList = Field(default_factory=list, description="end when the text ends with one")
     model: str | None = Field(None, description="a loaded model; null: the default")
+    logprobs: Int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="give each generated character's logprob and this many likeliest "
+        "alternatives (null: no logprobs)",
+    )
 
 
 class Usage(BaseModel):
@@ -63,6 +73,21 @@ class Timings(BaseModel):
     chars_per_s: float
 
 
+class TopLogprob(BaseModel):
+    text: str
+    logprob: float
+
+
+class LogprobsOut(BaseModel):
+    """One entry per character: its offset in the text, the character, its logprob (null
+    for a first character with nothing before it) and its likeliest alternatives."""
+
+    text_offset: list[int]
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[list[TopLogprob] | None]
+
+
 class GenerateResponse(BaseModel):
     model: str
     prime: str
@@ -71,6 +96,59 @@ class GenerateResponse(BaseModel):
     seed: int
     usage: Usage
     timings: Timings
+    logprobs: LogprobsOut | None = Field(None, description="present when the request asked")
+
+
+# -- scoring and the tokenizer ------------------------------------------------------------
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"text": " was beginning", "context": "Alice"}]},
+    )
+
+    text: str = Field(min_length=1, description="the text to score, character by character")
+    context: str = Field("", description="conditions the score; not scored")
+    top_logprobs: Int = Field(
+        0, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per character"
+    )
+    model: str | None = Field(None, description="a loaded model; null: the default")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    chars: int = Field(description="characters in text")
+    scored_chars: int = Field(description="characters with a logprob (all but a first one)")
+    nll: float | None = Field(description="mean negative logprob, nats per character")
+    bpc: float | None = Field(description="the same in bits per character")
+    perplexity: float | None
+    logprobs: LogprobsOut
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    add_special_tokens: bool = Field(True, description="accepted; a character model has none")
+    model: str | None = None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[Int]
+    model: str | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class StreamStart(BaseModel):
@@ -82,6 +160,8 @@ class StreamStart(BaseModel):
 class StreamToken(BaseModel):
     index: int
     text: str
+    logprob: float | None = None
+    top_logprobs: list[TopLogprob] | None = None
 
 
 class StreamDone(BaseModel):
@@ -150,6 +230,7 @@ class Limits(BaseModel):
     max_concurrent: int
     max_queue: int
     max_body_bytes: int
+    max_score_chars: int = Field(description="longest text POST /score takes")
     auth_required: bool
 
 
@@ -166,8 +247,10 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """The subset of OpenAI's completions request that a character model can honour.
-    Other OpenAI fields are accepted and ignored, as clients send them by default."""
+    """OpenAI's completions request, as far as a character model can honour it. Fields
+    OpenAI does not define are ignored (clients send extras); OpenAI fields this server does
+    not implement are refused with 400 when set to anything but their default
+    (``UNSUPPORTED``)."""
 
     model_config = ConfigDict(
         extra="ignore",
@@ -179,29 +262,68 @@ class CompletionRequest(BaseModel):
                     "max_tokens": 100,
                     "temperature": 0.8,
                     "stream": False,
-                }
+                },
+                {
+                    "model": "alice",
+                    "prompt": "Alice was",
+                    "echo": True,
+                    "logprobs": 5,
+                    "max_tokens": 0,
+                },
             ]
         },
     )
 
     model: str | None = None
-    prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
-    max_tokens: Int | None = Field(16, ge=1, description="characters to generate")
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
+        description="a string, a list of strings, token ids, or a list of token-id lists: "
+        "one choice per prompt"
+    )
+    max_tokens: Int | None = Field(
+        16, ge=0, description="characters to generate (0 only with echo)"
+    )
     temperature: Float | None = Field(1.0, ge=0, le=10, allow_inf_nan=False)
     top_p: Float | None = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: Int | None = Field(None, ge=1, description="extension: sample among the k likeliest")
     stop: str | list[str] | None = None
     seed: Int | None = Field(None, ge=0, lt=MAX_SEED)
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    n: Int = Field(1, ge=1, le=1, description="only one choice per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    echo: bool = Field(False, description="prepend the prompt to the text (scored with logprobs)")
+    logprobs: Int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="logprobs and this many alternatives"
+    )
+    # OpenAI fields this server does not implement: only their defaults are accepted.
+    suffix: Any = None
+    best_of: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+
+# OpenAI fields that are not implemented, with the values that mean "not used".
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+}
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["length", "stop"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionUsage(BaseModel):

@@ -21,11 +21,57 @@ def _error(loc: tuple[str, ...], msg: str, kind: str = "value_error") -> dict[st
     return {"type": kind, "loc": loc, "msg": msg}
 
 
-def describe_unknown(unknown: list[tuple[str, int]]) -> str:
+def describe_unknown(unknown: list[tuple[str, int]], what: str = "prime") -> str:
     listed = ", ".join(f"{ch!r} at position {pos}" for ch, pos in unknown)
     return (
-        f"prime has characters not in the model's vocabulary: {listed}; "
+        f"{what} has characters not in the model's vocabulary: {listed}; "
         "remove or replace them (GET /info lists the vocabulary)"
+    )
+
+
+def _top_n_error(loc: tuple[str, ...], n: int | None, vocab_size: int) -> list[dict[str, Any]]:
+    if n is None or n <= vocab_size:
+        return []
+    msg = f"at most the vocabulary size ({vocab_size}) alternatives per character"
+    return [_error(loc, msg, "less_than_equal")]
+
+
+def validate_score(
+    model: LoadedModel, settings: Settings, *, text: str, context: str, top_logprobs: int
+) -> GenerationRequest:
+    """``POST /score`` as a scored prime (``context + text``, scored from the text on) that
+    never generates, or a 422 naming every problem."""
+    vocab = model.backend.vocab
+    errors: list[dict[str, Any]] = []
+    if len(text) > settings.max_score_chars:
+        msg = (
+            f"text is {len(text)} characters; at most {settings.max_score_chars} are allowed "
+            "(score a longer text in parts, passing the end of one part as the next context)"
+        )
+        errors.append(_error(("body", "text"), msg, "string_too_long"))
+    elif unknown := vocab.unknown(text):
+        errors.append(
+            _error(("body", "text"), describe_unknown(unknown, "text"), "unknown_characters")
+        )
+    if len(context) > settings.max_prime_chars:
+        msg = (
+            f"context is {len(context)} characters; at most {settings.max_prime_chars} are allowed"
+        )
+        errors.append(_error(("body", "context"), msg, "string_too_long"))
+    elif unknown := vocab.unknown(context):
+        errors.append(
+            _error(("body", "context"), describe_unknown(unknown, "context"), "unknown_characters")
+        )
+    errors += _top_n_error(("body", "top_logprobs"), top_logprobs, len(vocab))
+    if errors:
+        raise RequestValidationError(errors)
+    return GenerationRequest(
+        context + text,
+        0,
+        SamplingParams(seed=0),
+        stream=False,
+        score_from=len(context),
+        score_top=top_logprobs,
     )
 
 
@@ -43,9 +89,18 @@ def validate_generation(
     stop: list[str],
     field_names: dict[str, str] | None = None,
     stream: bool = True,
+    logprobs: int | None = None,
+    echo_scored: bool = False,
 ) -> GenerationRequest:
-    """The generation a request asks ``model`` for, or a 422 naming every problem."""
-    names = {"prime": "prime", "max_new": "max_new_chars", "top_k": "top_k", **(field_names or {})}
+    """The generation a request asks ``model`` for, or a 422 naming every problem.
+    ``echo_scored``: the prime is scored too (OpenAI's ``echo`` with ``logprobs``)."""
+    names = {
+        "prime": "prime",
+        "max_new": "max_new_chars",
+        "top_k": "top_k",
+        "logprobs": "logprobs",
+        **(field_names or {}),
+    }
     vocab = model.backend.vocab
     errors: list[dict[str, Any]] = []
     if len(prime) > settings.max_prime_chars:
@@ -76,6 +131,7 @@ def validate_generation(
                 "less_than_equal",
             )
         )
+    errors += _top_n_error((source, names["logprobs"]), logprobs, len(vocab))
     if errors:
         raise RequestValidationError(errors)
     sampling = SamplingParams(
@@ -84,4 +140,13 @@ def validate_generation(
         top_p=top_p,
         seed=seed if seed is not None else secrets.randbelow(MAX_SEED),
     )
-    return GenerationRequest(prime, max_new, sampling, tuple(stop), stream)
+    return GenerationRequest(
+        prime,
+        max_new,
+        sampling,
+        tuple(stop),
+        stream,
+        logprobs,
+        score_from=0 if echo_scored else None,
+        score_top=(logprobs or 0) if echo_scored else 0,
+    )

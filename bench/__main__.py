@@ -10,7 +10,7 @@ import json
 import re
 import time
 
-from bench import burst, decode_step, serve_throughput, train_throughput
+from bench import burst, decode_step, scoring, serve_throughput, train_throughput
 from bench.common import DEFAULT_MODEL, ROOT
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -130,7 +130,8 @@ def update_readme(text: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument(
-        "--only", choices=["decode_step", "serve_throughput", "burst", "train_throughput"]
+        "--only",
+        choices=["decode_step", "serve_throughput", "burst", "train_throughput", "scoring"],
     )
     p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
     args = p.parse_args()
@@ -140,6 +141,7 @@ def main() -> None:
         "serve_throughput": lambda: serve_throughput.run(args.checkpoint),
         "burst": lambda: burst.run(args.checkpoint),
         "train_throughput": lambda: train_throughput.run(),
+        "scoring": lambda: scoring.run(args.checkpoint),
     }
     for name, fn in runs.items():
         if args.only and name != args.only:

@@ -118,6 +118,7 @@ class StepDecoder:
             # The overloads themselves: calling the packets resolves them on every call.
             self._step = torch.ops.charrnn.lstm_step.default
             self._recurrence = torch.ops.charrnn.lstm_prime.default
+            self._outputs = torch.ops.charrnn.lstm_prime_outputs.default
             self._decode = torch.ops.charrnn.lstm_decode.default
             self.kernels = "native"
         else:
@@ -147,13 +148,16 @@ class StepDecoder:
         seeds: torch.Tensor,
         positions: torch.Tensor,
         steps: int,
+        seen: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """``steps`` characters per row in one native call (``multi_step`` decoders): sample
         each from the logits as ``charrnn.sampling.sample_next`` does, with the uniform of
         (seed, position + s), and step the network on it. ``seeds`` and ``positions`` are
         int64 [B] (the bits of the uint64 values). Returns ids [steps, B] and the logits and
         state after the last step. The same ids as one ``sample``-then-``step`` per character,
-        however the characters are split into calls. In inference mode, like ``step``."""
+        however the characters are split into calls. With ``seen`` (float32 [steps, B, V]),
+        the logits each character was sampled from are written into it (for logprobs).
+        In inference mode, like ``step``."""
         ids, logits, h, c = self._decode(
             logits,
             state[0],
@@ -168,6 +172,7 @@ class StepDecoder:
             seeds,
             positions,
             steps,
+            seen,
         )
         return ids, logits, (h, c)
 
@@ -194,6 +199,44 @@ class StepDecoder:
         time to ``step`` (int8: integer sums and the same cell): the scheduler may then run
         several primes side by side as batched steps."""
         return self.weights == "int8"
+
+    @torch.inference_mode()
+    def prime_all(
+        self, ids: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """``prime`` that keeps the logits after every position: [T, V] (row t is the
+        distribution of the character after ``ids[t]``), for scoring a text. The rows are the
+        numbers the decode step would give after the same characters: the int8 LSTM's head
+        applied to each position's round(127 h) as ``step`` applies it; other int8 decoders
+        step position by position (``exact_steps``); fp32 runs the model, like ``prime``."""
+        if self.weights == "fp32":
+            out = []
+            for start in range(0, ids.shape[0], self.prime_align):
+                logits, state = self.model(ids[None, start : start + self.prime_align], state)
+                out.append(logits[0])
+            return torch.cat(out), state
+        if self.kernels == "native":
+            h, c, q = self._outputs(
+                ids,
+                self.table0,
+                self.inputs,
+                self.recurrent,
+                self.scales[: self.layers],
+                self.biases[: self.layers],
+                PRIME_CHUNK,
+                *((None, None) if state is None else state),
+            )
+            # The decode step's head (lstm_int8.cpp ``head``), op for op: the same numbers.
+            logits = torch._int_mm(q, self.mats[-1].t()) * self.scales[-1]
+            if self.biases[-1].numel() > 0:
+                logits = logits + self.biases[-1]
+            return logits, (h, c)
+        state = state if state is not None else self.model.init_state(1)
+        rows = []
+        for t in range(ids.shape[0]):
+            logits, state = self.step(ids[t : t + 1], state)
+            rows.append(logits)
+        return torch.cat(rows), state
 
     @torch.inference_mode()
     def prime(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:

@@ -2,7 +2,8 @@
 
 Starts the service on a free loopback port with one model, opens the page in headless
 Chromium (Debian's ``chromium``, driven by Playwright), types a prime, presses Generate and
-takes the picture while the text is still streaming in, then presses Stop.
+takes the picture while the text is still streaming in (coloured by probability, one
+character's alternatives shown), then presses Stop.
 
     .venv/bin/python scripts/playground_screenshot.py                    # models/alice.pt
     .venv/bin/python scripts/playground_screenshot.py --model /tmp/tiny.pt --out /tmp/pg.png
@@ -88,6 +89,7 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=800)
     ap.add_argument("--scale", type=float, default=1.0, help="device pixel ratio")
     ap.add_argument("--dark", action="store_true", help="prefer the dark colour scheme")
+    ap.add_argument("--plain", action="store_true", help="leave 'Colour by probability' off")
     ap.add_argument("--chromium", default=os.environ.get("CHARRNN_CHROMIUM", "/usr/bin/chromium"))
     args = ap.parse_args()
 
@@ -124,6 +126,8 @@ def main() -> int:
             # The output box at its full height from the start, so that the layout holds
             # still while the text streams in and the crop below is exact.
             page.add_style_tag(content=".text { height: min(62vh, 40rem); }")
+            if not args.plain:
+                page.check("#colour")
             page.click("#generate")
             page.evaluate("document.activeElement && document.activeElement.blur()")
             page.wait_for_function(
@@ -131,6 +135,8 @@ def main() -> int:
                 " || document.querySelector('#state').dataset.state !== 'streaming'"
                 " && document.querySelector('#state').dataset.state !== 'connecting'"
             )
+            if not args.plain:  # one character's alternatives, as a hover shows them
+                page.hover("#generated .tok >> nth=60")
             # Crop below the page's content; no animations, so the caret shows.
             bottom = page.evaluate("document.querySelector('main').getBoundingClientRect().bottom")
             height = min(args.height, int(bottom) + 1)

@@ -247,3 +247,70 @@ def test_api_key_field_when_keys_are_configured(browser, tiny_checkpoint: Path, 
             assert generated_len(pg) == 30 and not pg.is_visible("#error")
         finally:
             context.close()
+
+
+# -- probabilities ----------------------------------------------------------------------------
+
+
+def test_colouring_by_probability_with_alternatives_by_keyboard(page, server: Server):
+    """With the toggle on, every generated character is a shaded span; its logprob is the
+    server's; focusing one with the arrow keys (or hovering it) shows its alternatives."""
+    set_params(page, "Alice was", 120, seed=11)
+    page.check("#colour")
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='done']")
+    page.wait_for_selector("#legend:not([hidden])")
+    text = page.evaluate("document.querySelector('#generated').textContent")
+    assert page.locator("#generated .tok").count() == len(text) == 120
+    want = httpx.post(
+        f"{server.url}/generate",
+        json={
+            "prime": "Alice was",
+            "max_new_chars": 120,
+            "seed": 11,
+            "temperature": 0.8,
+            "logprobs": 5,
+        },
+        timeout=30,
+    ).json()
+    assert text == want["generated_text"]
+    shades = page.evaluate(
+        "[...document.querySelectorAll('#generated .tok')].map(s => s.className)"
+    )
+    expected = [
+        f"tok s{min(5, int(-lp / 0.6931471805599453))}" for lp in want["logprobs"]["token_logprobs"]
+    ]
+    assert shades == expected
+    bits = -sum(want["logprobs"]["token_logprobs"]) / 120 / 0.6931471805599453
+    assert page.text_content("#stat-bpc") == f"{bits:.3f}"
+    # Keyboard: focus the output, move to the third character.
+    page.focus("#text")
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.i") == "2"
+    page.wait_for_selector("#alts:not([hidden])")
+    alts = page.text_content("#alts")
+    first_alt = want["logprobs"]["top_logprobs"][2][0]["text"]
+    assert repr(text[2]) in alts and repr(first_alt) in alts
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#alts", state="hidden")
+    # Hovering shows them too.
+    page.hover("#generated .tok >> nth=10")
+    page.wait_for_selector("#alts:not([hidden])")
+    assert repr(text[10]) in page.text_content("#alts")
+
+
+def test_score_mode_colours_a_pasted_text(page, server: Server):
+    sample = "The queen said to the rabbit."
+    page.click("#score-box summary")
+    page.fill("#score-text", sample)
+    page.click("#score")
+    page.wait_for_selector("#state[data-state='scored']")
+    want = httpx.post(f"{server.url}/score", json={"text": sample}, timeout=30).json()
+    assert page.text_content("#stat-bpc") == f"{want['bpc']:.3f}"
+    assert page.locator("#generated .tok").count() == len(sample)
+    assert page.locator("#generated .tok.none").count() == 1  # the first: nothing before it
+    page.fill("#score-text", "Al\u2603ce")
+    page.click("#score")
+    page.wait_for_selector("#state[data-state='rejected']")
+    assert "\u2603" in page.text_content("#error") or "2603" in page.text_content("#error")

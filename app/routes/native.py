@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse
 
+from app import logprobs
 from app.admission import Submitted, resolve_model
 from app.config import Settings
 from app.deps import RegistryDep, SettingsDep, SubmittedDep
@@ -54,12 +55,17 @@ def _submit(
         seed=req.seed,
         stop=req.stop,
         stream=stream,
+        logprobs=req.logprobs,
     )
     return model, gens.submit(model, request, settings.stream_backlog)
 
 
-def _result(gen: Generation, done: Done) -> dict:
+def _result(gen: Generation, done: Done, with_logprobs: bool = True) -> dict:
+    extra = {}
+    if with_logprobs and done.logprobs is not None:
+        extra["logprobs"] = logprobs.native(done.logprobs)
     return {
+        **extra,
         "generated_text": done.generated_text,
         "finish_reason": done.finish_reason,
         "seed": gen.request.sampling.seed,
@@ -70,7 +76,12 @@ def _result(gen: Generation, done: Done) -> dict:
     }
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+)
 async def generate(
     req: GenerateRequest,
     request: Request,
@@ -112,15 +123,30 @@ async def query_submission(
 def _sse_encoder(gen: Generation) -> Callable[[Event], bytes]:
     def encode(event: Event) -> bytes:
         if isinstance(event, TextRun):  # one event per character
+            if event.logprobs is not None:
+                tops = event.top if event.top is not None else [None] * len(event.text)
+                return b"".join(
+                    sse("token", logprobs.token_event(i, ch, p, top))
+                    for i, ch, p, top in zip(
+                        range(event.index, event.index + len(event.text)),
+                        event.text,
+                        event.logprobs,
+                        tops,
+                        strict=True,
+                    )
+                )
             return b"".join(
                 sse("token", f'{{"index":{i},"text":{json.dumps(ch)}}}')
                 for i, ch in enumerate(event.text, event.index)
             )
         if isinstance(event, Done):
-            payload = _result(gen, event)
+            payload = _result(gen, event, with_logprobs=False)  # the token events had them
             payload["usage"] = payload["usage"].model_dump()
             return sse("done", json.dumps(payload))
-        return sse("error", StreamError(message=event.message, type=event.type).model_dump_json())
+        if isinstance(event, Failed):
+            error = StreamError(message=event.message, type=event.type)
+            return sse("error", error.model_dump_json())
+        return b""  # a Scored prime: native generation does not ask for one
 
     return encode
 

@@ -71,6 +71,7 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
         max_concurrent=settings.max_concurrent,
         max_queue=settings.max_queue,
         max_body_bytes=settings.max_body_bytes,
+        max_score_chars=settings.max_score_chars,
         auth_required=bool(settings.api_key_list),
     )
     return Info(models=models, limits=limits)

@@ -38,6 +38,12 @@
     finish: $("stat-finish"),
     seedUsed: $("stat-seed"),
     reuseSeed: $("reuse-seed"),
+    colour: $("colour"),
+    scoreText: $("score-text"),
+    score: $("score"),
+    bpc: $("stat-bpc"),
+    alts: $("alts"),
+    legend: $("legend"),
   };
   const FIELDS = ["model", "prime", "temperature", "top_p", "top_k", "seed", "max_new_chars"];
   const KEY_STORE = "charrnn.apiKey";
@@ -91,16 +97,19 @@
     stopped: "stopped",
     rejected: "rejected",
     error: "error",
+    scoring: "scoring…",
+    scored: "scored",
   };
 
   function setState(state) {
     ui.state.dataset.state = state;
     ui.state.textContent = STATE_LABELS[state] ?? state;
     ui.text.dataset.state = state;
-    const busy = state === "connecting" || state === "streaming";
+    const busy = state === "connecting" || state === "streaming" || state === "scoring";
     ui.text.setAttribute("aria-busy", String(busy));
     ui.generate.disabled = busy || !info || info.models.length === 0;
-    ui.stop.disabled = !busy;
+    ui.stop.disabled = !busy || state === "scoring";
+    ui.score.disabled = busy || !info;
   }
 
   function showError(message) {
@@ -296,10 +305,137 @@
     }
     const seed = ui.seed.value.trim();
     if (/^\d+$/.test(seed)) body.seed = seed;
+    if (ui.colour.checked) body.logprobs = 5;
     return body;
   }
 
+  // -- probabilities ------------------------------------------------------------------------
+  //
+  // A coloured character is a <span class="tok sN"> whose shade N (0-5, one hue, light to
+  // dark) is its surprisal in whole bits, capped: -log2 p. Its logprob and alternatives stay
+  // in `shown` (by data-i), so hovering or focusing it shows them. Spans are made a frame's
+  // worth at a time in a fragment, so colouring keeps up with a stream at full speed.
+
+  const LN2 = Math.log(2);
+  let shown = []; // [{text, logprob, top}] of the coloured characters on screen
+
+  function shade(logprob) {
+    if (logprob === null || logprob === undefined) return "none";
+    return `s${Math.min(5, Math.floor(-logprob / LN2))}`;
+  }
+
+  function tokenSpans(tokens) {
+    const frag = document.createDocumentFragment();
+    for (const t of tokens) {
+      const span = document.createElement("span");
+      span.className = `tok ${shade(t.logprob)}`;
+      span.dataset.i = String(shown.length);
+      span.tabIndex = -1;
+      span.textContent = t.text;
+      shown.push(t);
+      frag.appendChild(span);
+    }
+    return frag;
+  }
+
+  const pct = (logprob) => {
+    const p = Math.exp(logprob) * 100;
+    return p >= 10 ? `${p.toFixed(0)}%` : p >= 0.1 ? `${p.toFixed(1)}%` : "<0.1%";
+  };
+
+  function showAlts(span) {
+    const t = shown[Number(span.dataset.i)];
+    if (!t) return;
+    const rows = [];
+    const head = t.logprob === null || t.logprob === undefined
+      ? `${pyRepr(t.text)}: first character, nothing to condition on`
+      : `${pyRepr(t.text)}: ${pct(t.logprob)} (${(-t.logprob / LN2).toFixed(2)} bits)`;
+    for (const alt of t.top ?? []) {
+      const mark = alt.text === t.text ? " ←" : "";
+      rows.push(`<li><code>${escapeHTML(pyRepr(alt.text))}</code> ${pct(alt.logprob)}${mark}</li>`);
+    }
+    ui.alts.innerHTML = `<p>${escapeHTML(head)}</p>${rows.length ? `<ol>${rows.join("")}</ol>` : ""}`;
+    ui.alts.hidden = false;
+    const box = ui.text.getBoundingClientRect();
+    const r = span.getBoundingClientRect();
+    const host = ui.alts.offsetParent?.getBoundingClientRect() ?? box;
+    ui.alts.style.left = `${Math.max(0, r.left - host.left)}px`;
+    ui.alts.style.top = `${r.bottom - host.top + 4}px`;
+  }
+
+  function hideAlts() {
+    ui.alts.hidden = true;
+  }
+
+  function escapeHTML(s) {
+    return s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+  }
+
+  /** Arrow keys move among the coloured characters of the output (a roving focus). */
+  function onOutputKey(e) {
+    const spans = ui.generated.querySelectorAll(".tok");
+    if (!spans.length) return;
+    const current = document.activeElement?.classList?.contains("tok") ? document.activeElement : null;
+    let i = current ? Number(current.dataset.i) : -1;
+    if (e.key === "ArrowRight") i = Math.min(spans.length - 1, i + 1);
+    else if (e.key === "ArrowLeft") i = Math.max(0, i < 0 ? 0 : i - 1);
+    else if (e.key === "Home") i = 0;
+    else if (e.key === "End") i = spans.length - 1;
+    else if (e.key === "Escape") {
+      hideAlts();
+      ui.text.focus();
+      return;
+    } else return;
+    e.preventDefault();
+    e.stopPropagation();
+    spans[i].focus();
+  }
+
+  async function scoreText() {
+    if (run) return;
+    clearErrors();
+    const text = ui.scoreText.value;
+    const body = { text, top_logprobs: 5, model: ui.model.value || null };
+    const headers = { "Content-Type": "application/json" };
+    const key = ui.apiKey.value.trim();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    resetOutput("");
+    setState("scoring");
+    let resp;
+    try {
+      resp = await fetch("score", { method: "POST", headers, body: JSON.stringify(body) });
+    } catch (e) {
+      showError(`Lost the connection to the server: ${e.message}`);
+      setState("error");
+      return;
+    }
+    if (!resp.ok) {
+      await showHttpError(resp);
+      setState("rejected");
+      return;
+    }
+    const data = await resp.json();
+    const lp = data.logprobs;
+    const tokens = lp.tokens.map((t, i) => ({
+      text: t,
+      logprob: lp.token_logprobs[i],
+      top: lp.top_logprobs[i],
+    }));
+    ui.generated.replaceChildren(tokenSpans(tokens));
+    ui.legend.hidden = false;
+    ui.chars.textContent = fmtInt(data.chars);
+    ui.bpc.textContent = data.bpc === null ? "–" : data.bpc.toFixed(3);
+    ui.bpc.title = `nll ${data.nll?.toFixed(4)} nats/char, perplexity ${data.perplexity?.toFixed(3)}`;
+    ui.finish.textContent = "scored";
+    setState("scored");
+  }
+
   function resetOutput(prime) {
+    shown = [];
+    hideAlts();
+    ui.legend.hidden = true;
+    ui.bpc.textContent = "–";
+    ui.bpc.title = "";
     ui.placeholder.hidden = true;
     ui.primeEcho.textContent = prime;
     ui.generated.textContent = "";
@@ -320,6 +456,10 @@
       this.first = null; // time of the first character
       this.count = 0;
       this.pending = "";
+      this.coloured = body.logprobs !== undefined;
+      this.tokens = []; // coloured characters waiting for the next frame
+      this.nats = 0; // their surprisal so far, for bits per character
+      this.scored = 0;
       this.node = document.createTextNode("");
       this.flushQueued = false;
       this.lastRateAt = 0;
@@ -327,7 +467,12 @@
       ui.generated.replaceChildren(this.node);
     }
 
-    queue(text) {
+    queue(text, payload) {
+      if (this.coloured && payload) {
+        this.tokens.push({ text, logprob: payload.logprob, top: payload.top_logprobs });
+        this.nats -= payload.logprob;
+        this.scored += 1;
+      }
       if (this.first === null) {
         this.first = performance.now();
         ui.ttfc.textContent = `${fmtInt(this.first - this.sent)} ms`;
@@ -346,7 +491,13 @@
       if (this.pending) {
         const box = ui.text;
         const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 48;
-        this.node.appendData(this.pending);
+        if (this.coloured) {
+          ui.generated.appendChild(tokenSpans(this.tokens));
+          this.tokens = [];
+          if (this.scored) ui.bpc.textContent = (this.nats / this.scored / LN2).toFixed(3);
+        } else {
+          this.node.appendData(this.pending);
+        }
         this.pending = "";
         if (follow) box.scrollTop = box.scrollHeight;
       }
@@ -398,7 +549,7 @@
       } catch {
         return;
       }
-      if (type === "token") this.queue(payload.text);
+      if (type === "token") this.queue(payload.text, payload);
       else if (type === "start") this.onStart(payload, data);
       else if (type === "done") this.onDone(payload, data);
       else if (type === "error") this.onStreamError(payload);
@@ -488,6 +639,7 @@
     resetOutput(body.prime);
     setState("connecting");
     run = new Run(body);
+    ui.legend.hidden = !run.coloured;
     run.start();
   }
 
@@ -520,6 +672,17 @@
     });
     document.addEventListener("keydown", (e) => {
       if (e.key === "Escape" && run) run.stop();
+    });
+    ui.score.addEventListener("click", scoreText);
+    ui.text.addEventListener("keydown", onOutputKey);
+    for (const kind of ["mouseover", "focusin"]) {
+      ui.text.addEventListener(kind, (e) => {
+        if (e.target.classList?.contains("tok")) showAlts(e.target);
+      });
+    }
+    ui.text.addEventListener("mouseleave", hideAlts);
+    ui.text.addEventListener("focusout", (e) => {
+      if (!ui.text.contains(e.relatedTarget)) hideAlts();
     });
     ui.reuseSeed.addEventListener("click", () => {
       ui.seed.value = ui.seedUsed.textContent;

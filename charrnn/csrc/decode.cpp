@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -149,17 +150,23 @@ using StepFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, 
 
 // `steps` characters for every row: sample from the logits, step the network on them, and
 // again. Row b's draw for its s-th character here is uniform(seeds[b], positions[b] + s).
-// ids [steps, B], and the logits and state after the last step.
+// ids [steps, B], and the logits and state after the last step. With ``seen`` (a float32
+// [steps, B, V]), the logits each character was sampled from are copied into it (for
+// logprobs; the caller passes it only when a row asked for them).
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
     const Tensor& logits, const Tensor& h_all, const Tensor& c_all, const Tensor& table0,
     at::TensorList weights, at::TensorList scales, at::TensorList biases,
     const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& seeds,
-    const Tensor& positions, int64_t steps) {
+    const Tensor& positions, int64_t steps, const std::optional<Tensor>& seen) {
   check_params(logits, temperature, top_k, top_p);
   const int64_t batch = logits.size(0);
   check_rows(seeds, batch, at::kLong, "seeds");
   check_rows(positions, batch, at::kLong, "positions");
   TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
+  if (seen.has_value())
+    TORCH_CHECK(seen->scalar_type() == at::kFloat && seen->dim() == 3 && seen->size(0) == steps &&
+                    seen->size(1) == batch && seen->size(2) == logits.size(1),
+                "seen must be a float32 [steps, B, V]");
   static const auto step = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("charrnn::lstm_step", "")
                                .typed<StepFn>();
@@ -171,6 +178,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
   Tensor x = logits.contiguous(), h = h_all, c = c_all;
   for (int64_t s = 0; s < steps; ++s) {
     Tensor row_ids = ids[s];
+    if (seen.has_value()) (*seen)[s].copy_(x);
     const uint64_t offset = static_cast<uint64_t>(s);
     sample_rows(x, t, k, p, [&](int64_t b) { return uniform(sd[b], ps[b] + offset); },
                 row_ids.data_ptr<int64_t>());
@@ -188,7 +196,7 @@ TORCH_LIBRARY_FRAGMENT(charrnn, m) {
   m.def(
       "lstm_decode(Tensor logits, Tensor h_all, Tensor c_all, Tensor table0, Tensor[] weights, "
       "Tensor[] scales, Tensor[] biases, Tensor temperature, Tensor top_k, Tensor top_p, "
-      "Tensor seeds, Tensor positions, int steps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor seeds, Tensor positions, int steps, Tensor(a!)? seen=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(charrnn, CPU, m) {

@@ -199,11 +199,15 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
   return {logits, h_out, c_out};
 }
 
-std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
-                                      at::TensorList inputs, at::TensorList recurrent,
-                                      at::TensorList scales, at::TensorList biases,
-                                      int64_t chunk, const std::optional<Tensor>& h0,
-                                      const std::optional<Tensor>& c0) {
+// h and c after the prime, and round(127 h) of the last layer at every position [T, H]
+// (what the head reads: the logits after each position, for scoring).
+std::tuple<Tensor, Tensor, Tensor> lstm_prime_outputs(const Tensor& ids, const Tensor& table0,
+                                                      at::TensorList inputs,
+                                                      at::TensorList recurrent,
+                                                      at::TensorList scales, at::TensorList biases,
+                                                      int64_t chunk,
+                                                      const std::optional<Tensor>& h0,
+                                                      const std::optional<Tensor>& c0) {
   const int64_t layers = static_cast<int64_t>(recurrent.size());
   TORCH_CHECK(layers >= 1 && static_cast<int64_t>(inputs.size()) == layers &&
                   static_cast<int64_t>(scales.size()) >= layers &&
@@ -338,6 +342,16 @@ std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
     }
     if (failed) std::rethrow_exception(failed);
   }
+  return {h, c, outs[layers - 1]};
+}
+
+std::tuple<Tensor, Tensor> lstm_prime(const Tensor& ids, const Tensor& table0,
+                                      at::TensorList inputs, at::TensorList recurrent,
+                                      at::TensorList scales, at::TensorList biases,
+                                      int64_t chunk, const std::optional<Tensor>& h0,
+                                      const std::optional<Tensor>& c0) {
+  auto [h, c, outs] =
+      lstm_prime_outputs(ids, table0, inputs, recurrent, scales, biases, chunk, h0, c0);
   return {h, c};
 }
 
@@ -350,9 +364,14 @@ TORCH_LIBRARY(charrnn, m) {
   m.def(
       "lstm_prime(Tensor ids, Tensor table0, Tensor[] inputs, Tensor[] recurrent, "
       "Tensor[] scales, Tensor[] biases, int chunk, Tensor? h0=None, Tensor? c0=None) -> (Tensor, Tensor)");
+  m.def(
+      "lstm_prime_outputs(Tensor ids, Tensor table0, Tensor[] inputs, Tensor[] recurrent, "
+      "Tensor[] scales, Tensor[] biases, int chunk, Tensor? h0=None, Tensor? c0=None) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(charrnn, CPU, m) {
   m.impl("lstm_step", &lstm_step);
   m.impl("lstm_prime", &lstm_prime);
+  m.impl("lstm_prime_outputs", &lstm_prime_outputs);
 }
