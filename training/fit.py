@@ -298,15 +298,21 @@ class Trainer:
                 f"{was[1]}; resume with the same values"
             )
         self.model.load_state_dict(ckpt.model.state_dict())
-        self.progress = Progress(**saved["progress"])
-        if self.progress.total_steps is None:  # older checkpoints
-            self.progress.total_steps = self._step_cap()
+        p = self.progress = Progress(**saved["progress"])
+        # A budgeted run keeps the length it planned; otherwise --epochs and --max-steps,
+        # which may have changed, set it.
+        was, p.total_steps = p.total_steps, p.total_steps or self._step_cap()
+        if self.cfg.max_minutes is None:
+            p.total_steps = self._step_cap()
         # The schedule first: building one sets the optimizer's learning rate, which the
         # optimizer's saved state then overrides.
-        self.sched = _make_schedule(self.cfg, self.opt, self.progress.total_steps)
+        self.sched = _make_schedule(self.cfg, self.opt, p.total_steps)
         self.opt.load_state_dict(saved["optimizer"])
         if self.sched is not None and saved["scheduler"] is not None:
-            self.sched.load_state_dict(saved["scheduler"])
+            if was in (None, p.total_steps):
+                self.sched.load_state_dict(saved["scheduler"])
+            else:  # the run's length changed: the same schedule shape over the new length
+                self.sched = _make_schedule(self.cfg, self.opt, p.total_steps, p.step)
         if self.scaler.is_enabled() and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None and saved.get("ema") is not None:
@@ -330,6 +336,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.scaler.step(self.opt)
         self.scaler.update()
+        self.step_lr = self.opt.param_groups[0]["lr"]  # the rate this step used
         if self.sched is not None:
             self.sched.step()
         if self.ema is not None:
@@ -371,7 +378,8 @@ class Trainer:
         if eval_s is None:  # not measured yet: inference is about a third of a training step
             chars = sum(w.count + w.burn for w in self.windows) / max(self.dist.world, 1)
             eval_s = step_s * chars / (cfg.batch_size * cfg.seq_len) / 3
-        left = cfg.max_minutes * 60 - self._used_s()
+        # Plan to end a little early: step times wander, and the budget is a hard stop.
+        left = 0.97 * cfg.max_minutes * 60 - self._used_s()
         more = max(int(left / (step_s + eval_s / every)), 1)
         total = min(self._step_cap(), p.step + more)
         total = distributed.broadcast_object(self.dist, total)
@@ -416,7 +424,7 @@ class Trainer:
                 self._plan((time.perf_counter() - t_plan) / (PLAN_AT - 1), None)
                 bar.total = p.total_steps
             epoch_end = p.batch == n
-            if p.step % TRAIN_LOG_EVERY == 0 or epoch_end:
+            if p.step % TRAIN_LOG_EVERY == 0 or epoch_end or p.step >= p.total_steps:
                 now = time.perf_counter()
                 p.elapsed_s += now - t0
                 train_loss = float(loss_sum) / window
@@ -426,7 +434,7 @@ class Trainer:
                         "step": p.step,
                         "epoch": p.epoch,
                         "train_loss": train_loss,
-                        "lr": self.opt.param_groups[0]["lr"],
+                        "lr": self.step_lr,
                         "chars_per_s": cps,
                     }
                 )
