@@ -234,7 +234,7 @@ class Trainer:
                 "val_predictions": sum(w.count for w in self.windows),
                 "corpus_sha256": self.corpus.sha256,
                 "device": self._device_name(),
-                "precision": self.precision.describe(),
+                "precision": self.precision.describe(self.cfg.cell),
                 "world_size": self.dist.world,
                 "torch": str(torch.__version__),
                 "python": platform.python_version(),

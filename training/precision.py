@@ -39,12 +39,15 @@ class Precision:
     tf32: bool  # TF32 for CUDA matmuls and cuDNN
     grad_scaler: bool  # scale the loss (fp16's narrow exponent range)
 
-    @property
-    def rnn_dtype(self) -> torch.dtype:
-        """The dtype the recurrent layers compute in."""
-        return self.autocast if (self.autocast and self.rnn_autocast) else torch.float32
+    def rnn_dtype(self, cell: str = "lstm") -> torch.dtype:
+        """The dtype the recurrent layers compute in (CPU autocast has a bf16 LSTM, no GRU)."""
+        if not (self.autocast and self.rnn_autocast):
+            return torch.float32
+        if cell == "gru" and self.device_type == "cpu":
+            return torch.float32
+        return self.autocast
 
-    def describe(self) -> str:
+    def describe(self, cell: str = "lstm") -> str:
         def name(dtype: torch.dtype | None) -> str:
             if dtype in (None, torch.float32):
                 return "tf32" if self.tf32 else "fp32"
@@ -53,7 +56,7 @@ class Precision:
         scaler = ", GradScaler" if self.grad_scaler else ""
         return (
             f"{self.name} on {self.device_type}: embedding/head {name(self.autocast)}, "
-            f"LSTM {name(self.rnn_dtype)}{scaler}; weights fp32"
+            f"{cell.upper()} {name(self.rnn_dtype(cell))}{scaler}; weights fp32"
         )
 
     def apply_tf32(self) -> None:
