@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (well under 10 minutes on an H200): the CUDA-only tests, training
-# precision checks,
-# throughput at the notebook's settings, the decode step at batch 1..1024 and the serving
-# benchmark, each saved as JSON under $OUT (default bench/gpu). Needs the project installed
-# (pip install -e '.[dev]') and the Alice text at ../shared/data/alice.txt or --data.
+# Every GPU check in one run (well under 10 minutes on an H200): the CUDA-only tests, the
+# training precision checks, training throughput at the notebook's settings, the decode step
+# at batch 1..1024 and the serving benchmark, each saved as JSON under $OUT (default
+# bench/gpu). Needs the project installed (pip install -e '.[dev]') and the Alice text at
+# ../shared/data/alice.txt or --data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu}

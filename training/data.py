@@ -219,16 +219,22 @@ def _build(path: Path, cache_dir: Path) -> Corpus:
     tmp = cache_dir / f"{_temp_prefix(info.sha256)}{os.getpid()}.tmp"
     table, _ = lookup_table(vocab)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=table.dtype, shape=(info.n_chars,))
-        at = 0
-        for cps, _raw in code_points(path):
-            out[at : at + len(cps)] = table[cps]
-            at += len(cps)
-        if at != info.n_chars:
-            raise TrainingError(f"data file changed while it was being read: {path}")
-        out.flush()
-        del out
-        with tmp.open("rb+") as f:
+        # Plain writes, not a writable memory map: the written pages would count in the
+        # process's memory (a 1 GB corpus is 2 GB of uint16 ids).
+        with tmp.open("wb") as f:
+            header = {
+                "descr": np.lib.format.dtype_to_descr(table.dtype),
+                "fortran_order": False,
+                "shape": (info.n_chars,),
+            }
+            np.lib.format.write_array_header_1_0(f, header)
+            at = 0
+            for cps, _raw in code_points(path):
+                f.write(table[cps].tobytes())
+                at += len(cps)
+            if at != info.n_chars:
+                raise TrainingError(f"data file changed while it was being read: {path}")
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, ids_path)
     except BaseException:
