@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from charrnn import Vocabulary, load_checkpoint
-from tests.conftest import make_text, tiny_model
+from tests.conftest import make_text, tiny_fit_args, tiny_model
 from tests.test_training import StopAfter, tiny_cfg
 from training.__main__ import main
 from training.data import encode
 from training.evaluate import BURN_IN, eval_windows, nll, windows_nll
-from training.fit import Trainer, fit
+from training.fit import REG_HEAVY_EPOCHS, REG_LIGHT_EPOCHS, Trainer, fit
 from training.outputs import last_path, metrics_path
 
 
@@ -120,3 +120,25 @@ def test_eval_state_is_not_disturbed(corpus_file, tmp_path):
     b.run()
     for wa, wb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(wa, wb)
+
+
+def test_budgeted_cli_takes_the_budget_recipe_and_picks_regularisation(corpus_file, tmp_path):
+    out = tmp_path / "m.pt"
+    args = tiny_fit_args(corpus_file, out, 100_000)
+    assert main([*args, "--max-minutes", "0.05"]) == 0
+    meta = load_checkpoint(last_path(out)).meta
+    train = meta["train"]
+    # Not given: the budget recipe's; given (batch size, epochs): as given.
+    assert (train["schedule"], train["lr"], train["precision"]) == ("onecycle", 4e-3, "bf16")
+    assert train["batch_size"] == 8 and train["auto_regularization"] is True
+    # Regularisation in proportion to the epochs the budget buys (measured: a tiny model on
+    # a tiny text sees it a dozen times or more in 3 s).
+    epochs = meta["metrics"]["budget_epochs_planned"]
+    x = min(max((epochs - REG_LIGHT_EPOCHS) / (REG_HEAVY_EPOCHS - REG_LIGHT_EPOCHS), 0), 1)
+    assert epochs > 10 and train["dropout"] == pytest.approx(0.2 + 0.35 * x, abs=0.01)
+    assert train["embed_dropout"] == pytest.approx(0.2 * x, abs=0.01)
+    assert train["weight_decay"] == pytest.approx(0.3 * x, abs=0.01)
+    # Given, a setting is kept and nothing is picked.
+    main([*args, "--max-minutes", "0.02", "--dropout", "0.1", "--out", str(tmp_path / "d.pt")])
+    train = load_checkpoint(last_path(tmp_path / "d.pt")).meta["train"]
+    assert train["dropout"] == 0.1 and train["auto_regularization"] is False

@@ -46,15 +46,14 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--embed-dropout",
         type=float,
-        default=d.embed_dropout,
-        help="dropout on the character embeddings",
+        help=f"dropout on the character embeddings (default {d.embed_dropout})",
     )
     p.add_argument("--cell", choices=["lstm", "gru"], default=d.cell)
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     p.add_argument("--lr", type=float, help=f"learning rate (peak for onecycle; default {d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     p.add_argument(
         "--schedule", choices=["constant", "onecycle", "cosine"], help=f"default {d.schedule}"
     )
@@ -167,10 +166,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         layers=args.layers,
         embed=args.embed,
-        embed_dropout=args.embed_dropout,
+        embed_dropout=args.embed_dropout or 0.0,
         cell=args.cell,
         seq_len=args.seq_len,
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay or 0.0,
         clip=args.clip,
         val_frac=args.val_frac,
         patience=args.patience,
@@ -185,6 +184,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         threads=args.threads,
         resume=args.resume,
         progress=not args.quiet,
+        auto_regularization=args.max_minutes is not None
+        and args.dropout is None
+        and args.embed_dropout is None
+        and args.weight_decay is None,
         **{**recipe, **given},
     )
     stop = StopFlag()

@@ -58,6 +58,9 @@ class FitConfig:
     max_steps: int | None = None
     # A time budget: the LR schedule is sized from the measured step time to end with it.
     max_minutes: float | None = None
+    # With max_minutes: pick dropout, embedding dropout and weight decay from the number of
+    # epochs the budget buys (measured), instead of the values above.
+    auto_regularization: bool = False
     cache_dir: Path | None = None  # the id cache; None: training.data.default_cache_dir()
     threads: int | None = None
     resume: bool = False

@@ -12,10 +12,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from charrnn.decode import StepDecoder
-from charrnn.model import CharRNN
+from charrnn.model import CharRNN, State
 
-# Long enough that per-call overhead vanishes, short enough to bound activation memory.
-CHUNK = 2048
+# Positions one call of the recurrence may cover (streams x time): long enough that the
+# per-call overhead vanishes, short enough to bound activation memory.
+RECUR_POSITIONS = 1 << 16
+CHUNK = 2048  # time steps per call at most
 # Logit elements (streams x time x vocabulary) one forward call may hold: 64 MiB of fp32.
 MAX_LOGITS = 1 << 24
 # A sampled stream scores this many characters...
@@ -81,20 +83,35 @@ def windows_nll(
 def _streams_nll(
     model: CharRNN, rows: np.ndarray, burn: int, device: torch.device
 ) -> tuple[float, int]:
+    """The recurrence runs over long chunks (few calls: oneDNN re-packs its weights on each);
+    the head and the loss over slices of them, so the logits stay within MAX_LOGITS even with
+    a vocabulary of thousands; the burn-in's outputs skip the head."""
     batch, length = rows.shape
-    vocab = model.config.vocab_size
-    chunk = max(16, min(CHUNK, MAX_LOGITS // (batch * vocab)))
+    head_len = max(1, MAX_LOGITS // (batch * model.config.vocab_size))
+    chunk = max(16, min(CHUNK, RECUR_POSITIONS // batch))
     total, count, state = 0.0, 0, None
     for start in range(0, length - 1, chunk):
         x = torch.from_numpy(rows[:, start : start + chunk + 1].astype(np.int64)).to(device)
         y, x = x[:, 1:], x[:, :-1]
-        logits, state = model(x, state)
-        loss = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-        skip = max(burn - start, 0)  # the burn-in's predictions are read, not scored
-        if skip < loss.shape[1]:
-            total += loss[:, skip:].double().sum().item()
-            count += loss[:, skip:].numel()
+        out, state = _recur(model, x, state)
+        for a in range(max(burn - start, 0), out.shape[1], head_len):
+            logits = model.head(out[:, a : a + head_len])
+            loss = F.cross_entropy(
+                logits.float().transpose(1, 2), y[:, a : a + head_len], reduction="sum"
+            )
+            total += float(loss)
+            count += logits.shape[0] * logits.shape[1]
     return total, count
+
+
+def _recur(model: CharRNN, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+    """The model's forward pass up to the head (in eval mode: no dropout)."""
+    h = model.embed(x)
+    if state is None:
+        out, new = model.rnn(h)
+    else:
+        out, new = model.rnn(h, state if model.n_state == 2 else state[0])
+    return out, tuple(new) if isinstance(new, tuple) else (new,)
 
 
 def sharded_nll(

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -32,6 +31,10 @@ TRAIN_LOG_EVERY = 10  # steps between train-loss points on the curve
 PLAN_AT = 10  # the step time measured over steps 2..PLAN_AT sizes budgets and auto evals
 AUTO_EVAL_S = 300.0  # by default, validate at least this often (seconds of training)
 AUTO_EVAL_CHARS = 250_000  # by default, a larger held-out tail is sampled down to this
+PROBE_STEPS = 4  # steps timed (the first one as warm-up) to pick a budgeted run's regularisation
+# A budgeted run that sees its text this many times or fewer gets light regularisation; this
+# many or more, the shipped Alice recipe's (models/README.md); in between, in proportion.
+REG_LIGHT_EPOCHS, REG_HEAVY_EPOCHS = 5.0, 20.0
 
 
 @dataclass
@@ -154,6 +157,8 @@ class Trainer:
         self.train_chars = len(train_ids)
         self.windows = self._eval_windows()
 
+        if cfg.auto_regularization and cfg.max_minutes is not None:
+            self._pick_regularization()
         torch.manual_seed(cfg.seed)
         self.model_config = ModelConfig(
             vocab_size=len(self.vocab),
@@ -217,6 +222,45 @@ class Trainer:
         cap = self.cfg.epochs * self.batches.n_batches
         return min(cap, self.cfg.max_steps) if self.cfg.max_steps else cap
 
+    def _pick_regularization(self) -> None:
+        """A budgeted run's dropout and weight decay, from how many epochs its budget buys:
+        light where it sees the text a few times (underfitting is the risk), the shipped Alice
+        recipe's where it sees it 20 times or more (overfitting is)."""
+        cfg = self.cfg
+        step_s = distributed.broadcast_object(self.dist, self._probe_step_s())
+        steps = (cfg.max_minutes or 0) * 60 / step_s
+        epochs = steps * cfg.batch_size * cfg.seq_len / self.train_chars
+        x = min(max((epochs - REG_LIGHT_EPOCHS) / (REG_HEAVY_EPOCHS - REG_LIGHT_EPOCHS), 0), 1)
+        cfg.dropout = round(0.2 + 0.35 * x, 3)
+        cfg.embed_dropout = round(0.2 * x, 3)
+        cfg.weight_decay = round(0.3 * x, 3)
+        self.planned_epochs = round(epochs, 1)
+
+    planned_epochs: float | None = None
+
+    def _probe_step_s(self) -> float:
+        """Seconds per training step, timed on a throwaway copy of the model."""
+        rng = torch.get_rng_state()
+        cfg = self.cfg
+        model = CharRNN(
+            ModelConfig(len(self.vocab), cfg.hidden, cfg.layers, cfg.embed, 0.2, cfg.cell)
+        ).to(self.device)
+        forward = precision.TrainForward(model, self.precision)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        times = []
+        for i in range(PROBE_STEPS):
+            t = time.perf_counter()
+            x, y = self.batches[i % self.batches.n_batches]
+            loss, _ = forward(x, None, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t)
+        torch.set_rng_state(rng)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
     # -- checkpoints -------------------------------------------------------------------------
 
     def _meta(self) -> dict[str, Any]:
@@ -235,6 +279,7 @@ class Trainer:
                 "corpus_sha256": self.corpus.sha256,
                 "device": self._device_name(),
                 "precision": self.precision.describe(self.cfg.cell),
+                "budget_epochs_planned": self.planned_epochs,
                 "world_size": self.dist.world,
                 "torch": str(torch.__version__),
                 "python": platform.python_version(),
@@ -327,9 +372,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits, state = self.net(x, self.state)
+        loss, state = self.net(x, self.state, y)
         self.state = _detach(state)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)

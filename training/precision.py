@@ -22,12 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from charrnn.model import CharRNN, State
 from training.errors import TrainingError
+from training.loss import linear_cross_entropy
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+# Above this many logits in a batch (128 MiB of fp32) the head and the loss run in slices.
+FUSED_HEAD_LOGITS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -98,17 +102,43 @@ class TrainForward(nn.Module):
         self.model = model
         self.precision = precision
 
-    def forward(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, ids: torch.Tensor, state: State | None, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """(logits, state); given targets, (mean cross-entropy loss, state)."""
+        vocab = self.model.config.vocab_size
+        if targets is None or targets.numel() * vocab <= FUSED_HEAD_LOGITS:
+            logits, new = self._logits(ids, state)
+            if targets is None:
+                return logits, new
+            return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1)), new
+        # A large vocabulary: the head and the loss in slices (training/loss.py).
+        out, new = self._features(ids, state)
+        head = self.model.head
+        dtype = self.precision.autocast or torch.float32
+        flat = out.reshape(-1, out.shape[-1])
+        return linear_cross_entropy(flat, head.weight, head.bias, targets.reshape(-1), dtype), new
+
+    def _logits(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         p, m = self.precision, self.model
         if p.rnn_autocast:
             with p.autocast_context():
                 return m(ids, state)
-        x = m.embed_drop(m.embed(ids))
-        with torch.autocast(p.device_type, enabled=False):
-            hx: Any = None
-            if state is not None:
-                hx = (state[0], state[1]) if m.n_state == 2 else state[0]
-            out, new = m.rnn(x.float(), hx)
+        out, new = self._features(ids, state)
         with p.autocast_context():
-            logits = m.head(m.drop(out))
-        return logits, tuple(new) if isinstance(new, tuple) else (new,)
+            return m.head(out), new
+
+    def _features(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """The model's forward pass up to the head (dropout included)."""
+        p, m = self.precision, self.model
+        hx: Any = None
+        if state is not None:
+            hx = (state[0], state[1]) if m.n_state == 2 else state[0]
+        x = m.embed_drop(m.embed(ids))
+        if p.rnn_autocast:
+            with p.autocast_context():
+                out, new = m.rnn(x, hx)
+        else:
+            with torch.autocast(p.device_type, enabled=False):
+                out, new = m.rnn(x.float(), hx)
+        return m.drop(out), tuple(new) if isinstance(new, tuple) else (new,)
