@@ -142,3 +142,12 @@ def test_budgeted_cli_takes_the_budget_recipe_and_picks_regularisation(corpus_fi
     main([*args, "--max-minutes", "0.02", "--dropout", "0.1", "--out", str(tmp_path / "d.pt")])
     train = load_checkpoint(last_path(tmp_path / "d.pt")).meta["train"]
     assert train["dropout"] == 0.1 and train["auto_regularization"] is False
+
+
+def test_budgeted_run_resumes_with_the_regularisation_it_picked(corpus_file, tmp_path):
+    out = tmp_path / "m.pt"
+    args = [*tiny_fit_args(corpus_file, out, 100_000), "--max-minutes", "0.05"]
+    assert main(args) == 0
+    picked = load_checkpoint(last_path(out)).meta["train"]["dropout"]
+    assert main([*args, "--resume"]) == 0  # the budget is spent: it stops at once
+    assert load_checkpoint(last_path(out)).meta["train"]["dropout"] == picked

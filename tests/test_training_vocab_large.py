@@ -72,3 +72,33 @@ def test_service_info_and_sampling_with_8000_characters(big_vocab_checkpoint, tm
             assert text == want
         r = httpx.post(f"{s.url}/generate", json={"prime": "x", "top_k": len(ckpt.vocab) + 1})
         assert r.status_code == 422 and str(len(ckpt.vocab)) in r.text
+
+
+def test_native_sampler_agrees_with_sample_next_at_8000_characters():
+    """The native sampler sorts only as far as the draw and the nucleus read; it picks what
+    sample_next picks but where the draw lies within float rounding of an edge."""
+    import torch
+
+    from charrnn import native
+    from charrnn.sampling import sample_next
+    from tests.test_sampling import _reference_interval
+
+    if not native.load():
+        pytest.skip("the native kernels are not available here (no C++ compiler)")
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    logits = torch.randn(n, V, generator=g) * torch.rand(n, 1, generator=g) * 8
+    temperature = torch.rand(n, generator=g) * 1.5 + 0.2
+    top_k = torch.randint(1, V + 5, (n,), generator=g)
+    top_k[::4] = V
+    top_p = torch.rand(n, generator=g) * 0.9 + 0.1
+    top_p[::3] = 1.0
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    want = sample_next(logits, temperature, top_k, top_p, u)
+    got = torch.ops.charrnn.sample(logits, temperature, top_k, top_p, u)
+    differ = (want != got).nonzero().flatten().tolist()
+    assert len(differ) <= 2, differ
+    for i in differ:
+        for ids in (want, got):
+            row = (logits[i], temperature[i], top_k[i], top_p[i], u[i], ids[i])
+            assert _reference_interval(*row) < 1e-5

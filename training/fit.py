@@ -158,7 +158,10 @@ class Trainer:
         self.windows = self._eval_windows()
 
         if cfg.auto_regularization and cfg.max_minutes is not None:
-            self._pick_regularization()
+            if cfg.resume:  # what the run picked when it started
+                distributed.agree(d, self._regularization_of_last)
+            else:
+                self._pick_regularization()
         torch.manual_seed(cfg.seed)
         self.model_config = ModelConfig(
             vocab_size=len(self.vocab),
@@ -237,6 +240,18 @@ class Trainer:
         self.planned_epochs = round(epochs, 1)
 
     planned_epochs: float | None = None
+
+    def _regularization_of_last(self) -> None:
+        path = outputs.last_path(self.cfg.out)
+        try:
+            meta = load_checkpoint(path).meta
+        except CheckpointError as e:
+            raise TrainingError(f"cannot resume: {e}") from None
+        train = meta.get("train", {})
+        for key in ("dropout", "embed_dropout", "weight_decay"):
+            if key in train:
+                setattr(self.cfg, key, train[key])
+        self.planned_epochs = meta.get("metrics", {}).get("budget_epochs_planned")
 
     def _probe_step_s(self) -> float:
         """Seconds per training step, timed on a throwaway copy of the model."""
