@@ -88,17 +88,20 @@ def _hwm_kb(pid: int) -> int:
     return 0
 
 
-def _first(metrics: Path, key: str) -> dict | None:
+def _records(metrics: Path) -> list[dict]:
     if not metrics.exists():
-        return None
+        return []
+    out = []
     for line in metrics.read_text().splitlines():
         try:
-            record = json.loads(line)
+            out.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # being written
-        if key in record:
-            return record
-    return None
+    return out
+
+
+def _first(metrics: Path, key: str) -> dict | None:
+    return next((r for r in _records(metrics) if key in r), None)
 
 
 def fit_run(data: Path, out: Path, cache: Path, until: str, limit_s: float) -> dict[str, object]:
@@ -149,9 +152,9 @@ def fit_run(data: Path, out: Path, cache: Path, until: str, limit_s: float) -> d
     if proc.returncode not in (0, 130):
         raise RuntimeError(f"fit failed ({proc.returncode}): {err.decode()[-2000:]}")
     result["peak_rss_mb"] = round(peak / 1024)
-    record = _first(metrics, "train_loss")
-    if record:
-        result["chars_per_s"] = round(record["chars_per_s"])
+    speeds = [r["chars_per_s"] for r in _records(metrics) if "chars_per_s" in r]
+    if speeds:  # the median of the logged windows (the first one holds the warm-up)
+        result["chars_per_s"] = round(sorted(speeds)[len(speeds) // 2])
     return result
 
 
