@@ -278,13 +278,6 @@ def tail_ids(path: str | Path, vocab: Vocabulary, frac: float) -> np.ndarray:
     return out
 
 
-def read_corpus(path: str | Path) -> str:
-    """The whole file as text (for small texts); refuses missing, empty or non-UTF-8 files."""
-    path = Path(path)
-    scan(path)
-    return path.read_text(encoding="utf-8")
-
-
 # -- batches -----------------------------------------------------------------------------------
 
 
