@@ -232,7 +232,7 @@ class Trainer:
         cfg = self.cfg
         step_s = distributed.broadcast_object(self.dist, self._probe_step_s())
         steps = (cfg.max_minutes or 0) * 60 / step_s
-        epochs = steps * cfg.batch_size * cfg.seq_len / self.train_chars
+        epochs = min(steps * cfg.batch_size * cfg.seq_len / self.train_chars, cfg.epochs)
         x = min(max((epochs - REG_LIGHT_EPOCHS) / (REG_HEAVY_EPOCHS - REG_LIGHT_EPOCHS), 0), 1)
         cfg.dropout = round(0.2 + 0.35 * x, 3)
         cfg.embed_dropout = round(0.2 * x, 3)
