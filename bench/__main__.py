@@ -10,7 +10,7 @@ import json
 import re
 import time
 
-from bench import burst, decode_step, scoring, serve_throughput, train_throughput
+from bench import burst, decode_step, scoring, serve_throughput, train_corpus, train_throughput
 from bench.common import DEFAULT_MODEL, ROOT
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -84,6 +84,17 @@ def table(results: dict) -> str:
             f"{t['ours_time_to_target_s']} s | {t['notebook_time_to_target_s']} s "
             f"(projected) | {t['time_to_target_fraction']} of it |"
         )
+    if c := results.get("train_corpus"):
+        mb = c["corpus_bytes"] // 1_000_000
+        lines += [
+            f"| `fit` on {mb} MB of Python source: peak RSS | {c['peak_rss_mb']:,} MB | "
+            f"{c.get('baseline_load_peak_rss_mb', '-'):,} MB (loading it as before) | "
+            f"{c.get('peak_rss_vs_baseline', '-')}x |",
+            f"| the same: start to first step, cold / warm id cache | "
+            f"{c['cold_first_step_s']} / {c['warm_first_step_s']} s | | |",
+            f"| the same: first best checkpoint (`--eval-every 50 --eval-chars 200000`) | "
+            f"{c['first_best_checkpoint_s']} s | | |",
+        ]
     lines += [
         "",
         "| batch | service step (int8) | per step in calls of 16 | int8 step in TorchScript | "
@@ -131,7 +142,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument(
         "--only",
-        choices=["decode_step", "serve_throughput", "burst", "train_throughput", "scoring"],
+        choices=[
+            "decode_step",
+            "serve_throughput",
+            "burst",
+            "train_throughput",
+            "scoring",
+            "train_corpus",
+        ],
     )
     p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
     args = p.parse_args()
@@ -142,6 +160,7 @@ def main() -> None:
         "burst": lambda: burst.run(args.checkpoint),
         "train_throughput": lambda: train_throughput.run(),
         "scoring": lambda: scoring.run(args.checkpoint),
+        "train_corpus": lambda: train_corpus.run(),
     }
     for name, fn in runs.items():
         if args.only and name != args.only:

@@ -167,6 +167,41 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         "peak_int8_gops": round(int8_peak / 1e9, 1),
         "rows": rows,
         **primes,
+        "large_vocab": large_vocab(dev),
+    }
+
+
+LARGE_VOCAB = 8000  # a corpus of source code has ~8,000-9,000 distinct characters
+
+
+@torch.inference_mode()
+def large_vocab(dev: torch.device) -> dict[str, object]:
+    """One stream (batch 1) of the service's step on a 2x512 model with V = 8,000."""
+    from charrnn.vocab import Vocabulary
+
+    chars = "abcdefghijklmnopqrstuvwxyz" + "".join(chr(0x4E00 + i) for i in range(LARGE_VOCAB - 26))
+    vocab = Vocabulary(chars)  # already in code-point order
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=len(vocab))).to(dev).eval()
+    weights = "int8" if dev.type == "cpu" else "fp32"
+    backend = ModelBackend(Checkpoint(model, vocab), dev, weights=weights)
+    batch = backend.new_row("abc", 1.0, None, 1.0, 0)[0]
+    positions = np.zeros(1, dtype=np.uint64)
+    t = median_seconds(lambda: backend.advance(batch, positions, _ignore), reps=30, warmup=3)
+    u = torch.rand(1, dtype=torch.float64, device=dev)
+    t_sampling = median_seconds(
+        lambda: backend.decoder.sample(
+            batch.logits, batch.temperature, batch.top_k, batch.top_p, u
+        ),
+        reps=30,
+        warmup=3,
+    )
+    return {
+        "vocab_size": len(vocab),
+        "weights": weights,
+        "step_us": round(t * 1e6, 1),
+        "sampling_us": round(t_sampling * 1e6, 1),
+        "one_stream_chars_per_s": round(1 / t),
     }
 
 

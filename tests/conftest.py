@@ -4,6 +4,7 @@ Tests never read ../shared: users' clones do not have it."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def make_text(n_chars: int = 6000, seed: int = 0) -> str:
         out.append(sentence)
         size += len(sentence)
     return "".join(out)[:n_chars]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _id_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Training's encoded-corpus cache goes to a temp folder, not the user's ~/.cache."""
+    os.environ["CHARRNN_CACHE_DIR"] = str(tmp_path_factory.mktemp("id-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def tiny_cfg(data: Path, out: Path, **overrides) -> FitConfig:
 
 def test_batches_are_shifted_streams_like_the_notebook(corpus_text):
     vocab = Vocabulary.from_text(corpus_text)
-    ids = encode(vocab, corpus_text)
+    ids = torch.from_numpy(encode(vocab, corpus_text).astype(np.int64))
     b = make_batches(ids, 8, 50)
     assert b.n_batches == (len(ids) - 1) // 400
     x0, y0 = b[0]
@@ -50,7 +50,8 @@ def test_batches_are_shifted_streams_like_the_notebook(corpus_text):
     assert torch.equal(y0[:, -1], x1[:, 0])
     # Each row continues the same contiguous stream of the text.
     row_len = b.n_batches * 50
-    assert torch.equal(b.x[3], ids[3 * row_len : 4 * row_len])
+    row3 = torch.cat([b[i][0][3] for i in range(b.n_batches)])
+    assert torch.equal(row3, ids[3 * row_len : 4 * row_len])
     # Same windows as the notebook's generator (whose last target wraps; ours does not).
     arr = ids.numpy()[: b.n_batches * 400 + 1]
     for i, (nx, ny) in enumerate(notebook_get_batches(arr[:-1], 8, 50)):
@@ -63,7 +64,8 @@ def test_ddp_ranks_take_disjoint_rows(corpus_text):
     ids = encode(Vocabulary.from_text(corpus_text), corpus_text)
     full = make_batches(ids, 8, 25)
     r0, r1 = make_batches(ids, 8, 25, 0, 2), make_batches(ids, 8, 25, 1, 2)
-    assert torch.equal(r0.x, full.x[0::2]) and torch.equal(r1.x, full.x[1::2])
+    for i in range(full.n_batches):
+        assert torch.equal(r0[i][0], full[i][0][0::2]) and torch.equal(r1[i][1], full[i][1][1::2])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -204,10 +206,6 @@ BAD_CLI = [
     (["fit", "--data", "{corpus}", "--out", "{out}", "--val-frac", "1.5"], "--val-frac must"),
     (["fit", "--data", "{corpus}", "--out", "{out}", "--hidden", "0"], "--hidden must"),
     (["fit", "--data", "{corpus}", "--out", "{out}", "--dropout", "1"], "--dropout must"),
-    (
-        ["fit", "--data", "{corpus}", "--out", "{tmp}/no/such/dir/m.pt"],
-        "output directory does not exist",
-    ),
     (["fit", "--data", "{corpus}", "--out", "/proc/m.pt"], "cannot write to output directory"),
     (["fit", "--data", "{corpus}", "--out", "{tmp}"], "output path is a directory"),
     (

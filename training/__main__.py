@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -19,10 +20,14 @@ from charrnn.decode import StepDecoder
 from charrnn.generate import generate
 from charrnn.sampling import MAX_SEED, SamplingParams
 from charrnn.vocab import UnknownCharactersError
-from training.config import FitConfig
-from training.data import read_corpus
+from training.config import BUDGET_RECIPE, FitConfig
+from training.data import tail_ids
 from training.errors import TrainingError
-from training.evaluate import bpc, nll, step_nll
+from training.evaluate import bpc, eval_windows, step_nll, windows_nll
+from training.precision import PRECISIONS
+
+# Options whose default depends on whether the run has a time budget (BUDGET_RECIPE).
+RECIPE = ("batch_size", "dropout", "schedule", "lr", "precision", "epochs")
 
 
 def _fit_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,29 +41,56 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dropout",
         type=float,
-        default=d.dropout,
-        help="dropout between LSTM layers and before the head",
+        help=f"dropout between LSTM layers and before the head (default {d.dropout})",
     )
     p.add_argument(
         "--embed-dropout",
         type=float,
-        default=d.embed_dropout,
-        help="dropout on the character embeddings",
+        help=f"dropout on the character embeddings (default {d.embed_dropout})",
     )
     p.add_argument("--cell", choices=["lstm", "gru"], default=d.cell)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (peak for onecycle)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", choices=["constant", "onecycle", "cosine"], default=d.schedule)
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--lr", type=float, help=f"learning rate (peak for onecycle; default {d.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    p.add_argument(
+        "--schedule", choices=["constant", "onecycle", "cosine"], help=f"default {d.schedule}"
+    )
     p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip")
     p.add_argument("--val-frac", type=float, default=d.val_frac)
     p.add_argument(
         "--patience",
         type=int,
         default=None,
-        help="stop after this many epochs without a better validation NLL",
+        help="stop after this many evaluations without a better validation NLL",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="STEPS",
+        help="validate every STEPS optimizer steps (default: at each epoch's end, or every "
+        "5 minutes of training when an epoch is longer)",
+    )
+    p.add_argument(
+        "--eval-chars",
+        type=int,
+        metavar="N",
+        help="validate on a fixed sample of N held-out characters, scored as parallel streams "
+        "(default: the whole tail as one stream, up to 250,000 characters)",
+    )
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="a time budget: the LR schedule is sized from the measured step time to end "
+        "annealed with it; settings not given take the budget recipe",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the encoded corpus is kept (default $CHARRNN_CACHE_DIR, else "
+        "~/.cache/charrnn/ids)",
     )
     p.add_argument(
         "--ema",
@@ -71,10 +103,10 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
-        default=d.precision,
-        help="bf16: mixed precision (autocast) for the forward pass, ~1.5x faster on CPUs "
-        "with native bf16; weights, optimizer and validation stay fp32",
+        choices=list(PRECISIONS),
+        help=f"fp32 (default {d.precision}; on CUDA with TF32 off), tf32 (CUDA), bf16 "
+        "(CPU: autocast, the LSTM in bf16; CUDA: embedding/head in bf16, the LSTM in fp32 with "
+        "TF32), fp16 (CUDA: autocast with a GradScaler); weights and validation stay fp32",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last checkpoint")
@@ -102,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only the last fraction of the file (default: all of it)",
     )
     e.add_argument(
+        "--eval-chars",
+        type=int,
+        metavar="N",
+        help="score a fixed sample of N characters of the tail as parallel streams, as fit "
+        "validates (default: the whole tail as one stream)",
+    )
+    e.add_argument("--threads", type=int, help="CPU threads for torch")
+    e.add_argument(
         "--decode",
         choices=["fp32", "int8"],
         help="score through the service's one-character decode step in this precision "
@@ -118,40 +158,47 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_fit(args: argparse.Namespace) -> int:
     from training.fit import StopFlag, fit
 
+    recipe = BUDGET_RECIPE if args.max_minutes is not None else {}
+    given = {k: getattr(args, k) for k in RECIPE if getattr(args, k) is not None}
     cfg = FitConfig(
         data=args.data,
         out=args.out,
         hidden=args.hidden,
         layers=args.layers,
         embed=args.embed,
-        dropout=args.dropout,
-        embed_dropout=args.embed_dropout,
+        embed_dropout=args.embed_dropout or 0.0,
         cell=args.cell,
-        batch_size=args.batch_size,
         seq_len=args.seq_len,
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
+        weight_decay=args.weight_decay or 0.0,
         clip=args.clip,
         val_frac=args.val_frac,
         patience=args.patience,
         ema=args.ema,
         seed=args.seed,
         device=args.device,
-        precision=args.precision,
+        eval_every=args.eval_every,
+        eval_chars=args.eval_chars,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        cache_dir=args.cache_dir,
         threads=args.threads,
         resume=args.resume,
         progress=not args.quiet,
+        auto_regularization=args.max_minutes is not None
+        and args.dropout is None
+        and args.embed_dropout is None
+        and args.weight_decay is None,
+        **{**recipe, **given},
     )
     stop = StopFlag()
     stop.install()
     result = fit(cfg, stop)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
         return 130 if result.interrupted else 0
+    best = result.best_val_nll if math.isfinite(result.best_val_nll) else None
     summary = {
-        "best_val_nll": result.best_val_nll,
-        "best_val_bpc": bpc(result.best_val_nll),
+        "best_val_nll": best,
+        "best_val_bpc": bpc(best) if best is not None else None,
         "epochs": result.epochs,
         "steps": result.steps,
         "checkpoint": str(cfg.out),
@@ -171,16 +218,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if not 0 < args.tail_frac <= 1:
         raise TrainingError("--tail-frac must be in (0, 1]")
+    if args.eval_chars is not None and args.eval_chars < 1:
+        raise TrainingError("--eval-chars must be >= 1")
+    if args.eval_chars is not None and args.decode:
+        raise TrainingError("--eval-chars and --decode cannot be combined")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
-    text = read_corpus(args.data)
-    tail = text[len(text) - int(len(text) * args.tail_frac) :]
-    if len(tail) < 2:
+    ids = tail_ids(args.data, ckpt.vocab, args.tail_frac)
+    if len(ids) < 2:
         raise TrainingError("the text to evaluate needs at least 2 characters")
-    ids = torch.tensor(ckpt.vocab.encode(tail), dtype=torch.long)
     if args.decode:
-        value, count = step_nll(StepDecoder(ckpt.model, args.decode), ids)
+        tensor = torch.from_numpy(ids.astype("int64"))
+        value, count = step_nll(StepDecoder(ckpt.model, args.decode), tensor)
     else:
-        value, count = nll(ckpt.model, ids)
+        total, count = windows_nll(ckpt.model, ids, eval_windows(len(ids), args.eval_chars))
+        value = total / count
     print(json.dumps({"nll": value, "bpc": bpc(value), "chars": count}))
     return 0
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from training.errors import TrainingError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,7 @@ class Dist:
 
 
 def init(device_type: str) -> Dist:
-    """Join the process group that torchrun describes in the environment, if any."""
+    """Join the process group that torchrun describes in the environment (env://), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -42,19 +48,55 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank says True (so all ranks stop at the same step)."""
+def agree(d: Dist, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank, then agree: if it failed on any rank, every rank raises that
+    failure's one-line reason, so no rank is left waiting in a collective for a dead peer.
+
+    ``fn`` must not itself use collectives."""
+    value: Any = None
+    error: str | None = None
+    failure: BaseException | None = None
+    try:
+        value = fn()
+    except Exception as e:  # any failure on this rank is reported on all of them
+        failure = e
+        error = str(e) if isinstance(e, TrainingError) else f"{type(e).__name__}: {e}"
     if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        if failure is not None:
+            raise failure
+        return value
+    errors: list[str | None] = [None] * d.world
+    dist.all_gather_object(errors, error)
+    if failure is not None:
+        raise failure
+    for rank, e in enumerate(errors):
+        if e is not None:
+            raise TrainingError(f"rank {rank} failed: {e}")
+    return value
 
 
-def broadcast_float(d: Dist, value: float, device: torch.device) -> float:
+def broadcast_object(d: Dist, value: T) -> T:
     """Rank 0's value on every rank."""
     if not d.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(d: Dist, value: Any) -> list[Any]:
+    """Every rank's value, in rank order, on every rank."""
+    if not d.enabled:
+        return [value]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def any_ranks(d: Dist, flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag True on every rank if any rank says True (so all ranks act at one step)."""
+    if not d.enabled:
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]

@@ -24,13 +24,16 @@ def curve_path(out: Path) -> Path:
     return out.with_name(out.stem + ".loss.png")
 
 
-def check_writable(out: Path) -> None:
-    """Fail before training, not after an hour, when the output cannot be written."""
+def prepare_out(out: Path) -> None:
+    """Create the output folder (as nanoGPT does) and fail before training, not after an
+    hour, when the output cannot be written."""
     parent = out.parent
     if out.is_dir():
         raise TrainingError(f"output path is a directory: {out}")
-    if not parent.is_dir():
-        raise TrainingError(f"output directory does not exist: {parent}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot create output directory {parent}: {e.strerror}") from None
     try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".write-probe-")
         os.close(fd)

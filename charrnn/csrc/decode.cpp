@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <optional>
@@ -47,7 +48,36 @@ double uniform(uint64_t seed, uint64_t position) {
 struct Scratch {
   std::vector<float> probs, cum;
   std::vector<int64_t> order;
-  explicit Scratch(int64_t vocab) : probs(vocab), cum(vocab), order(vocab) {}
+  std::vector<uint64_t> keys;
+  explicit Scratch(int64_t vocab) : probs(vocab), cum(vocab), order(vocab), keys(vocab) {}
+};
+
+// The likeliest characters of a row in the order of a stable descending sort, sorted only as
+// far as the sampler reads: with thousands of characters (a corpus of source code has ~9,000)
+// a full sort costs ~500 us a row, while the draw and the nucleus almost always end within the
+// first few dozen. Each key is (probability descending, index ascending) in one integer:
+// probabilities are >= 0, so their float bits order as the values do.
+struct Ranked {
+  const float* p;
+  uint64_t* keys;
+  int64_t* order;
+  float* cum;
+  int64_t k;         // the top-k candidates are keys[0, k)
+  int64_t ready = 0;  // order[0, ready) and cum[0, ready) are final
+  double acc = 0.0;  // cumulative mass in sorted order, in double (as ATen's CPU cumsum)
+
+  // Makes order[r] and cum[r] final (r < k).
+  void ensure(int64_t r) {
+    if (r < ready) return;
+    const int64_t want = std::min(k, std::max({r + 1, 2 * ready, int64_t{64}}));
+    if (want < k) std::nth_element(keys + ready, keys + want, keys + k);
+    std::sort(keys + ready, keys + want);
+    for (int64_t i = ready; i < want; ++i) {
+      order[i] = static_cast<int64_t>(keys[i] & 0xffffffffULL);
+      cum[i] = static_cast<float>(acc += p[order[i]]);
+    }
+    ready = want;
+  }
 };
 
 // One row of sample_next, step by step in its order and precision: softmax of (logits - max) / T
@@ -69,26 +99,47 @@ int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_
   const float inv = 1.0f / sum;
   for (int64_t j = 0; j < vocab; ++j) p[j] *= inv;
 
-  int64_t* order = s.order.data();
-  std::iota(order, order + vocab, int64_t{0});
-  std::stable_sort(order, order + vocab, [p](int64_t a, int64_t b) { return p[a] > p[b]; });
-
-  // The top-k mass, then the nucleus: the shortest prefix whose mass before each kept
-  // character stays under top_p of it (so the first character is always kept).
   const int64_t k = std::clamp<int64_t>(top_k, 1, vocab);
-  float* cum = s.cum.data();
-  double acc = 0.0;
-  for (int64_t r = 0; r < k; ++r) cum[r] = static_cast<float>(acc += p[order[r]]);
-  const float limit = top_p * cum[k - 1];
-  int64_t kept = 1;  // even when top_p * mass rounds to 0 in float32
-  while (kept < k && cum[kept] - p[order[kept]] < limit) ++kept;
-  // Over the kept prefix the cumulative sums are the ones just made. A character whose
-  // probability rounded to 0 can never be picked, and a draw that rounds up to the whole
-  // mass picks the last character with any.
-  while (kept > 1 && p[order[kept - 1]] == 0.0f) --kept;
-  const float target = static_cast<float>(u) * cum[kept - 1];
-  const int64_t pick = std::upper_bound(cum, cum + kept, target) - cum;
-  return order[std::min(pick, kept - 1)];
+  uint64_t* keys = s.keys.data();
+  for (int64_t j = 0; j < vocab; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, p + j, sizeof bits);
+    keys[j] = (static_cast<uint64_t>(~bits) << 32) | static_cast<uint64_t>(j);
+  }
+  if (k < vocab) std::nth_element(keys, keys + k, keys + vocab);  // the top k first
+  // The top-k mass (summed in index order: it can differ from the sorted sum in its last bit,
+  // which moves only draws within float rounding of an edge, as the header says).
+  double mass = 0.0;
+  for (int64_t r = 0; r < k; ++r) mass += p[keys[r] & 0xffffffffULL];
+  Ranked ranked{p, keys, s.order.data(), s.cum.data(), k};
+  const int64_t* order = ranked.order;
+  const float* cum = ranked.cum;
+
+  // The nucleus: the shortest prefix whose mass before each kept character stays under top_p
+  // of the top-k mass (so the first character is always kept, even when top_p * mass rounds
+  // to 0 in float32). With top_p >= 1 it is all of the top k.
+  const float limit = top_p * static_cast<float>(mass);
+  int64_t kept = k;
+  if (top_p < 1.0f) {
+    kept = 1;
+    while (kept < k) {
+      ranked.ensure(kept);
+      if (!(cum[kept] - p[order[kept]] < limit)) break;
+      ++kept;
+    }
+  }
+  // The first character whose cumulative mass exceeds u times the kept mass. A character whose
+  // probability rounded to 0 can never be picked, and a draw that rounds up to the whole mass
+  // picks the last character with any.
+  ranked.ensure(0);
+  const float whole = kept == k ? static_cast<float>(mass) : cum[kept - 1];
+  const float target = static_cast<float>(u) * whole;
+  for (int64_t r = 0; r < kept; ++r) {
+    ranked.ensure(r);
+    if (r > 0 && p[order[r]] == 0.0f) return order[r - 1];
+    if (cum[r] > target) return order[r];
+  }
+  return order[kept - 1];
 }
 
 void check_rows(const Tensor& t, int64_t batch, at::ScalarType dtype, const char* what) {
