@@ -13,6 +13,7 @@ import torch
 from app.backend import ModelBackend, decode_precision
 from app.config import Settings
 from app.engine import Done, Failed, Generation, Scheduler
+from app.graphs import prepare
 from app.metrics import Metrics
 from charrnn.checkpoint import load_checkpoint
 from charrnn.model import resolve_device
@@ -83,6 +84,7 @@ class Registry:
                 device,
                 backend.model.num_parameters(),
             )
+            prepare(name, backend, settings.max_concurrent, settings.decode_weights)
         reg.default = next(iter(reg.models))
         return reg
 

@@ -134,6 +134,11 @@ class ModelInfo(BaseModel):
         description="what runs the decode step: the C++ int8 LSTM kernels, the TorchScript "
         "ones, or op by op (CUDA replays these from CUDA graphs)"
     )
+    decode_reason: str = Field(description="why the decode step runs in this precision")
+    batch_invariant: bool = Field(
+        description="whether a request's text is the same alone or among other requests"
+    )
+    batch_invariance: str = Field(description="why it is or is not")
 
 
 class Limits(BaseModel):

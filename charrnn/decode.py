@@ -34,12 +34,22 @@ import torch
 
 from charrnn import kernels, native
 from charrnn.model import CharRNN, State
+from charrnn.quantization import Precision, quantize
 from charrnn.sampling import sampler
 
-Precision = Literal["fp32", "int8"]
 # How the step runs: the C++ int8 LSTM (native), the kernels compiled by TorchScript, or the
 # kernels op by op (CUDA, where graphs replay them; or where TorchScript is unavailable).
 Kernels = Literal["native", "torchscript", "eager"]
+
+# Rows per fixed-shape fp32 matmul of the step (kernels.blocked_mm): every row goes through
+# the same GEMM kernel at every batch size. On the CPU 8 rows cost a lone row ~1.3x the
+# matrix-vector product's time; on CUDA 32 rows is a tensor-core tile and one kernel.
+FP32_BLOCK = {"cpu": 8, "cuda": 32}
+
+# ATen's CPU elementwise loops run two vectors at a time (32 floats with AVX-512) and finish
+# in scalar code whose sigmoid/tanh round differently: rows of a multiple of this many
+# elements never reach that tail, whatever the batch size.
+VECTOR_ROWS = 32
 
 # Positions per chunk of the int8 prime's wavefront (kernels.lstm_prime): small enough that
 # the layers overlap for most of a 100-character prime, large enough that the hand-offs
@@ -47,14 +57,16 @@ Kernels = Literal["native", "torchscript", "eager"]
 PRIME_CHUNK = 16
 
 
-def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 W per output channel (symmetric), and the scales that turn the int32 sums of
-    ``kernels.int_sums`` back into ``x @ W^T``: the weight's scale over the input's 127.
-    Unlike ``torch.ao`` dynamic quantization, whose activation scale spans the batch,
-    nothing here depends on the other rows."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scales[:, None]).to(torch.int8), scales / 127
+def input_table(embed: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``embed @ W_ih^T + bias`` [V, G*H], the same bits on every machine: a BLAS matmul rounds
+    differently on different CPUs (kernels, vector widths, FMA), and this table feeds every
+    step. Sums in float64, one input column at a time (elementwise IEEE operations in a fixed
+    order), rounded once to float32; ~1 ms for the shipped model, once at load."""
+    e, w = embed.detach().double(), weight_ih.detach().double()
+    acc = bias.detach().double().expand(e.shape[0], w.shape[0]).clone()
+    for k in range(e.shape[1]):
+        acc += e[:, k : k + 1] * w[:, k]
+    return acc.float().contiguous()
 
 
 class StepDecoder:
@@ -65,12 +77,17 @@ class StepDecoder:
     def __init__(self, model: CharRNN, weights: Precision = "fp32", *, native_kernels: bool = True):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"unknown decode precision {weights!r}")
+        if weights == "int8" and model.head.weight.device.type != "cpu":
+            raise ValueError(
+                "the int8 decode step is CPU-only (CUDA's int8 matmul needs > 16 rows)"
+            )
         cfg = model.config
         self.model = model
         self.cell = cfg.cell
         self.layers = cfg.layers
         self.weights = weights
         device = model.head.weight.device
+        self.block = FP32_BLOCK.get(device.type, 32)
         p = {name: t.detach() for name, t in model.rnn.named_parameters()}
         lstm = cfg.cell == "lstm"
         none = torch.empty(0, device=device)
@@ -78,7 +95,7 @@ class StepDecoder:
         mats: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             b_in0 = p["bias_ih_l0"] + p["bias_hh_l0"] if lstm else p["bias_ih_l0"]
-            self.table0 = (model.embed.weight @ p["weight_ih_l0"].t() + b_in0).contiguous()
+            self.table0 = input_table(model.embed.weight, p["weight_ih_l0"], b_in0)
             for k in range(cfg.layers):
                 w_ih, w_hh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"]
                 b_ih, b_hh = p[f"bias_ih_l{k}"], p[f"bias_hh_l{k}"]
@@ -127,6 +144,26 @@ class StepDecoder:
             )
         # Sampling from the step's logits, native under the same setting.
         self.sample = sampler(device, native_kernels)
+        self.batch_invariant, self.invariance = self._invariance(cfg.hidden, device)
+
+    def _invariance(self, hidden: int, device: torch.device) -> tuple[bool, str]:
+        """Whether a row's numbers do not depend on the other rows of the step, and why."""
+        if self.kernels == "native":
+            return True, "batch-invariant: exact int8 sums, a cell of IEEE-exact operations per row"
+        if device.type == "cuda":
+            return True, (
+                f"batch-invariant: fp32 matmuls in fixed {self.block}-row blocks (one cuBLAS "
+                "kernel for every batch size), elementwise ops per element"
+            )
+        sums = "exact int8 sums" if self.weights == "int8" else f"{self.block}-row fp32 blocks"
+        if hidden % VECTOR_ROWS == 0:
+            return True, f"batch-invariant: {sums}, whole-vector elementwise ops"
+        return False, (
+            f"NOT batch-invariant: hidden size {hidden} is not a multiple of {VECTOR_ROWS}, so "
+            "ATen's sigmoid/tanh run some of a row's elements in their scalar loop at one batch "
+            "size and vectorised at another (last-bit differences); the native int8 LSTM kernels "
+            "do not have this limit"
+        )
 
     @property
     def multi_step(self) -> bool:
@@ -170,12 +207,25 @@ class StepDecoder:
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Call it in inference mode: it is the service's per-character hot path, so it
         does not enter the mode itself (see ``app.backend.ModelBackend.worker``)."""
-        if self.cell == "lstm":
+        if self.kernels == "native":
             logits, h, c = self._step(
                 ids, state[0], state[1], self.table0, self.mats, self.scales, self.biases
             )
             return logits, (h, c)
-        logits, h = self._step(ids, state[0], self.table0, self.mats, self.scales, self.biases)
+        if self.cell == "lstm":
+            logits, h, c = self._step(
+                ids,
+                state[0],
+                state[1],
+                self.table0,
+                self.mats,
+                self.scales,
+                self.biases,
+                self.block,
+            )
+            return logits, (h, c)
+        args = (ids, state[0], self.table0, self.mats, self.scales, self.biases, self.block)
+        logits, h = self._step(*args)
         return logits, (h,)
 
     @torch.inference_mode()
@@ -192,13 +242,14 @@ class StepDecoder:
         with the native kernels)."""
         if self.weights == "fp32":
             logits, state = self.model(ids[None])
-            return logits[:, -1], state
+            # A copy: a view would keep the whole [1, T, V] alive in the prime cache.
+            return logits[:, -1].clone(), state
         if self.cell == "lstm":
             return self._lstm_prime(ids)
         return self._gru_prime(ids)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return kernels.matmul(h, self.mats[-1], self.scales[-1], self.biases[-1])
+        return kernels.matmul(h, self.mats[-1], self.scales[-1], self.biases[-1], self.block)
 
     def _lstm_prime(self, ids: torch.Tensor) -> tuple[torch.Tensor, State]:
         layers = self.layers
@@ -219,7 +270,8 @@ class StepDecoder:
         for k in range(self.layers):
             j = 2 * k
             if k > 0:
-                xs = kernels.matmul(xs, self.mats[j - 1], self.scales[j - 1], self.biases[j - 1])
+                w, sc, b = self.mats[j - 1], self.scales[j - 1], self.biases[j - 1]
+                xs = kernels.matmul(xs, w, sc, b, self.block)
             xs, h = self._recurrence(xs, self.mats[j], self.scales[j], self.biases[j])
             hs.append(h)
         return self._head(hs[-1]), (torch.stack(hs),)

@@ -49,9 +49,25 @@ def int_sums(x: Tensor, weight: Tensor) -> Tensor:
     return torch._int_mm(torch.round(x * 127).to(torch.int8), weight.t())
 
 
-def matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor) -> Tensor:
-    """``x @ W^T + bias``, in integers for an int8 W."""
-    y = int_sums(x, weight) * scales if weight.dtype == torch.int8 else torch.mm(x, weight.t())
+def blocked_mm(x: Tensor, weight: Tensor, block: int) -> Tensor:
+    """``x @ W^T`` in fp32, one fixed-shape ``[block, K]`` product per ``block`` rows (the
+    last block padded with zeros), so that every row goes through the same GEMM kernel
+    whatever the batch size: BLAS libraries pick kernels and blockings by the row count
+    (MKL's GEMV for 1 row and its GEMM for 2, 3 and 4+ rows give other last bits), and a
+    row's logits would then depend on how many rows share the step."""
+    rows = x.shape[0]
+    pad = (block - rows % block) % block
+    if pad > 0:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    w_t = weight.t()
+    out = torch.cat([torch.mm(part, w_t) for part in x.split(block)])
+    return out[:rows] if pad > 0 else out
+
+
+def matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor, block: int) -> Tensor:
+    """``x @ W^T + bias``: in integers for an int8 W (exact, so any row count gives the same
+    bits), in fixed blocks of rows for fp32 (``blocked_mm``)."""
+    y = int_sums(x, weight) * scales if weight.dtype == torch.int8 else blocked_mm(x, weight, block)
     if bias.numel() > 0:
         y = y + bias
     return y
@@ -81,6 +97,7 @@ def lstm_step(
     weights: list[Tensor],
     scales: list[Tensor],
     biases: list[Tensor],
+    block: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ids [B] -> logits [B, V], h [L, B, H], c [L, B, H]. ``table0`` [V, 4H] holds layer 0's
     input gates per character; ``weights``: layer 0's ``W_hh``, then ``[W_ih | W_hh]`` of each
@@ -91,13 +108,13 @@ def lstm_step(
     x = table0.index_select(0, ids)
     for k in range(layers):
         if k == 0:
-            gates = x + matmul(h_all[0], weights[0], scales[0], biases[0])
+            gates = x + matmul(h_all[0], weights[0], scales[0], biases[0], block)
         else:
-            gates = matmul(torch.cat([x, h_all[k]], 1), weights[k], scales[k], biases[k])
+            gates = matmul(torch.cat([x, h_all[k]], 1), weights[k], scales[k], biases[k], block)
         x, c = lstm_cell(gates, c_all[k], hidden)
         hs.append(x)
         cs.append(c)
-    logits = matmul(x, weights[layers], scales[layers], biases[layers])
+    logits = matmul(x, weights[layers], scales[layers], biases[layers], block)
     return logits, torch.stack(hs), torch.stack(cs)
 
 
@@ -108,6 +125,7 @@ def gru_step(
     weights: list[Tensor],
     scales: list[Tensor],
     biases: list[Tensor],
+    block: int,
 ) -> tuple[Tensor, Tensor]:
     """ids [B] -> logits [B, V], h [L, B, H]. ``weights``: layer 0's ``W_hh``, then ``W_ih``
     and ``W_hh`` of each higher layer, then the head."""
@@ -117,11 +135,11 @@ def gru_step(
     for k in range(layers):
         j = 2 * k
         if k > 0:
-            x = matmul(x, weights[j - 1], scales[j - 1], biases[j - 1])
-        x = gru_cell(x, matmul(h_all[k], weights[j], scales[j], biases[j]), h_all[k])
+            x = matmul(x, weights[j - 1], scales[j - 1], biases[j - 1], block)
+        x = gru_cell(x, matmul(h_all[k], weights[j], scales[j], biases[j], block), h_all[k])
         hs.append(x)
     head = 2 * layers - 1
-    return matmul(x, weights[head], scales[head], biases[head]), torch.stack(hs)
+    return matmul(x, weights[head], scales[head], biases[head], block), torch.stack(hs)
 
 
 def lstm_recurrence(
@@ -207,6 +225,6 @@ def gru_recurrence(
     h = torch.zeros(1, weight.shape[1], device=pre.device)
     outs: list[Tensor] = []
     for t in range(pre.shape[0]):
-        h = gru_cell(pre[t : t + 1], matmul(h, weight, scales, bias), h)
+        h = gru_cell(pre[t : t + 1], matmul(h, weight, scales, bias, 1), h)
         outs.append(h)
     return torch.cat(outs), h
