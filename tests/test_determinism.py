@@ -198,3 +198,40 @@ def test_a_path_that_is_not_batch_invariant_says_so():
     decoder = StepDecoder(tiny_model(Vocabulary("abcdefgh"), "gru", hidden=48))
     assert not decoder.batch_invariant
     assert "NOT batch-invariant: hidden size 48 is not a multiple of 32" in decoder.invariance
+
+
+def test_served_text_is_the_same_alone_and_among_64_concurrent_requests_fp32(
+    tiny_checkpoint, tmp_path
+):
+    """Over HTTP, on the fp32 path: /info and the start-up log say the path and that it is
+    batch-invariant, and a seeded request's text alone equals its text among 64 others."""
+    import asyncio
+
+    import httpx
+
+    from tests.server import run_server
+
+    body = {"prime": "the ", "max_new_chars": 300, "temperature": 1.0, "seed": 11}
+    with run_server(tmp_path, f"tiny={tiny_checkpoint}", decode_weights="fp32") as s:
+        (m,) = httpx.get(f"{s.url}/info").json()["models"]
+        assert m["decode_weights"] == "fp32"
+        assert m["decode_reason"] == "CHARRNN_DECODE_WEIGHTS=fp32"
+        assert m["batch_invariant"] is True and "fp32 blocks" in m["batch_invariance"]
+        assert "model tiny decodes with fp32 weights (CHARRNN_DECODE_WEIGHTS=fp32)" in s.log()
+        alone = httpx.post(f"{s.url}/generate", json=body, timeout=60).json()["generated_text"]
+
+        async def crowd() -> list[str]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                others = [
+                    {"prime": "she said", "max_new_chars": 300, "temperature": 0.7, "seed": i}
+                    for i in range(64)
+                ]
+                bodies = [*others[:32], body, *others[32:]]
+                replies = await asyncio.gather(
+                    *(client.post(f"{s.url}/generate", json=b) for b in bodies)
+                )
+                return [r.json()["generated_text"] for r in replies]
+
+        texts = asyncio.run(crowd())
+    assert texts[32] == alone and len(alone) == 300
+    assert len(set(texts)) > 10  # the crowd was real: other seeds, other texts
