@@ -8,22 +8,26 @@ re-packing than in arithmetic. For decoding we pre-combine the weights once:
   matmul of the first layer cost one gather;
 * every higher LSTM layer does one matmul on ``[x, h]`` against ``[W_ih | W_hh]``.
 
-With ``weights="int8"`` (CPU) every matmul of the step is int8 x int8 -> int32
-(``torch._int_mm``, VNNI on x86): the weights are quantized once per output channel, the
-activations with the fixed scale 1/127. Every matmul input of the step is a hidden state
+With ``weights="int8"`` (CPU, x86) every matmul of the step is int8 x int8 -> int32
+(``torch._int_mm``, oneDNN): the weights are quantized once per output channel to 7 bits, the
+activations with the fixed scale 1/127 (``charrnn/quantization.py`` says why 7 bits: exact
+sums on every x86 CPU, VNNI or not). Every matmul input of the step is a hidden state
 (``o * tanh(c)`` for the LSTM, a blend of ``tanh`` outputs for the GRU), so it lies in
-(-1, 1) by construction and needs no per-call range search. Against fp32 that is a quarter of the
-weight bytes (what a batch-1 step is bound by) and integer throughput at large batches:
-3-5x less step time from batch 1 to 128 on the shipped model, whose validation NLL does not
-move (models/README.md). Integer sums are exact, so a row's logits do not depend on how
-many rows share the batch or how the kernel blocks them: a seeded request gives the same
-text alone or in a crowd, bit for bit. fp32 CPU GEMMs pick other kernels for other batch
-sizes and are not batch-invariant. The result matches ``CharRNN.forward`` on one step
-(tests/test_model.py).
+(-1, 1) by construction and needs no per-call range search. Against fp32 that is a quarter of
+the weight bytes (what a batch-1 step is bound by) and integer throughput at large batches,
+for 0.0004 nats/char of validation NLL on the shipped model (models/README.md). Integer sums
+are exact, so a row's logits do not depend on how many rows share the batch or how the kernel
+blocks them. fp32 matmuls run in fixed blocks of rows (``kernels.blocked_mm``) for the same
+reason: BLAS picks other kernels for other row counts. A seeded request gives the same text
+alone or in a crowd, bit for bit (tests/test_determinism.py). The result matches
+``CharRNN.forward`` on one step (tests/test_model.py).
 
-The arithmetic itself lives in ``charrnn/kernels.py``; on the CPU it runs compiled by
-TorchScript, one GIL-free call per step. An int8 LSTM runs the native kernels instead
-(``charrnn/native.py``, C++ with the cell fused) wherever they can be built or are prebuilt.
+Two implementations, one fast and one reference. An LSTM on the CPU runs the native kernels
+(``charrnn/native.py``: C++ with the cell fused, one GIL-free call per step or per run of
+characters, int8 or fp32) wherever they can be built or are prebuilt. Everything else runs
+``charrnn/kernels.py`` op by op: a GRU, a machine without a C++ compiler (several times the
+native step's time; bench/decode_step.py), and CUDA, which replays those ops from CUDA graphs
+(app/graphs.py).
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ from charrnn.model import CharRNN, State
 from charrnn.quantization import Precision, quantize
 from charrnn.sampling import sampler
 
-# How the step runs: the C++ int8 LSTM (native), the kernels compiled by TorchScript, or the
-# kernels op by op (CUDA, where graphs replay them; or where TorchScript is unavailable).
-Kernels = Literal["native", "torchscript", "eager"]
+# How the step runs: the C++ LSTM kernels (native), or charrnn/kernels.py op by op (eager;
+# CUDA replays those from graphs).
+Kernels = Literal["native", "eager"]
 
 # Rows per fixed-shape fp32 matmul of the step (kernels.blocked_mm): every row goes through
 # the same GEMM kernel at every batch size. On the CPU 8 rows cost a lone row ~1.3x the
@@ -122,46 +126,40 @@ class StepDecoder:
             higher = self.mats[1:-1]
             self.inputs = [none] + [m[:, : cfg.hidden].contiguous() for m in higher]
             self.recurrent = [self.mats[0]] + [m[:, cfg.hidden :].contiguous() for m in higher]
-        # The CPU runs the kernels compiled (one GIL-free call per step), or for an int8 LSTM
-        # the native ones, which take the same arguments; CUDA replays the eager ones from
-        # CUDA graphs (app/graphs.py), which removes their overhead anyway.
-        cpu = device.type == "cpu"
+        # An LSTM on the CPU runs the native kernels, which take the eager ones' arguments;
+        # CUDA replays the eager ones from CUDA graphs (app/graphs.py).
         self.kernels: Kernels
-        if native_kernels and lstm and weights == "int8" and cpu and native.load():
+        if native_kernels and lstm and device.type == "cpu" and native.load():
             # The overloads themselves: calling the packets resolves them on every call.
             self._step = torch.ops.charrnn.lstm_step.default
-            self._recurrence = torch.ops.charrnn.lstm_prime.default
+            self._recurrence = torch.ops.charrnn.lstm_prime.default  # int8 primes
             self._decode = torch.ops.charrnn.lstm_decode.default
             self.kernels = "native"
         else:
-            compile_ = kernels.scripted if cpu else (lambda fn: fn)
-            self._step = compile_(kernels.lstm_step if lstm else kernels.gru_step)
-            recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
+            self._step = kernels.lstm_step if lstm else kernels.gru_step
             # fp32 primes run the model itself (see ``prime``).
-            self._recurrence = compile_(recurrence) if weights == "int8" else recurrence
-            self.kernels = (
-                "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
-            )
+            self._recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
+            self.kernels = "eager"
         # Sampling from the step's logits, native under the same setting.
         self.sample = sampler(device, native_kernels)
         self.batch_invariant, self.invariance = self._invariance(cfg.hidden, device)
 
     def _invariance(self, hidden: int, device: torch.device) -> tuple[bool, str]:
         """Whether a row's numbers do not depend on the other rows of the step, and why."""
+        sums = "exact int8 sums" if self.weights == "int8" else f"{self.block}-row fp32 blocks"
         if self.kernels == "native":
-            return True, "batch-invariant: exact int8 sums, a cell of IEEE-exact operations per row"
+            return True, f"batch-invariant: {sums}, a cell of IEEE-exact operations per row"
         if device.type == "cuda":
             return True, (
                 f"batch-invariant: fp32 matmuls in fixed {self.block}-row blocks (one cuBLAS "
                 "kernel for every batch size), elementwise ops per element"
             )
-        sums = "exact int8 sums" if self.weights == "int8" else f"{self.block}-row fp32 blocks"
         if hidden % VECTOR_ROWS == 0:
             return True, f"batch-invariant: {sums}, whole-vector elementwise ops"
         return False, (
             f"NOT batch-invariant: hidden size {hidden} is not a multiple of {VECTOR_ROWS}, so "
             "ATen's sigmoid/tanh run some of a row's elements in their scalar loop at one batch "
-            "size and vectorised at another (last-bit differences); the native int8 LSTM kernels "
+            "size and vectorised at another (last-bit differences); the native LSTM kernels "
             "do not have this limit"
         )
 

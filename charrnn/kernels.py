@@ -1,46 +1,19 @@
-"""The decode step's arithmetic as plain functions over tensors, so that TorchScript can run it.
+"""The decode step's arithmetic as plain functions over tensors: the reference
+implementation, and what runs wherever the native kernels (``charrnn/csrc``) do not: a GRU,
+a machine without a C++ compiler, and CUDA, whose graphs replay these ops (app/graphs.py).
 
-A decode step is some 90 small ops. Dispatched one by one from Python, each pays a few
-microseconds of interpreter and binding overhead and gives the GIL back and takes it again,
-and in the service the HTTP event loop wants the GIL too. Compiled by ``torch.jit.script``
-the same ops run in one call that holds no GIL: a third less step time at batch 1 on its
-own, and far less time lost to a busy event loop. The compiled functions run exactly the ops
-of the eager ones in the same order, so their results are bit-identical (tests/test_model.py).
-
-TorchScript is deprecated in favour of ``torch.compile``, but that needs a C++ toolchain at
-run time, which the Docker images and many hosts lack, and it specialises batch 1 apart from
-larger batches, which would put bit-exact batch invariance at risk. ``scripted`` falls back
-to the eager function wherever TorchScript is unavailable.
+Op by op from Python a step costs some 90 dispatches holding the GIL: several times the
+native step's time on the CPU (bench/decode_step.py, ``int8_eager_step_us``). TorchScript,
+which once ran them as one GIL-free call, is deprecated and no longer used: the native
+kernels serve the LSTM, and the rest is a fallback.
 
 Int8 matrices are ``[N, K]`` int8 with per-row ``scales`` (the weight's scale over 127, the
 activations' fixed scale); their inputs are hidden states, so they lie in [-1, 1]. fp32
 matrices come with empty ``scales``. An empty ``bias`` means none.
 """
 
-import functools
-import logging
-import warnings
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 from torch import Tensor
-
-log = logging.getLogger("charrnn.kernels")
-
-F = TypeVar("F", bound=Callable)
-
-
-@functools.cache
-def scripted(fn: F) -> F:
-    """``fn`` compiled by TorchScript (once per function), or ``fn`` itself if that fails."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
-            return torch.jit.script(fn)
-    except Exception as exc:  # TorchScript missing or unable: the eager function is correct
-        log.warning("TorchScript unavailable for %s (%s); running it eagerly", fn.__name__, exc)
-        return fn
 
 
 def int_sums(x: Tensor, weight: Tensor) -> Tensor:

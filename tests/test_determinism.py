@@ -152,7 +152,7 @@ def _generate_in_crowd(backend: ModelBackend, crowd: int, length: int) -> str:
 @pytest.mark.parametrize(
     "weights,native_kernels",
     [("fp32", True), ("int8", True), ("int8", False)],
-    ids=["fp32", "int8-native", "int8-torchscript"],
+    ids=["fp32-native", "int8-native", "int8-eager"],
 )
 def test_a_request_gives_the_same_text_alone_and_among_64_others(weights, native_kernels):
     vocab = Vocabulary.from_text(make_text())
@@ -171,12 +171,14 @@ def test_a_request_gives_the_same_text_alone_and_among_64_others(weights, native
     assert len(set(alone)) > 5
 
 
-def test_fp32_step_rows_do_not_depend_on_their_neighbours():
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "eager"])
+def test_fp32_step_rows_do_not_depend_on_their_neighbours(native_kernels):
     """Bit for bit at every batch size from 1 to 40, for LSTM and GRU (MKL alone gives a
     lone row, 2-3 rows and 4+ rows other last bits)."""
     vocab = Vocabulary("abcdefgh")
     for cell in ("lstm", "gru"):
-        decoder = StepDecoder(tiny_model(vocab, cell, seed=5, hidden=64))
+        model = tiny_model(vocab, cell, seed=5, hidden=64)
+        decoder = StepDecoder(model, native_kernels=native_kernels)
         assert decoder.batch_invariant and "8-row fp32 blocks" in decoder.invariance
         n = 40
         ids = torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(0))
