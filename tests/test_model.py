@@ -125,6 +125,8 @@ def test_fp32_prime_is_the_model_on_the_whole_sequence():
     with torch.inference_mode():
         full, (fh, fc) = model(ids[None])
     assert torch.equal(logits, full[:, -1]) and torch.equal(h, fh) and torch.equal(c, fc)
+    # A copy of the last position, not a view that keeps all [1, T, V] alive in the cache.
+    assert logits.untyped_storage().nbytes() == logits.numel() * logits.element_size()
 
 
 def test_native_kernels_build_wherever_there_is_a_compiler():
