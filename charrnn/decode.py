@@ -46,8 +46,8 @@ from charrnn.sampling import sampler
 Kernels = Literal["native", "eager"]
 
 # Rows per fixed-shape fp32 matmul of the step (kernels.blocked_mm): every row goes through
-# the same GEMM kernel at every batch size. On the CPU 8 rows cost a lone row ~1.3x the
-# matrix-vector product's time; on CUDA 32 rows is a tensor-core tile and one kernel.
+# the same GEMM kernel at every batch size (the price: a lone row costs MKL's 8-row GEMM,
+# ~4x its matrix-vector product; README "Performance"). On CUDA 32 rows is one tile.
 FP32_BLOCK = {"cpu": 8, "cuda": 32}
 
 # ATen's CPU elementwise loops run two vectors at a time (32 floats with AVX-512) and finish
