@@ -11,7 +11,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 import torch
@@ -21,14 +20,14 @@ from app.graphs import PaddedStep
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
 from charrnn.model import State
+from charrnn.quantization import choose_precision
 from charrnn.sampling import SamplingParams, uniforms
 
 
 def decode_precision(setting: str, device: torch.device) -> Precision:
-    """The decode step's weight precision for ``CHARRNN_DECODE_WEIGHTS`` on ``device``."""
-    if device.type != "cpu":
-        return "fp32"  # CUDA replays fp32 graphs; the int8 step is a CPU path
-    return "int8" if setting == "auto" else cast(Precision, setting)
+    """The decode step's weight precision for ``CHARRNN_DECODE_WEIGHTS`` on ``device``: int8
+    where its sums are exact (charrnn/quantization.py), else fp32; ValueError if refused."""
+    return choose_precision(setting, device)[0]
 
 
 @dataclass

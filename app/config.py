@@ -62,9 +62,9 @@ class Settings(BaseSettings):
     )
     native_kernels: bool = Field(
         True,
-        description="run an int8 LSTM's decode step and prime with the native C++ kernels "
+        description="run an LSTM's decode step (and an int8 prime) with the native C++ kernels "
         "(built on first use with a C++ compiler, or prebuilt; charrnn/native.py); false or "
-        "unavailable: TorchScript",
+        "unavailable: the eager reference kernels",
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="how long open generations may run on after SIGTERM"

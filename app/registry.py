@@ -15,6 +15,7 @@ from app.batcher import MIN_BACKLOG
 from app.config import Settings
 from app.engine import Scheduler
 from app.generation import Done, Failed, GenerationRequest
+from app.graphs import prepare
 from app.metrics import Metrics
 from charrnn.checkpoint import load_checkpoint
 from charrnn.model import resolve_device
@@ -100,6 +101,7 @@ class Registry:
                 device,
                 backend.model.num_parameters(),
             )
+            prepare(name, backend, settings.max_concurrent, settings.decode_weights)
         reg.default = next(iter(reg.models))
         return reg
 

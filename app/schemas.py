@@ -213,15 +213,20 @@ class ModelInfo(BaseModel):
     decode_weights: Literal["fp32", "int8"] = Field(
         description="precision of the weights in the decode step"
     )
-    decode_kernels: Literal["native", "torchscript", "eager"] = Field(
-        description="what runs the decode step: the C++ int8 LSTM kernels, the TorchScript "
-        "ones, or op by op (CUDA replays these from CUDA graphs)"
+    decode_kernels: Literal["native", "eager"] = Field(
+        description="what runs the decode step: the C++ LSTM kernels, or the reference kernels "
+        "op by op (CUDA replays these from CUDA graphs)"
     )
     decode_failing: str | None = Field(
         None,
         description="why this model's decode keeps failing (it then answers /ready with 503); "
         "null while it works",
     )
+    decode_reason: str = Field(description="why the decode step runs in this precision")
+    batch_invariant: bool = Field(
+        description="whether a request's text is the same alone or among other requests"
+    )
+    batch_invariance: str = Field(description="why it is or is not")
 
 
 class Limits(BaseModel):

@@ -1,7 +1,7 @@
 """Decode-step time against batch size: the fused step (+ sampling) the service runs, and
 ``nn.LSTM`` fed one step at a time, on a model of the notebook's size (2x512 LSTM). The int8
 step and prime are timed with the native kernels the service runs (charrnn/native.py) and
-with their TorchScript fallback.
+with the eager reference kernels, the fallback where no C++ compiler is at hand.
 
 Limits: at batch 1 a step must read every weight once, so ``weight bytes / memory bandwidth``
 bounds it; at large batches the matmuls dominate, so ``FLOPs / peak FLOP/s`` bounds it.
@@ -60,7 +60,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
     backend = ModelBackend(Checkpoint(model, vocab), dev)
     cpu = dev.type == "cpu"
     int8 = ModelBackend(Checkpoint(model, vocab), dev, weights="int8") if cpu else None
-    scripted = (
+    eager = (
         ModelBackend(Checkpoint(model, vocab), dev, weights="int8", native_kernels=False)
         if cpu
         else None
@@ -107,8 +107,8 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
             def fused_int8(batch: Batch = batch, positions: np.ndarray = positions) -> None:
                 int8.advance(batch, positions, _ignore)
 
-            def fused_scripted(batch: Batch = batch, positions: np.ndarray = positions) -> None:
-                scripted.advance(batch, positions, _ignore)
+            def fused_eager(batch: Batch = batch, positions: np.ndarray = positions) -> None:
+                eager.advance(batch, positions, _ignore)
 
             def fused_calls(batch: Batch = batch, positions: np.ndarray = positions) -> None:
                 int8.advance(batch, positions, _ignore, CALL_STEPS)
@@ -117,7 +117,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
             if int8.multi_step:
                 t_call = median_seconds(fused_calls, reps=max(3, reps // 4), warmup=1)
                 row["int8_multi_step_us"] = round(t_call / CALL_STEPS * 1e6, 1)
-            t_scripted = median_seconds(fused_scripted, reps=reps, warmup=3)
+            t_eager = median_seconds(fused_eager, reps=reps, warmup=3)
             ids8 = torch.zeros(b, dtype=torch.long)
             u = torch.rand(b, dtype=torch.float64)
 
@@ -136,7 +136,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
                 "sampling_us": round(t_sampling * 1e6, 1),
                 "int8_step_us": round(t_int8 * 1e6, 1),
                 "int8_kernels": int8.decoder.kernels,
-                "int8_torchscript_step_us": round(t_scripted * 1e6, 1),
+                "int8_eager_step_us": round(t_eager * 1e6, 1),
                 "int8_chars_per_s": round(b / t_int8),
                 "int8_speedup_vs_nn_lstm": round(t_lstm / t_int8, 2),
                 "int8_bandwidth_bound_fraction": round(int8_bytes / bandwidth / t_int8, 3),
@@ -144,14 +144,14 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
             }
         rows.append(row)
     primes = {}
-    if int8 is not None and scripted is not None:
+    if int8 is not None and eager is not None:
         # With the service's intra-op threads (Settings.threads): the prime's layers run on
         # the inter-op threads, and more intra-op threads would only oversubscribe the cores.
         threads = torch.get_num_threads()
         torch.set_num_threads(Settings().threads)
         for length in (100, 1000):
             ids = torch.arange(length) % len(vocab)
-            for name, b in (("native", int8), ("torchscript", scripted)):
+            for name, b in (("native", int8), ("eager", eager)):
                 t = median_seconds(lambda b=b, ids=ids: b.decoder.prime(ids), reps=15, warmup=3)
                 primes[f"int8_prime{length}_{name}_ms"] = round(t * 1e3, 2)
         torch.set_num_threads(threads)

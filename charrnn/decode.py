@@ -8,22 +8,26 @@ re-packing than in arithmetic. For decoding we pre-combine the weights once:
   matmul of the first layer cost one gather;
 * every higher LSTM layer does one matmul on ``[x, h]`` against ``[W_ih | W_hh]``.
 
-With ``weights="int8"`` (CPU) every matmul of the step is int8 x int8 -> int32
-(``torch._int_mm``, VNNI on x86): the weights are quantized once per output channel, the
-activations with the fixed scale 1/127. Every matmul input of the step is a hidden state
+With ``weights="int8"`` (CPU, x86) every matmul of the step is int8 x int8 -> int32
+(``torch._int_mm``, oneDNN): the weights are quantized once per output channel to 7 bits, the
+activations with the fixed scale 1/127 (``charrnn/quantization.py`` says why 7 bits: exact
+sums on every x86 CPU, VNNI or not). Every matmul input of the step is a hidden state
 (``o * tanh(c)`` for the LSTM, a blend of ``tanh`` outputs for the GRU), so it lies in
-(-1, 1) by construction and needs no per-call range search. Against fp32 that is a quarter of the
-weight bytes (what a batch-1 step is bound by) and integer throughput at large batches:
-3-5x less step time from batch 1 to 128 on the shipped model, whose validation NLL does not
-move (models/README.md). Integer sums are exact, so a row's logits do not depend on how
-many rows share the batch or how the kernel blocks them: a seeded request gives the same
-text alone or in a crowd, bit for bit. fp32 CPU GEMMs pick other kernels for other batch
-sizes and are not batch-invariant. The result matches ``CharRNN.forward`` on one step
-(tests/test_model.py).
+(-1, 1) by construction and needs no per-call range search. Against fp32 that is a quarter of
+the weight bytes (what a batch-1 step is bound by) and integer throughput at large batches,
+for 0.0004 nats/char of validation NLL on the shipped model (models/README.md). Integer sums
+are exact, so a row's logits do not depend on how many rows share the batch or how the kernel
+blocks them. fp32 matmuls run in fixed blocks of rows (``kernels.blocked_mm``) for the same
+reason: BLAS picks other kernels for other row counts. A seeded request gives the same text
+alone or in a crowd, bit for bit (tests/test_determinism.py). The result matches
+``CharRNN.forward`` on one step (tests/test_model.py).
 
-The arithmetic itself lives in ``charrnn/kernels.py``; on the CPU it runs compiled by
-TorchScript, one GIL-free call per step. An int8 LSTM runs the native kernels instead
-(``charrnn/native.py``, C++ with the cell fused) wherever they can be built or are prebuilt.
+Two implementations, one fast and one reference. An LSTM on the CPU runs the native kernels
+(``charrnn/native.py``: C++ with the cell fused, one GIL-free call per step or per run of
+characters, int8 or fp32) wherever they can be built or are prebuilt. Everything else runs
+``charrnn/kernels.py`` op by op: a GRU, a machine without a C++ compiler (several times the
+native step's time; bench/decode_step.py), and CUDA, which replays those ops from CUDA graphs
+(app/graphs.py).
 """
 
 from __future__ import annotations
@@ -34,12 +38,22 @@ import torch
 
 from charrnn import kernels, native
 from charrnn.model import CharRNN, State
+from charrnn.quantization import Precision, quantize
 from charrnn.sampling import sampler
 
-Precision = Literal["fp32", "int8"]
-# How the step runs: the C++ int8 LSTM (native), the kernels compiled by TorchScript, or the
-# kernels op by op (CUDA, where graphs replay them; or where TorchScript is unavailable).
-Kernels = Literal["native", "torchscript", "eager"]
+# How the step runs: the C++ LSTM kernels (native), or charrnn/kernels.py op by op (eager;
+# CUDA replays those from graphs).
+Kernels = Literal["native", "eager"]
+
+# Rows per fixed-shape fp32 matmul of the step (kernels.blocked_mm): every row goes through
+# the same GEMM kernel at every batch size (the price: a lone row costs MKL's 8-row GEMM,
+# ~4x its matrix-vector product; README "Performance"). On CUDA 32 rows is one tile.
+FP32_BLOCK = {"cpu": 8, "cuda": 32}
+
+# ATen's CPU elementwise loops run two vectors at a time (32 floats with AVX-512) and finish
+# in scalar code whose sigmoid/tanh round differently: rows of a multiple of this many
+# elements never reach that tail, whatever the batch size.
+VECTOR_ROWS = 32
 
 # Positions per block of an fp32 prime (``StepDecoder.prime``): long enough that the model's
 # per-call cost (~0.2 ms on the CPU, a cuDNN launch on CUDA) stays small against the block.
@@ -50,14 +64,16 @@ FP32_PRIME_ALIGN = 256
 PRIME_CHUNK = 16
 
 
-def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 W per output channel (symmetric), and the scales that turn the int32 sums of
-    ``kernels.int_sums`` back into ``x @ W^T``: the weight's scale over the input's 127.
-    Unlike ``torch.ao`` dynamic quantization, whose activation scale spans the batch,
-    nothing here depends on the other rows."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scales[:, None]).to(torch.int8), scales / 127
+def input_table(embed: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``embed @ W_ih^T + bias`` [V, G*H], the same bits on every machine: a BLAS matmul rounds
+    differently on different CPUs (kernels, vector widths, FMA), and this table feeds every
+    step. Sums in float64, one input column at a time (elementwise IEEE operations in a fixed
+    order), rounded once to float32; ~1 ms for the shipped model, once at load."""
+    e, w = embed.detach().double(), weight_ih.detach().double()
+    acc = bias.detach().double().expand(e.shape[0], w.shape[0]).clone()
+    for k in range(e.shape[1]):
+        acc += e[:, k : k + 1] * w[:, k]
+    return acc.float().contiguous()
 
 
 class StepDecoder:
@@ -68,6 +84,10 @@ class StepDecoder:
     def __init__(self, model: CharRNN, weights: Precision = "fp32", *, native_kernels: bool = True):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"unknown decode precision {weights!r}")
+        if weights == "int8" and model.head.weight.device.type != "cpu":
+            raise ValueError(
+                "the int8 decode step is CPU-only (CUDA's int8 matmul needs > 16 rows)"
+            )
         cfg = model.config
         self.model = model
         self.cell = cfg.cell
@@ -75,6 +95,7 @@ class StepDecoder:
         self.weights = weights
         self._fp32_align = FP32_PRIME_ALIGN
         device = model.head.weight.device
+        self.block = FP32_BLOCK.get(device.type, 32)
         p = {name: t.detach() for name, t in model.rnn.named_parameters()}
         lstm = cfg.cell == "lstm"
         none = torch.empty(0, device=device)
@@ -82,7 +103,7 @@ class StepDecoder:
         mats: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             b_in0 = p["bias_ih_l0"] + p["bias_hh_l0"] if lstm else p["bias_ih_l0"]
-            self.table0 = (model.embed.weight @ p["weight_ih_l0"].t() + b_in0).contiguous()
+            self.table0 = input_table(model.embed.weight, p["weight_ih_l0"], b_in0)
             for k in range(cfg.layers):
                 w_ih, w_hh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"]
                 b_ih, b_hh = p[f"bias_ih_l{k}"], p[f"bias_hh_l{k}"]
@@ -109,29 +130,43 @@ class StepDecoder:
             higher = self.mats[1:-1]
             self.inputs = [none] + [m[:, : cfg.hidden].contiguous() for m in higher]
             self.recurrent = [self.mats[0]] + [m[:, cfg.hidden :].contiguous() for m in higher]
-        # The CPU runs the kernels compiled (one GIL-free call per step), or for an int8 LSTM
-        # the native ones, which take the same arguments; CUDA replays the eager ones from
-        # CUDA graphs (app/graphs.py), which removes their overhead anyway.
-        cpu = device.type == "cpu"
+        # An LSTM on the CPU runs the native kernels, which take the eager ones' arguments;
+        # CUDA replays the eager ones from CUDA graphs (app/graphs.py).
         self.kernels: Kernels
-        if native_kernels and lstm and weights == "int8" and cpu and native.load():
+        if native_kernels and lstm and device.type == "cpu" and native.load():
             # The overloads themselves: calling the packets resolves them on every call.
             self._step = torch.ops.charrnn.lstm_step.default
-            self._recurrence = torch.ops.charrnn.lstm_prime.default
+            self._recurrence = torch.ops.charrnn.lstm_prime.default  # int8 primes
             self._outputs = torch.ops.charrnn.lstm_prime_outputs.default
             self._decode = torch.ops.charrnn.lstm_decode.default
             self.kernels = "native"
         else:
-            compile_ = kernels.scripted if cpu else (lambda fn: fn)
-            self._step = compile_(kernels.lstm_step if lstm else kernels.gru_step)
-            recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
+            self._step = kernels.lstm_step if lstm else kernels.gru_step
             # fp32 primes run the model itself (see ``prime``).
-            self._recurrence = compile_(recurrence) if weights == "int8" else recurrence
-            self.kernels = (
-                "torchscript" if isinstance(self._step, torch.jit.ScriptFunction) else "eager"
-            )
+            self._recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
+            self.kernels = "eager"
         # Sampling from the step's logits, native under the same setting.
         self.sample = sampler(device, native_kernels)
+        self.batch_invariant, self.invariance = self._invariance(cfg.hidden, device)
+
+    def _invariance(self, hidden: int, device: torch.device) -> tuple[bool, str]:
+        """Whether a row's numbers do not depend on the other rows of the step, and why."""
+        sums = "exact int8 sums" if self.weights == "int8" else f"{self.block}-row fp32 blocks"
+        if self.kernels == "native":
+            return True, f"batch-invariant: {sums}, a cell of IEEE-exact operations per row"
+        if device.type == "cuda":
+            return True, (
+                f"batch-invariant: fp32 matmuls in fixed {self.block}-row blocks (one cuBLAS "
+                "kernel for every batch size), elementwise ops per element"
+            )
+        if hidden % VECTOR_ROWS == 0:
+            return True, f"batch-invariant: {sums}, whole-vector elementwise ops"
+        return False, (
+            f"NOT batch-invariant: hidden size {hidden} is not a multiple of {VECTOR_ROWS}, so "
+            "ATen's sigmoid/tanh run some of a row's elements in their scalar loop at one batch "
+            "size and vectorised at another (last-bit differences); the native LSTM kernels "
+            "do not have this limit"
+        )
 
     @property
     def multi_step(self) -> bool:
@@ -179,12 +214,25 @@ class StepDecoder:
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Call it in inference mode: it is the service's per-character hot path, so it
         does not enter the mode itself (see ``app.backend.ModelBackend.worker``)."""
-        if self.cell == "lstm":
+        if self.kernels == "native":
             logits, h, c = self._step(
                 ids, state[0], state[1], self.table0, self.mats, self.scales, self.biases
             )
             return logits, (h, c)
-        logits, h = self._step(ids, state[0], self.table0, self.mats, self.scales, self.biases)
+        if self.cell == "lstm":
+            logits, h, c = self._step(
+                ids,
+                state[0],
+                state[1],
+                self.table0,
+                self.mats,
+                self.scales,
+                self.biases,
+                self.block,
+            )
+            return logits, (h, c)
+        args = (ids, state[0], self.table0, self.mats, self.scales, self.biases, self.block)
+        logits, h = self._step(*args)
         return logits, (h,)
 
     @property
@@ -265,7 +313,7 @@ class StepDecoder:
         return self._gru_prime(ids, state)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return kernels.matmul(h, self.mats[-1], self.scales[-1], self.biases[-1])
+        return kernels.matmul(h, self.mats[-1], self.scales[-1], self.biases[-1], self.block)
 
     def _lstm_prime(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         layers = self.layers
@@ -290,7 +338,8 @@ class StepDecoder:
         for k in range(self.layers):
             j = 2 * k
             if k > 0:
-                xs = kernels.matmul(xs, self.mats[j - 1], self.scales[j - 1], self.biases[j - 1])
+                w, sc, b = self.mats[j - 1], self.scales[j - 1], self.biases[j - 1]
+                xs = kernels.matmul(xs, w, sc, b, self.block)
             xs, h = self._recurrence(xs, self.mats[j], self.scales[j], self.biases[j], h0[k])
             hs.append(h)
         return self._head(hs[-1]), (torch.stack(hs),)

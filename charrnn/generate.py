@@ -18,7 +18,12 @@ from charrnn.vocab import Vocabulary
 def warm_up(decoder: StepDecoder, ids: list[int]) -> tuple[torch.Tensor, State]:
     """Run the prime through the network: the last position's logits [1, V] and the state."""
     device = decoder.model.head.weight.device
-    return decoder.prime(torch.tensor(ids, dtype=torch.long, device=device))
+    out = decoder.prime(torch.tensor(ids, dtype=torch.long, device=device))
+    if device.type == "cuda":
+        # CUDA runs asynchronously: without this, whoever times the prime (the service's
+        # warmup_ms) times the kernel launches, not the work.
+        torch.cuda.synchronize(device)
+    return out
 
 
 @torch.inference_mode()

@@ -1,46 +1,19 @@
-"""The decode step's arithmetic as plain functions over tensors, so that TorchScript can run it.
+"""The decode step's arithmetic as plain functions over tensors: the reference
+implementation, and what runs wherever the native kernels (``charrnn/csrc``) do not: a GRU,
+a machine without a C++ compiler, and CUDA, whose graphs replay these ops (app/graphs.py).
 
-A decode step is some 90 small ops. Dispatched one by one from Python, each pays a few
-microseconds of interpreter and binding overhead and gives the GIL back and takes it again,
-and in the service the HTTP event loop wants the GIL too. Compiled by ``torch.jit.script``
-the same ops run in one call that holds no GIL: a third less step time at batch 1 on its
-own, and far less time lost to a busy event loop. The compiled functions run exactly the ops
-of the eager ones in the same order, so their results are bit-identical (tests/test_model.py).
-
-TorchScript is deprecated in favour of ``torch.compile``, but that needs a C++ toolchain at
-run time, which the Docker images and many hosts lack, and it specialises batch 1 apart from
-larger batches, which would put bit-exact batch invariance at risk. ``scripted`` falls back
-to the eager function wherever TorchScript is unavailable.
+Op by op from Python a step costs some 90 dispatches holding the GIL: several times the
+native step's time on the CPU (bench/decode_step.py, ``int8_eager_step_us``). TorchScript,
+which once ran them as one GIL-free call, is deprecated and no longer used: the native
+kernels serve the LSTM, and the rest is a fallback.
 
 Int8 matrices are ``[N, K]`` int8 with per-row ``scales`` (the weight's scale over 127, the
 activations' fixed scale); their inputs are hidden states, so they lie in [-1, 1]. fp32
 matrices come with empty ``scales``. An empty ``bias`` means none.
 """
 
-import functools
-import logging
-import warnings
-from collections.abc import Callable
-from typing import Optional, TypeVar
-
 import torch
 from torch import Tensor
-
-log = logging.getLogger("charrnn.kernels")
-
-F = TypeVar("F", bound=Callable)
-
-
-@functools.cache
-def scripted(fn: F) -> F:
-    """``fn`` compiled by TorchScript (once per function), or ``fn`` itself if that fails."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
-            return torch.jit.script(fn)
-    except Exception as exc:  # TorchScript missing or unable: the eager function is correct
-        log.warning("TorchScript unavailable for %s (%s); running it eagerly", fn.__name__, exc)
-        return fn
 
 
 def int_sums(x: Tensor, weight: Tensor) -> Tensor:
@@ -49,9 +22,25 @@ def int_sums(x: Tensor, weight: Tensor) -> Tensor:
     return torch._int_mm(torch.round(x * 127).to(torch.int8), weight.t())
 
 
-def matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor) -> Tensor:
-    """``x @ W^T + bias``, in integers for an int8 W."""
-    y = int_sums(x, weight) * scales if weight.dtype == torch.int8 else torch.mm(x, weight.t())
+def blocked_mm(x: Tensor, weight: Tensor, block: int) -> Tensor:
+    """``x @ W^T`` in fp32, one fixed-shape ``[block, K]`` product per ``block`` rows (the
+    last block padded with zeros), so that every row goes through the same GEMM kernel
+    whatever the batch size: BLAS libraries pick kernels and blockings by the row count
+    (MKL's GEMV for 1 row and its GEMM for 2, 3 and 4+ rows give other last bits), and a
+    row's logits would then depend on how many rows share the step."""
+    rows = x.shape[0]
+    pad = (block - rows % block) % block
+    if pad > 0:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    w_t = weight.t()
+    out = torch.cat([torch.mm(part, w_t) for part in x.split(block)])
+    return out[:rows] if pad > 0 else out
+
+
+def matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor, block: int) -> Tensor:
+    """``x @ W^T + bias``: in integers for an int8 W (exact, so any row count gives the same
+    bits), in fixed blocks of rows for fp32 (``blocked_mm``)."""
+    y = int_sums(x, weight) * scales if weight.dtype == torch.int8 else blocked_mm(x, weight, block)
     if bias.numel() > 0:
         y = y + bias
     return y
@@ -81,6 +70,7 @@ def lstm_step(
     weights: list[Tensor],
     scales: list[Tensor],
     biases: list[Tensor],
+    block: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ids [B] -> logits [B, V], h [L, B, H], c [L, B, H]. ``table0`` [V, 4H] holds layer 0's
     input gates per character; ``weights``: layer 0's ``W_hh``, then ``[W_ih | W_hh]`` of each
@@ -91,13 +81,13 @@ def lstm_step(
     x = table0.index_select(0, ids)
     for k in range(layers):
         if k == 0:
-            gates = x + matmul(h_all[0], weights[0], scales[0], biases[0])
+            gates = x + matmul(h_all[0], weights[0], scales[0], biases[0], block)
         else:
-            gates = matmul(torch.cat([x, h_all[k]], 1), weights[k], scales[k], biases[k])
+            gates = matmul(torch.cat([x, h_all[k]], 1), weights[k], scales[k], biases[k], block)
         x, c = lstm_cell(gates, c_all[k], hidden)
         hs.append(x)
         cs.append(c)
-    logits = matmul(x, weights[layers], scales[layers], biases[layers])
+    logits = matmul(x, weights[layers], scales[layers], biases[layers], block)
     return logits, torch.stack(hs), torch.stack(cs)
 
 
@@ -108,6 +98,7 @@ def gru_step(
     weights: list[Tensor],
     scales: list[Tensor],
     biases: list[Tensor],
+    block: int,
 ) -> tuple[Tensor, Tensor]:
     """ids [B] -> logits [B, V], h [L, B, H]. ``weights``: layer 0's ``W_hh``, then ``W_ih``
     and ``W_hh`` of each higher layer, then the head."""
@@ -117,11 +108,11 @@ def gru_step(
     for k in range(layers):
         j = 2 * k
         if k > 0:
-            x = matmul(x, weights[j - 1], scales[j - 1], biases[j - 1])
-        x = gru_cell(x, matmul(h_all[k], weights[j], scales[j], biases[j]), h_all[k])
+            x = matmul(x, weights[j - 1], scales[j - 1], biases[j - 1], block)
+        x = gru_cell(x, matmul(h_all[k], weights[j], scales[j], biases[j], block), h_all[k])
         hs.append(x)
     head = 2 * layers - 1
-    return matmul(x, weights[head], scales[head], biases[head]), torch.stack(hs)
+    return matmul(x, weights[head], scales[head], biases[head], block), torch.stack(hs)
 
 
 def lstm_recurrence(
@@ -164,8 +155,8 @@ def lstm_prime(
     scales: list[Tensor],
     biases: list[Tensor],
     chunk: int,
-    h0: Optional[Tensor] = None,  # noqa: UP045 (TorchScript reads Optional, not X | None)
-    c0: Optional[Tensor] = None,  # noqa: UP045
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """An int8 LSTM over the prime ``ids`` [T] from the state (h0, c0) [L, 1, H], or from zero:
     h and c [L, 1, H]. A prime continued from the state after its first part gives exactly the
@@ -214,6 +205,6 @@ def gru_recurrence(
     ``gru_step``; ``pre`` [T, 3H] is its input projection. Returns outputs [T, H] and h."""
     outs: list[Tensor] = []
     for t in range(pre.shape[0]):
-        h = gru_cell(pre[t : t + 1], matmul(h, weight, scales, bias), h)
+        h = gru_cell(pre[t : t + 1], matmul(h, weight, scales, bias, 1), h)
         outs.append(h)
     return torch.cat(outs), h

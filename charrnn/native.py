@@ -1,8 +1,9 @@
 """The native kernels (``csrc/``), built and loaded on first use.
 
-``lstm_int8.cpp`` registers ``torch.ops.charrnn.lstm_step`` and ``torch.ops.charrnn.lstm_prime``,
-drop-in replacements for the int8 LSTM paths of ``charrnn/kernels.py`` with the cell fused
-into one pass: about half the time per position of the prime, and less per decode step.
+``lstm_int8.cpp`` registers ``torch.ops.charrnn.lstm_step`` (int8 or fp32 weights) and
+``torch.ops.charrnn.lstm_prime`` (int8), drop-in replacements for the LSTM paths of
+``charrnn/kernels.py`` with the cell fused into one pass: a fraction of their time per step
+and per position of the prime, and no GIL held.
 ``decode.cpp`` registers ``torch.ops.charrnn.sample`` (``charrnn.sampling.sample_next`` for one
 row in a microsecond or two) and ``torch.ops.charrnn.lstm_decode``, which samples and steps
 many characters in one call.
@@ -11,7 +12,7 @@ The library is built by torch's own extension builder (a C++ compiler and ``ninj
 source, torch build, machine and flags, into ``$CHARRNN_NATIVE_DIR`` (default
 ``~/.cache/charrnn/native``); a library already there is loaded without a compiler, which is
 how the Docker image ships it prebuilt. Where it can be neither loaded nor built, ``load``
-says why once and returns False, and the decoder runs the TorchScript kernels instead.
+says why once and returns False, and the decoder runs the eager reference kernels instead.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def load() -> bool:
     except Exception as exc:  # no compiler, no ninja, an unwritable folder: still correct
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning(
-            "native int8 LSTM kernels unavailable (%s); running the TorchScript ones", reason
+            "native LSTM kernels unavailable (%s); running the eager reference kernels", reason
         )
         return False
     return True
@@ -93,7 +94,7 @@ def _build(name: str, library: Path) -> None:
     library at ``library`` is always a whole one, even if a build is killed half-way."""
     from torch.utils.cpp_extension import load as build
 
-    log.info("building the native int8 LSTM kernels into %s", library)
+    log.info("building the native LSTM kernels into %s", library)
     with tempfile.TemporaryDirectory(prefix=f"{name}.", dir=library.parent) as tmp:
         build(
             name=name,

@@ -5,7 +5,7 @@ hash of ``(seed, pos)`` (SplitMix64). A request's text therefore depends only on
 and distribution, never on which other requests share the batch or in which order they came.
 Sampling draws one uniform per row and inverts the filtered CDF, all vectorised in torch.
 ``sampler`` picks how it runs: in C++ where the native kernels load (``charrnn/csrc/decode.cpp``,
-a microsecond or two a row), else compiled by TorchScript on the CPU, else eagerly.
+a microsecond or two a row), else ``sample_next`` op by op (the reference).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def sample_next(
 
     logits [B, V]; temperature [B] (> 0); top_k [B] (use V for "no limit"); top_p [B];
     u [B] uniforms in [0, 1). All on the logits' device. Returns ids [B] (int64).
-    Plain tensor code, so that the service can run it compiled (``charrnn.kernels.scripted``).
+    Plain tensor code: the reference for the native sampler, and what CUDA graphs capture.
     """
     # (logits - max) / T: a temperature so small that logits / T would overflow (any T > 0 is
     # valid input) then gives 0 for the likeliest characters and -inf for the rest, which is
@@ -116,13 +116,11 @@ def sample_next(
 def sampler(device: torch.device, native_kernels: bool = True) -> Sampler:
     """``sample_next`` as fast as ``device`` runs it: the native op on the CPU where it loads
     (the same ids but where a draw lies within float rounding of the edge between two
-    characters; tests/test_sampling.py), TorchScript on the CPU otherwise, eager on CUDA."""
+    characters; tests/test_sampling.py), else ``sample_next`` itself."""
     # Imported here, not by the package: ``python -m charrnn.native`` runs that module as a
     # script, which must not find it imported already.
-    from charrnn import kernels, native
+    from charrnn import native
 
-    if device.type != "cpu":
-        return sample_next
-    if native_kernels and native.load():
+    if device.type == "cpu" and native_kernels and native.load():
         return torch.ops.charrnn.sample.default
-    return kernels.scripted(sample_next)
+    return sample_next

@@ -345,9 +345,12 @@ def test_a_failing_unit_fails_only_its_generations(backend, monkeypatch):
     asyncio.run(run())
 
 
-def test_several_steps_per_call_need_the_native_kernels(backend):
-    """The fp32 backend steps one character per call; asking for more is a bug, not a
-    silently different schedule."""
+def test_several_steps_per_call_need_the_native_kernels():
+    """Without the native kernels the backend steps one character per call; asking for more
+    is a bug, not a silently different schedule."""
+    vocab = Vocabulary.from_text(make_text())
+    model = tiny_model(vocab, seed=4)
+    backend = ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), native_kernels=False)
     assert not backend.multi_step
     logits, state = backend.prime_part(backend.encode("a"), None)
     batch = backend.new_row(logits, state, SamplingParams())

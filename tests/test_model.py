@@ -14,8 +14,8 @@ from tests.conftest import tiny_model
 from tests.server import ROOT
 
 # The int8 step and prime run native (C++) for an LSTM where a compiler or a prebuilt library
-# is at hand, else compiled by TorchScript: the int8 tests run both.
-KERNELS = [pytest.param(True, id="native"), pytest.param(False, id="torchscript")]
+# is at hand, else op by op (the eager reference): the int8 tests run both.
+KERNELS = [pytest.param(True, id="native"), pytest.param(False, id="eager")]
 
 
 def run_python(folder: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -58,7 +58,7 @@ def test_forward_shapes_and_state_carry(cell):
 
 
 @pytest.mark.parametrize(
-    "weights,native_kernels", [("fp32", False), ("int8", True), ("int8", False)]
+    "weights,native_kernels", [("fp32", True), ("fp32", False), ("int8", True), ("int8", False)]
 )
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_fused_step_matches_forward(cell, weights, native_kernels):
@@ -67,7 +67,7 @@ def test_fused_step_matches_forward(cell, weights, native_kernels):
     if weights == "int8":
         decoder = int8_decoder(model, native_kernels)
     else:
-        decoder = StepDecoder(model, weights)
+        decoder = StepDecoder(model, weights, native_kernels=native_kernels)
     ids = torch.randint(0, 8, (4, 6))
     full, _ = model(ids)
     _, state = model(ids[:, :1])
@@ -160,19 +160,22 @@ def test_fp32_prime_is_the_model_on_the_whole_sequence():
     with torch.inference_mode():
         full, (fh, fc) = model(ids[None])
     assert torch.equal(logits, full[:, -1]) and torch.equal(h, fh) and torch.equal(c, fc)
+    # A copy of the last position, not a view that keeps all [1, T, V] alive in the cache.
+    assert logits.untyped_storage().nbytes() == logits.numel() * logits.element_size()
 
 
 def test_native_kernels_build_wherever_there_is_a_compiler():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler: the decoder runs the TorchScript kernels")
+        pytest.skip("no C++ compiler: the decoder runs the eager reference kernels")
     assert native.load()
     model = tiny_model(Vocabulary("abcdefgh"))
     assert StepDecoder(model, "int8").kernels == "native"
-    assert StepDecoder(model, "int8", native_kernels=False).kernels == "torchscript"
-    assert StepDecoder(model, "fp32").kernels == "torchscript"
+    assert StepDecoder(model, "int8", native_kernels=False).kernels == "eager"
+    assert StepDecoder(model, "fp32").kernels == "native"
+    assert StepDecoder(tiny_model(Vocabulary("abcdefgh"), "gru"), "int8").kernels == "eager"
 
 
-def test_native_kernels_agree_with_torchscript():
+def test_native_kernels_agree_with_the_eager_reference():
     """Same weights and quantization, a different tanh: the same logits to ~1e-5."""
     vocab = Vocabulary("abcdefgh")
     model = tiny_model(vocab, seed=11, hidden=64)
@@ -193,13 +196,23 @@ def test_native_kernels_agree_with_torchscript():
 def test_native_kernels_refuse_bad_arguments_with_a_message():
     decoder = int8_decoder(tiny_model(Vocabulary("abcdefgh"), hidden=16), True)
     state = decoder.model.init_state(2)
-    mats = [m.float() for m in decoder.mats]  # fp32 where int8 is required
-    with pytest.raises(RuntimeError, match="int8"):
+    mats = [m.float() for m in decoder.mats]  # fp32 weights with int8 scales
+    with pytest.raises(RuntimeError, match="fp32 weights take no scales"):
         torch.ops.charrnn.lstm_step(
             torch.zeros(2, dtype=torch.long),
             *state,
             decoder.table0,
             mats,
+            decoder.scales,
+            decoder.biases,
+        )
+    mixed = [*decoder.mats[:-1], mats[-1]]  # an fp32 head after int8 layers
+    with pytest.raises(RuntimeError, match="the head's weight must be a contiguous int8"):
+        torch.ops.charrnn.lstm_step(
+            torch.zeros(2, dtype=torch.long),
+            *state,
+            decoder.table0,
+            mixed,
             decoder.scales,
             decoder.biases,
         )
@@ -235,8 +248,9 @@ def _rows(n: int, vocab_size: int) -> tuple[torch.Tensor, ...]:
     )
 
 
+@pytest.mark.parametrize("weights", ["int8", "fp32"])
 @torch.inference_mode()
-def test_native_decode_equals_sampling_then_stepping_however_split():
+def test_native_decode_equals_sampling_then_stepping_however_split(weights):
     """``decode`` of many characters per call gives, bit for bit, the ids, logits and state of
     sampling (with the uniforms of charrnn.sampling) and stepping one character at a time,
     whichever way the characters are split into calls, and a row's ids alone or in a batch."""
@@ -246,6 +260,9 @@ def test_native_decode_equals_sampling_then_stepping_however_split():
 
     vocab = Vocabulary("abcdefgh")
     decoder = int8_decoder(tiny_model(vocab, seed=9, hidden=40), True)
+    if weights == "fp32":
+        decoder = StepDecoder(decoder.model, "fp32")
+    assert decoder.kernels == "native"
     n, steps = 5, 30
     temperature, top_k, top_p, seeds = _rows(n, 8)
     logits0, state0 = decoder.prime(torch.tensor([1, 2, 3]))
@@ -353,7 +370,7 @@ def test_native_build_is_shared_by_concurrent_processes(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no build folder left behind
 
 
-def test_without_a_compiler_the_decoder_says_so_and_runs_torchscript(tmp_path):
+def test_without_a_compiler_the_decoder_says_so_and_runs_the_eager_reference(tmp_path):
     """A machine without a C++ compiler (and no prebuilt library) still decodes."""
     code = (
         "import torch\n"
@@ -363,11 +380,11 @@ def test_without_a_compiler_the_decoder_says_so_and_runs_torchscript(tmp_path):
         "d = StepDecoder(tiny_model(Vocabulary('abcdefgh')), 'int8')\n"
         "logits, _ = d.prime(torch.tensor([1, 2, 3]))\n"
         "print(d.kernels, tuple(logits.shape), flush=True)\n"
-        # Known PyTorch flake, not ours to test: after torch.jit.fork (the TorchScript
+        # Known PyTorch flake, not ours to test: after torch.jit.fork (the eager int8
         # prime's wavefront) the interpreter's teardown sometimes aborts ("terminate called
         # without an active exception"). Leave before it.
         "import os; os._exit(0)\n"
     )
     out = run_python(tmp_path, code, CXX="/bin/false", CHARRNN_NATIVE_DIR=str(tmp_path))
-    assert out.stdout.split() == ["torchscript", "(1,", "8)"]
-    assert "native int8 LSTM kernels unavailable" in out.stderr
+    assert out.stdout.split() == ["eager", "(1,", "8)"]
+    assert "native LSTM kernels unavailable" in out.stderr

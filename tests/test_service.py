@@ -71,7 +71,8 @@ def test_health_ready_info(server, vocab):
     assert m["parameters"] > 0 and m["device"] == "cpu" and m["dtype"] == "float32"
     assert m["decode_weights"] == "int8"
     # The native int8 kernels wherever this process could build or load them.
-    assert m["decode_kernels"] == ("native" if native.load() else "torchscript")
+    assert m["decode_kernels"] == ("native" if native.load() else "eager")
+    assert m["batch_invariant"] is True and "exact" in m["decode_reason"]
     assert m["metrics"]["best_val_nll"] == 3.0
     assert info["limits"]["max_prime_chars"] == 300
     assert info["limits"]["auth_required"] is False
@@ -123,7 +124,7 @@ def test_generate_fields_and_determinism(server, vocab):
 def test_native_kernels_can_be_switched_off(tmp_path, tiny_checkpoint):
     with run_server(tmp_path, f"tiny={tiny_checkpoint}", native_kernels="false") as s:
         (m,) = httpx.get(f"{s.url}/info").json()["models"]
-        assert (m["decode_weights"], m["decode_kernels"]) == ("int8", "torchscript")
+        assert (m["decode_weights"], m["decode_kernels"]) == ("int8", "eager")
         done = httpx.post(f"{s.url}/generate", json={"prime": "Alice", "max_new_chars": 20})
         assert done.status_code == 200 and len(done.json()["generated_text"]) == 20
 

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import RegistryDep, SettingsDep
 from app.schemas import Architecture, Health, Info, Limits, ModelInfo, Ready
+from charrnn.quantization import choose_precision
 
 router = APIRouter(tags=["operations"])
 
@@ -63,6 +64,9 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
                 decode_weights=b.decoder.weights,
                 decode_kernels=b.decoder.kernels,
                 decode_failing=m.scheduler.failing,
+                decode_reason=choose_precision(settings.decode_weights, b.device)[1],
+                batch_invariant=b.decoder.batch_invariant,
+                batch_invariance=b.decoder.invariance,
             )
         )
     limits = Limits(

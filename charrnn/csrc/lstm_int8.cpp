@@ -82,6 +82,21 @@ struct GateInputs {
   const float* bias = nullptr;     // [4H] for higher layers, null for layer 0
 };
 
+// The LSTM update of one row from its gate pre-activations [i | f | g | o]: ``c`` in place,
+// the new h to ``h_out``.
+CHARRNN_INLINE void lstm_update(const float* gates, float* c, float* h_out, int64_t hidden) {
+  const float* gi = gates;
+  const float* gf = gates + hidden;
+  const float* gg = gates + 2 * hidden;
+  const float* go = gates + 3 * hidden;
+  for (int64_t j = 0; j < hidden; ++j) {
+    const float cj = sigmoid_approx(gf[j]) * c[j] + sigmoid_approx(gi[j]) * tanh_approx(gg[j]);
+    const float hj = sigmoid_approx(go[j]) * tanh_approx(cj);
+    c[j] = cj;
+    h_out[j] = hj;
+  }
+}
+
 // One LSTM cell on one row. ``c`` is updated in place; h goes to ``h_out`` (fp32) and, as
 // round(127 h), to ``q_out`` (the next matmul's int8 input).
 CHARRNN_CLONES void cell_row(const int32_t* sums, const GateInputs& in, float* c, float* h_out, int8_t* q_out,
@@ -95,23 +110,57 @@ CHARRNN_CLONES void cell_row(const int32_t* sums, const GateInputs& in, float* c
   } else {
     for (int64_t j = 0; j < n; ++j) gates[j] = static_cast<float>(sums[j]) * in.scales[j] + in.bias[j];
   }
-  const float* gi = gates;
-  const float* gf = gates + hidden;
-  const float* gg = gates + 2 * hidden;
-  const float* go = gates + 3 * hidden;
-  for (int64_t j = 0; j < hidden; ++j) {
-    const float cj = sigmoid_approx(gf[j]) * c[j] + sigmoid_approx(gi[j]) * tanh_approx(gg[j]);
-    const float hj = sigmoid_approx(go[j]) * tanh_approx(cj);
-    c[j] = cj;
-    h_out[j] = hj;
-  }
+  lstm_update(gates, c, h_out, hidden);
   // A loop of its own: mixed with the float math above, the int8 stores stop vectorisation.
   for (int64_t j = 0; j < hidden; ++j) q_out[j] = quantize(h_out[j]);
+}
+
+// The same cell for fp32 weights: ``products`` are the row's fp32 x @ W^T, and h is copied
+// to ``x_out`` (the next matmul's input) as it is.
+CHARRNN_CLONES void cell_row_f32(const float* products, const GateInputs& in, float* c, float* h_out,
+                                 float* x_out, int64_t hidden, float* gates) {
+  const int64_t n = 4 * hidden;
+  if (in.table != nullptr) {
+    for (int64_t j = 0; j < n; ++j) gates[j] = in.table[j] + products[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) gates[j] = products[j] + in.bias[j];
+  }
+  lstm_update(gates, c, h_out, hidden);
+  std::copy(h_out, h_out + hidden, x_out);
+}
+
+// Rows per fixed-shape fp32 matmul (charrnn.decode.FP32_BLOCK["cpu"]): BLAS picks its
+// kernel by the row count, so every row goes through the same [8, K] GEMM whatever the
+// batch size, and a row's products do not depend on its neighbours.
+constexpr int64_t kBlock = 8;
+
+// x [B, K] @ W^T in blocks of kBlock rows (the last one zero-padded): [B, N].
+Tensor blocked_mm(const Tensor& x, const Tensor& weight) {
+  const int64_t rows = x.size(0), padded = (rows + kBlock - 1) / kBlock * kBlock;
+  Tensor xp = x;
+  if (padded != rows) {
+    xp = at::zeros({padded, x.size(1)}, x.options());
+    xp.slice(0, 0, rows).copy_(x);
+  }
+  Tensor out = at::empty({padded, weight.size(0)}, x.options());
+  const Tensor w_t = weight.t();
+  for (int64_t r = 0; r < padded; r += kBlock) {
+    Tensor part = out.slice(0, r, r + kBlock);
+    at::mm_out(part, xp.slice(0, r, r + kBlock), w_t);
+  }
+  return padded != rows ? out.slice(0, 0, rows) : out;
 }
 
 void check_int8_matrix(const Tensor& w, int64_t rows, int64_t cols, const char* what) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kChar && w.is_contiguous(), what,
               " must be a contiguous int8 CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, what, " must be [", rows,
+              ", ", cols, "], got ", w.sizes());
+}
+
+void check_float_matrix(const Tensor& w, int64_t rows, int64_t cols, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(), what,
+              " must be a contiguous float32 CPU tensor");
   TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, what, " must be [", rows,
               ", ", cols, "], got ", w.sizes());
 }
@@ -127,6 +176,10 @@ Tensor head(const Tensor& q, const Tensor& weight, const Tensor& scales, const T
   Tensor logits = at::_int_mm(q, weight.t()) * scales;
   return bias.numel() > 0 ? logits + bias : logits;
 }
+
+std::tuple<Tensor, Tensor, Tensor> lstm_step_f32(const Tensor& ids, const Tensor& h_all,
+                                                 const Tensor& c_all, const Tensor& table0,
+                                                 at::TensorList weights, at::TensorList biases);
 
 std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_all,
                                              const Tensor& c_all, const Tensor& table0,
@@ -144,12 +197,17 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
   TORCH_CHECK(table0.dim() == 2 && table0.size(1) == 4 * hidden &&
                   table0.scalar_type() == at::kFloat && table0.is_contiguous(),
               "table0 must be a contiguous float32 [V, 4H]");
+  TORCH_CHECK(biases[0].numel() == 0, "layer 0's biases live in table0: biases[0] must be empty");
+  if (weights[0].scalar_type() == at::kFloat) {
+    for (const Tensor& sc : scales)
+      TORCH_CHECK(sc.numel() == 0, "fp32 weights take no scales: every scales tensor must be empty");
+    return lstm_step_f32(ids, h_all, c_all, table0, weights, biases);
+  }
   for (int64_t k = 0; k < layers; ++k) {
     check_int8_matrix(weights[k], 4 * hidden, k == 0 ? hidden : 2 * hidden, "an LSTM weight");
     check_float_vector(scales[k], 4 * hidden, "an LSTM weight's scales");
     if (k > 0) check_float_vector(biases[k], 4 * hidden, "an LSTM bias");
   }
-  TORCH_CHECK(biases[0].numel() == 0, "layer 0's biases live in table0: biases[0] must be empty");
   const int64_t vocab = weights[layers].dim() == 2 ? weights[layers].size(0) : 0;
   check_int8_matrix(weights[layers], vocab, hidden, "the head's weight");
   check_float_vector(scales[layers], vocab, "the head's scales");
@@ -196,6 +254,62 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
     });
   }
   Tensor logits = head(head_q, weights[layers], scales[layers], biases[layers]);
+  return {logits, h_out, c_out};
+}
+
+// lstm_step for fp32 weights (arguments checked there, except the matrices): the matmuls
+// are fixed-shape fp32 GEMMs (blocked_mm), the cell the same as the int8 step's.
+std::tuple<Tensor, Tensor, Tensor> lstm_step_f32(const Tensor& ids, const Tensor& h_all,
+                                                 const Tensor& c_all, const Tensor& table0,
+                                                 at::TensorList weights, at::TensorList biases) {
+  // A state that requires grad (the model's own output) must not reach mm's out= variant;
+  // the op has no gradient anyway.
+  at::NoGradGuard no_grad;
+  const int64_t layers = h_all.size(0), batch = h_all.size(1), hidden = h_all.size(2);
+  for (int64_t k = 0; k < layers; ++k) {
+    check_float_matrix(weights[k], 4 * hidden, k == 0 ? hidden : 2 * hidden, "an LSTM weight");
+    if (k > 0) check_float_vector(biases[k], 4 * hidden, "an LSTM bias");
+  }
+  const int64_t vocab = weights[layers].dim() == 2 ? weights[layers].size(0) : 0;
+  check_float_matrix(weights[layers], vocab, hidden, "the head's weight");
+  if (biases[layers].numel() > 0) check_float_vector(biases[layers], vocab, "the head's bias");
+
+  const Tensor h_in = h_all.contiguous(), c_in = c_all.contiguous();
+  Tensor h_out = at::empty_like(h_in), c_out = c_in.clone();
+  const Tensor x0 = table0.index_select(0, ids);  // checks the ids against V
+  // Each layer's matmul input: layer 0 [h0], layer k [x | h_k] with x the new h of layer k - 1.
+  std::vector<Tensor> inputs{h_in[0]};
+  for (int64_t k = 1; k < layers; ++k) {
+    Tensor x = at::empty({batch, 2 * hidden}, at::kFloat);
+    x.slice(1, hidden, 2 * hidden).copy_(h_in[k]);
+    inputs.push_back(x);
+  }
+  Tensor head_x = at::empty({batch, hidden}, at::kFloat);
+  for (int64_t k = 0; k < layers; ++k) {
+    const Tensor products = blocked_mm(inputs[k], weights[k]);  // [B, 4H], contiguous
+    GateInputs in;
+    if (k == 0) {
+      in.table = x0.data_ptr<float>();
+    } else {
+      in.bias = biases[k].data_ptr<float>();
+    }
+    float* next = k + 1 < layers ? inputs[k + 1].data_ptr<float>() : head_x.data_ptr<float>();
+    const int64_t next_width = k + 1 < layers ? 2 * hidden : hidden;
+    const float* p = products.data_ptr<float>();
+    float* c = c_out.data_ptr<float>() + k * batch * hidden;
+    float* h = h_out.data_ptr<float>() + k * batch * hidden;
+    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> gates(4 * hidden);
+      for (int64_t b = begin; b < end; ++b) {
+        GateInputs row = in;
+        if (row.table != nullptr) row.table += b * 4 * hidden;
+        cell_row_f32(p + b * 4 * hidden, row, c + b * hidden, h + b * hidden,
+                     next + b * next_width, hidden, gates.data());
+      }
+    });
+  }
+  Tensor logits = blocked_mm(head_x, weights[layers]);
+  if (biases[layers].numel() > 0) logits = logits + biases[layers];
   return {logits, h_out, c_out};
 }
 
