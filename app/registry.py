@@ -110,9 +110,9 @@ class Registry:
         does not pay for lazy initialisation (thread pools, allocator, kernels)."""
         for m in self.models.values():
             m.scheduler.start()
-            # Three rounds, each with a prime not yet cached: TorchScript's executor profiles
-            # a compiled function on its first call and optimises it on the second, so with
-            # one round the first client's prime paid ~15 ms for that.
+            # Three rounds, each with a prime not yet cached, so that the allocator, the thread
+            # pools and the branch predictors have seen a prime and a decode call more than once
+            # before the first client's.
             chars = m.backend.vocab.chars
             for round_ in range(WARMUP_ROUNDS):
                 request = GenerationRequest(
