@@ -185,7 +185,7 @@ def large_vocab(dev: torch.device) -> dict[str, object]:
     model = CharRNN(ModelConfig(vocab_size=len(vocab))).to(dev).eval()
     weights = "int8" if dev.type == "cpu" else "fp32"
     backend = ModelBackend(Checkpoint(model, vocab), dev, weights=weights)
-    batch = backend.new_row("abc", 1.0, None, 1.0, 0)[0]
+    batch = backend.new_row(*backend.prime_part(backend.encode("abc"), None), SamplingParams())
     positions = np.zeros(1, dtype=np.uint64)
     t = median_seconds(lambda: backend.advance(batch, positions, _ignore), reps=30, warmup=3)
     u = torch.rand(1, dtype=torch.float64, device=dev)

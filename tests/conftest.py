@@ -95,3 +95,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta = {"metrics": {"best_val_nll": 3.0, "best_val_bpc": 4.3, "epochs": 0}}
     save_checkpoint(path, tiny_model(vocab), vocab, meta)
     return path
+
+
+def primed_row(backend, prime: str, temperature: float, top_k, top_p: float, seed: int):
+    """A one-row ``app.backend.Batch`` primed on ``prime`` with these sampling parameters."""
+    from charrnn.sampling import SamplingParams
+
+    logits, state = backend.prime_part(backend.encode(prime), None)
+    return backend.new_row(logits, state, SamplingParams(temperature, top_k, top_p, seed))

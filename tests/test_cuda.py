@@ -10,7 +10,7 @@ from app.graphs import BUCKETS, PaddedStep
 from charrnn import SamplingParams, Vocabulary, load_checkpoint
 from charrnn.checkpoint import Checkpoint
 from charrnn.generate import generate
-from tests.conftest import make_text, tiny_model
+from tests.conftest import make_text, primed_row, tiny_model
 from training.config import FitConfig
 from training.fit import fit
 
@@ -49,7 +49,7 @@ def test_cuda_rows_do_not_depend_on_their_bucket():
     step = PaddedStep(b.decoder, len(b.vocab), torch.device("cuda"), use_graphs=True)
     step.capture_all(512, b.model.init_state(1))
     rows = 301
-    batch = Batch.concat([b.new_row("Alice", 0.9, 5, 0.95, i)[0] for i in range(rows)])
+    batch = Batch.concat([primed_row(b, "Alice", 0.9, 5, 0.95, i) for i in range(rows)])
     g = torch.Generator(device="cuda").manual_seed(0)
     state = tuple(torch.randn(s.shape, device="cuda", generator=g).tanh() for s in batch.state)
     u = torch.rand(rows, dtype=torch.float64, device="cuda", generator=g)

@@ -18,7 +18,7 @@ from charrnn import Vocabulary, native, quantization
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import StepDecoder
 from charrnn.quantization import choose_precision, int8_is_exact
-from tests.conftest import make_text, tiny_model
+from tests.conftest import make_text, primed_row, tiny_model
 from tests.test_model import run_python
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -128,11 +128,11 @@ def test_precision_choice_and_its_reason(monkeypatch, fresh_choice, caplog):
 def _generate_in_crowd(backend: ModelBackend, crowd: int, length: int) -> str:
     """The text of request (prime "the ", seed 5) decoded among ``crowd`` others with other
     primes, seeds and settings, through the service's batched step, one character a call."""
-    rows = [backend.new_row("the ", 0.9, None, 1.0, 5)[0]]
+    rows = [primed_row(backend, "the ", 0.9, None, 1.0, 5)]
     rng = np.random.default_rng(crowd)
     for i in range(crowd):
         prime = "".join(rng.choice(list("aelothis "), size=int(rng.integers(1, 12))))
-        rows.append(backend.new_row(prime, 0.5 + i / crowd, 3 + i % 5, 0.9, 1000 + i)[0])
+        rows.append(primed_row(backend, prime, 0.5 + i / crowd, 3 + i % 5, 0.9, 1000 + i))
     # The request sits in the middle of the batch, not at row 0.
     middle = len(rows) // 2
     rows[0], rows[middle] = rows[middle], rows[0]

@@ -17,7 +17,7 @@ from app.graphs import BUCKETS, MAX_BUCKET, PaddedStep, bucket_for, bucket_plan
 from charrnn import Vocabulary
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import StepDecoder
-from tests.conftest import make_text, tiny_model
+from tests.conftest import make_text, primed_row, tiny_model
 
 
 class StubGraph:
@@ -102,7 +102,7 @@ def test_replays_give_each_row_its_numbers_alone_or_in_a_crowd(rows):
     step = PaddedStep(b.decoder, len(b.vocab), b.device, True, stub_capture())
     step.capture_all(64, b.decoder.model.init_state(1))
     assert step.captured == [64, 32]
-    batch = Batch.concat([b.new_row("the ", 0.9, 5, 0.95, i)[0] for i in range(rows)])
+    batch = Batch.concat([primed_row(b, "the ", 0.9, 5, 0.95, i) for i in range(rows)])
     u = torch.rand(rows, dtype=torch.float64, generator=torch.Generator().manual_seed(rows))
     args = (batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u)
     for _ in range(2):  # the second call replays over the first's outputs
@@ -135,7 +135,7 @@ def test_above_the_largest_bucket_the_step_runs_eagerly(monkeypatch):
     monkeypatch.setattr(
         step, "compute", lambda size, buf=None: calls.append(size) or real(size, buf)
     )
-    batch = Batch.concat([b.new_row("a", 1.0, None, 1.0, i)[0] for i in range(70)])
+    batch = Batch.concat([primed_row(b, "a", 1.0, None, 1.0, i) for i in range(70)])
     u = torch.zeros(70, dtype=torch.float64)
     ids, logits, _ = step(batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u)
     assert ids.shape == (70,) and logits.shape == (70, len(b.vocab))
