@@ -72,10 +72,10 @@ MIN_BACKLOG = HAND_OVER_CALLS * MAX_STEPS
 LOCKSTEP_ROWS = 16
 # A prime that runs alone gets at least this many positions per iteration.
 MIN_PRIME_PART = 32
-# An iteration's prime work also stops after about this long, however many positions the
-# budget allows: on a slower or busier CPU the budget's positions take longer, and the rows
-# that are streaming wait for them. Measured per position as the primes run.
-PRIME_SLICE_S = 0.012
+# An iteration's prime work also stops after about ``prime_slice_s`` (CHARRNN_PRIME_SLICE_MS),
+# however many positions the budget allows: on a slower or busier CPU the budget's positions
+# take longer, and the rows that are streaming wait for them. Measured per position as the
+# primes run.
 # Failed units of work in a row (a prime part, a decode call) before the model is failing.
 FAILING_AFTER = 3
 
@@ -115,6 +115,7 @@ class Batcher:
         *,
         max_concurrent: int,
         prime_budget: int,
+        prime_slice_s: float,
         hand_over: Callable[[Results, str | None], None],
     ):
         self.name = name
@@ -122,6 +123,7 @@ class Batcher:
         self.metrics = metrics
         self.max_concurrent = max_concurrent
         self.prime_budget = prime_budget
+        self.prime_slice_s = prime_slice_s
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.waiting: deque[Generation] = deque()
         self.priming: list[Priming] = []
@@ -135,7 +137,7 @@ class Batcher:
         self._failures = 0
         self._failing: str | None = None  # why the model is failing, once it is
         # Seconds per position of a prime part, and of a side-by-side step at each group size:
-        # what fits in PRIME_SLICE_S (a guess until measured).
+        # what fits in ``prime_slice_s`` (a guess until measured).
         self._part_s = 40e-6
         self._side_s: dict[int, float] = {}
         self._call_logprobs: RowLogprobs | None = None  # of the decode call being emitted
@@ -252,10 +254,11 @@ class Batcher:
             positions = max(1, self.prime_budget // len(group))
             step_s = self._side_s.get(len(group))
             if step_s is not None:
-                positions = max(1, min(positions, int(PRIME_SLICE_S / step_s)))
+                positions = max(1, min(positions, int(self.prime_slice_s / step_s)))
             self._guarded([p.gen for p in group], self._prime_side_by_side, group, positions)
         else:
-            budget = min(self.prime_budget, max(MIN_PRIME_PART, int(PRIME_SLICE_S / self._part_s)))
+            in_slice = max(MIN_PRIME_PART, int(self.prime_slice_s / self._part_s))
+            budget = min(self.prime_budget, in_slice)
             share = max(MIN_PRIME_PART, budget // len(self.priming))
             # The primes that end within their share first (shortest first), then the others
             # in arrival order: a short prime never waits behind long ones, and long ones are

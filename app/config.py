@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         description="prime positions run per decode iteration, over all primes in progress: "
         "a burst of long primes then delays streaming rows by one budget's work at most",
     )
+    prime_slice_ms: float = Field(
+        12.0,
+        gt=0,
+        description="and at most about this long per decode iteration, however many positions "
+        "the budget allows (a slower or busier CPU takes longer per position)",
+    )
     api_keys: str = Field("", description="comma-separated bearer keys; empty = no auth")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS")
     threads: int = Field(

@@ -55,6 +55,7 @@ class Scheduler:
         max_concurrent: int,
         max_queue: int,
         prime_budget: int,
+        prime_slice_s: float = 0.012,
     ):
         self.name = name
         self.backend = backend
@@ -66,6 +67,7 @@ class Scheduler:
             metrics,
             max_concurrent=max_concurrent,
             prime_budget=prime_budget,
+            prime_slice_s=prime_slice_s,
             hand_over=self._from_decode_thread,
         )
         # Generations someone still waits for: submitted, and neither ended nor cancelled.

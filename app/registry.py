@@ -90,6 +90,7 @@ class Registry:
                 max_concurrent=settings.max_concurrent,
                 max_queue=settings.max_queue,
                 prime_budget=settings.prime_budget,
+                prime_slice_s=settings.prime_slice_ms / 1e3,
             )
             reg.models[name] = LoadedModel(
                 name, path, int(os.path.getmtime(path)), backend, scheduler

@@ -7,9 +7,10 @@ streams' largest gap between two characters while the burst is worked through, e
 request's time to first character (the last of them is when the burst as a whole is
 through), and the short prime's.
 
-The baseline, in the same run, is the same burst against a server whose prime budget is
-unbounded (``CHARRNN_PRIME_BUDGET`` = 10⁹): every prime then runs whole before the next decode
-call, which is how the scheduler worked before primes were cut into parts."""
+The baseline, in the same run, is the same burst against a server whose prime budget and
+slice are unbounded (``CHARRNN_PRIME_BUDGET`` and ``CHARRNN_PRIME_SLICE_MS`` = 10⁹): every
+prime then runs whole before the next decode call, which is how the scheduler worked before
+primes were cut into parts."""
 
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def run(checkpoint: Path = DEFAULT_MODEL, port: int = 8766, reps: int = 3) -> di
     chars = load_checkpoint(checkpoint).vocab.chars
     figures: dict[str, list[dict[str, float]]] = {"chunked": [], "unbounded": []}
     for name, budget in (("unbounded", "1000000000"), ("chunked", "")):
-        settings = {"prime_budget": budget} if budget else {}
+        settings = {"prime_budget": budget, "prime_slice_ms": budget} if budget else {}
         with served(checkpoint, port, **settings) as url:
             for rep in range(reps):
                 figures[name].append(asyncio.run(burst(url, chars, seed=rep * 10)))
