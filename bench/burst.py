@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import random
 import statistics
@@ -27,27 +26,20 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import CORPUS, DEFAULT_MODEL, ROOT, emit, machine, served
+from bench.common import (
+    CORPUS,
+    DEFAULT_MODEL,
+    ROOT,
+    emit,
+    largest_gap,
+    machine,
+    served,
+    stream_tokens,
+)
 from charrnn.checkpoint import load_checkpoint
 
 RUNNING, RUNNING_CHARS = 4, 6000
 BURST, PRIME_CHARS = 32, 4090
-MARKER = b"event: token"
-
-
-async def _stream(client: httpx.AsyncClient, url: str, body: dict, arrivals: list[float]) -> None:
-    """Read one SSE stream, appending the arrival time of each chunk's token events (one
-    entry per token, so ``arrivals`` also counts them)."""
-    tail = b""
-    async with client.stream("POST", f"{url}/generate/stream", json=body) as r:
-        r.raise_for_status()
-        async for chunk in r.aiter_raw():
-            now = time.perf_counter()
-            data = tail + chunk
-            arrivals.extend([now] * data.count(MARKER))
-            tail = data[-(len(MARKER) - 1) :]
-            if b"event: done" in data or b"event: error" in data:
-                return
 
 
 def _texts(chars: str) -> str:
@@ -61,14 +53,6 @@ def _texts(chars: str) -> str:
     return "".join(rng.choice(letters) for _ in range(BURST * 200 + PRIME_CHARS))
 
 
-def _largest_gap(arrivals: list[float], start: float, end: float) -> tuple[float, float]:
-    """The longest time without a character between ``start`` and ``end``, and when (from
-    ``start``) it began."""
-    inside = [t for t in arrivals if start <= t <= end]
-    edges = [start, *inside, end]
-    return max((b - a, a - start) for a, b in itertools.pairwise(edges))
-
-
 async def _watch(url: str, seed: int) -> None:
     """The running streams, read in a process of their own (as their clients would be), so
     that sending the burst cannot delay their reads: prints ``ready`` once all are streaming,
@@ -80,7 +64,7 @@ async def _watch(url: str, seed: int) -> None:
             for i in range(RUNNING)
         ]
         streams = [
-            asyncio.create_task(_stream(c, url, b, running[i])) for i, b in enumerate(bodies)
+            asyncio.create_task(stream_tokens(c, url, b, running[i])) for i, b in enumerate(bodies)
         ]
         while min(len(a) for a in running) < 200:
             await asyncio.sleep(0.01)
@@ -116,18 +100,20 @@ async def burst(url: str, chars: str, seed: int) -> dict[str, float]:
             }
             for i in range(BURST)
         ]
-        burst = [asyncio.create_task(_stream(c, url, b, firsts[i])) for i, b in enumerate(bodies)]
+        burst = [
+            asyncio.create_task(stream_tokens(c, url, b, firsts[i])) for i, b in enumerate(bodies)
+        ]
         await asyncio.sleep(1.0)  # the burst is under way (it takes seconds): a short prime
         t_short = time.perf_counter()
         short = {"prime": text[offset : offset + 10], "max_new_chars": 1, "seed": 99}
-        await _stream(c, url, short, firsts[BURST])
+        await stream_tokens(c, url, short, firsts[BURST])
         await asyncio.gather(*burst)
         watcher.stdin.write("stop\n")
         watcher.stdin.flush()
         running = json.loads(await asyncio.to_thread(watcher.stdout.readline))
         watcher.wait(timeout=30)
         end = max(f[0] for f in firsts[:BURST])
-        gap, gap_at = max(_largest_gap(a, t0, end) for a in running)
+        gap, gap_at = max(largest_gap(a, t0, end) for a in running)
         ttfc = sorted(f[0] - t0 for f in firsts[:BURST])
         return {
             "running_largest_gap_ms": round(gap * 1e3, 1),

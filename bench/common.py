@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -126,3 +127,33 @@ def served(checkpoint: Path, port: int, **settings: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+SSE_TOKEN = b"event: token"
+
+
+async def stream_tokens(
+    client: httpx.AsyncClient, url: str, body: dict, arrivals: list[float]
+) -> None:
+    """Read one ``POST /generate/stream``, appending to ``arrivals`` the arrival time of every
+    token event as it comes (one entry per token, so ``arrivals`` also counts them). Token
+    events are counted in the raw bytes, not parsed: the client shares the cores with the
+    server, and a heavy client would measure itself."""
+    tail = b""
+    async with client.stream("POST", f"{url}/generate/stream", json=body) as r:
+        r.raise_for_status()
+        async for chunk in r.aiter_raw():
+            now = time.perf_counter()
+            data = tail + chunk
+            arrivals.extend([now] * data.count(SSE_TOKEN))
+            tail = data[-(len(SSE_TOKEN) - 1) :]
+            if b"event: done" in data or b"event: error" in data:
+                return
+
+
+def largest_gap(arrivals: list[float], start: float, end: float) -> tuple[float, float]:
+    """The longest time without a token between ``start`` and ``end``, and when (from
+    ``start``) it began."""
+    inside = [t for t in arrivals if start <= t <= end]
+    edges = [start, *inside, end]
+    return max((b - a, a - start) for a, b in itertools.pairwise(edges))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import random
 import statistics
 import time
@@ -23,13 +22,12 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.common import CORPUS, DEFAULT_MODEL, emit, machine, served
+from bench.common import CORPUS, DEFAULT_MODEL, emit, largest_gap, machine, served, stream_tokens
 from charrnn.checkpoint import load_checkpoint
 from charrnn.decode import StepDecoder
 
 SCORE_CHARS = 100_000
 STREAM_CHARS = 6000
-MARKER = b"event: token"
 
 
 def _text(chars: str, n: int) -> str:
@@ -64,30 +62,9 @@ async def _stream(
     client: httpx.AsyncClient, url: str, body: dict, arrivals: list[float] | None = None
 ) -> float:
     """Read one SSE stream; characters/s from its first token to its end."""
-    first = last = 0.0
-    count = 0
-    tail = b""
-    async with client.stream("POST", f"{url}/generate/stream", json=body) as r:
-        r.raise_for_status()
-        async for chunk in r.aiter_raw():
-            now = time.perf_counter()
-            data = tail + chunk
-            n = data.count(MARKER)
-            tail = data[-(len(MARKER) - 1) :]
-            if n:
-                first = first or now
-                last = now
-                count += n
-                if arrivals is not None:
-                    arrivals.extend([now] * n)
-            if b"event: done" in data or b"event: error" in data:
-                break
-    return (count - 1) / max(last - first, 1e-9)
-
-
-def _largest_gap(arrivals: list[float], start: float, end: float) -> float:
-    inside = [t for t in arrivals if start <= t <= end]
-    return max(b - a for a, b in itertools.pairwise([start, *inside, end]))
+    arrivals = [] if arrivals is None else arrivals
+    await stream_tokens(client, url, body, arrivals)
+    return (len(arrivals) - 1) / max(arrivals[-1] - arrivals[0], 1e-9)
 
 
 async def measure(url: str, text: str) -> dict[str, float]:
@@ -140,13 +117,13 @@ async def measure(url: str, text: str) -> dict[str, float]:
             await asyncio.sleep(0.01)
         baseline_start = time.perf_counter()
         await asyncio.sleep(1.0)
-        baseline_gap = max(_largest_gap(a, baseline_start, time.perf_counter()) for a in running)
+        baseline_gap = max(largest_gap(a, baseline_start, time.perf_counter())[0] for a in running)
         t0 = time.perf_counter()
         (await c.post(f"{url}/score", json={"text": text})).raise_for_status()
         t1 = time.perf_counter()
         out["score_beside_4_streams_s"] = round(t1 - t0, 2)
         out["running_largest_gap_ms_while_scoring"] = round(
-            max(_largest_gap(a, t0, t1) for a in running) * 1e3, 1
+            max(largest_gap(a, t0, t1)[0] for a in running) * 1e3, 1
         )
         out["running_largest_gap_ms_before"] = round(baseline_gap * 1e3, 1)
         for s in streams:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.common import DEFAULT_MODEL, emit, machine, served
+from bench.common import DEFAULT_MODEL, emit, machine, served, stream_tokens
 from bench.notebook import NotebookCharRNN, sample
 from charrnn.checkpoint import load_checkpoint
 
@@ -42,26 +42,11 @@ def notebook_rates(
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int]:
-    """(time to first token, time from first token to the end, tokens).
-
-    The client counts ``event: token`` lines in the raw bytes instead of parsing every event
-    in Python: it shares the two cores with the server, and a heavy client would measure
-    itself."""
-    marker = b"event: token"
+    """(time to first token, time from first token to the end, tokens)."""
     t0 = time.perf_counter()
-    first, n, tail = 0.0, 0, b""
-    async with client.stream("POST", f"{url}/generate/stream", json=body) as r:
-        r.raise_for_status()
-        async for chunk in r.aiter_raw():
-            data = tail + chunk
-            k = data.count(marker)
-            if k and not n:
-                first = time.perf_counter()
-            n += k
-            tail = data[-(len(marker) - 1) :]
-            if b"event: done" in data or b"event: error" in data:
-                break
-    return first - t0, time.perf_counter() - first, n
+    arrivals: list[float] = []
+    await stream_tokens(client, url, body, arrivals)
+    return arrivals[0] - t0, time.perf_counter() - arrivals[0], len(arrivals)
 
 
 def _primes(chars: str, length: int, count: int, seed: int) -> list[str]:
