@@ -378,7 +378,9 @@ class Batcher:
             log.exception("decode work failed for model %s", self.name)
             dropped = set(map(id, gens))
             self.priming = [p for p in self.priming if id(p.gen) not in dropped]
-            self._keep_rows([i for i, g in enumerate(self.rows) if id(g) not in dropped])
+            keep = [i for i, g in enumerate(self.rows) if id(g) not in dropped]
+            if len(keep) < len(self.rows):  # a decode call's rows; a prime's are not there yet
+                self._keep_rows(keep)
             self._failed(gens, exc)
             self._set_gauges()
         else:

@@ -55,7 +55,7 @@ class Scheduler:
         max_concurrent: int,
         max_queue: int,
         prime_budget: int,
-        prime_slice_s: float = 0.012,
+        prime_slice_s: float,
     ):
         self.name = name
         self.backend = backend

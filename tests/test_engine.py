@@ -127,7 +127,8 @@ def int8_backend() -> ModelBackend:
 
 
 def _scheduler(backend: ModelBackend, **kw: int) -> Scheduler:
-    settings = {"max_concurrent": 8, "max_queue": 8, "prime_budget": 512, **kw}
+    settings = {"max_concurrent": 8, "max_queue": 8, "prime_budget": 512, "prime_slice_s": 0.012}
+    settings.update(kw)
     return Scheduler("t", backend, Metrics(), **settings)
 
 
