@@ -9,7 +9,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.batcher import MIN_BACKLOG
+# The least ``stream_backlog``: what one hand-over of the decode thread can bring a reader at
+# full speed (the engine checks its own numbers against it).
+MIN_BACKLOG = 512
 
 
 def _csv(value: str) -> list[str]:

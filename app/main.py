@@ -19,11 +19,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app import errors
+from app.api import errors
+from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.config import Settings
+from app.engine import Engine
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from app.registry import Registry
 from app.routes import native, openai, ops, scoring
 
 log = logging.getLogger("charrnn")
@@ -43,24 +43,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # as time to first character and health-check latency. 0.5 ms keeps HTTP responsive.
     sys.setswitchinterval(0.0005)
     try:
-        registry = await asyncio.to_thread(Registry.load, settings, app.state.metrics)
+        engine = await asyncio.to_thread(Engine.load, settings, app.state.metrics)
     except Exception as e:
         log.error("cannot start: %s", e)
         raise
-    app.state.registry = registry
+    app.state.engine = engine
     app.state.loop = asyncio.get_running_loop()
-    warm = asyncio.create_task(registry.warm_up(), name="warm-up")
+    warm = asyncio.create_task(engine.warm_up(), name="warm-up")
     warm.add_done_callback(lambda task: _stop_if_failed(app, task))
     app.state.begin_shutdown = lambda: asyncio.ensure_future(
-        registry.drain(settings.shutdown_grace_s)
+        engine.drain(settings.shutdown_grace_s)
     )
     try:
         yield
     finally:
         if not warm.done():
             warm.cancel()
-        await registry.drain(0 if registry.closing else settings.shutdown_grace_s)
-        await registry.close()
+        await engine.drain(0 if engine.closing else settings.shutdown_grace_s)
+        await engine.close()
 
 
 def _stop_if_failed(app: FastAPI, warm: asyncio.Task[None]) -> None:
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.fatal = None  # why the server stopped itself, if it did
     app.state.metrics = Metrics()
-    app.state.registry = Registry()  # empty until the lifespan has loaded the models
+    app.state.engine = Engine()  # empty until the lifespan has loaded the models
     errors.install(app)
     app.include_router(native.router)
     app.include_router(scoring.router)

@@ -14,8 +14,8 @@ import argparse
 import numpy as np
 import torch
 
-from app.backend import Batch, ModelBackend
 from app.config import Settings
+from app.runner import Batch, ModelRunner
 from bench.common import (
     emit,
     machine,
@@ -32,8 +32,11 @@ from charrnn.sampling import SamplingParams
 BATCHES = (1, 8, 32, 128, 512)
 
 
-def _ignore(ids: list[list[int]]) -> None:
-    pass
+def _advance(runner: ModelRunner, batch: Batch, positions: np.ndarray, steps: int = 1) -> Batch:
+    """One decode call as the engine makes it once every row has its first character."""
+    if runner.fusable(batch):
+        return runner.decode(batch, positions, steps)[1]
+    return runner.forward(batch, runner.sample(batch, positions))
 
 
 # Characters per row in one call of the multi-step native decode (the service sizes its
@@ -57,11 +60,11 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=len(vocab))
     model = CharRNN(cfg).to(dev).eval()
-    backend = ModelBackend(Checkpoint(model, vocab), dev)
+    backend = ModelRunner(Checkpoint(model, vocab), dev)
     cpu = dev.type == "cpu"
-    int8 = ModelBackend(Checkpoint(model, vocab), dev, weights="int8") if cpu else None
+    int8 = ModelRunner(Checkpoint(model, vocab), dev, weights="int8") if cpu else None
     eager = (
-        ModelBackend(Checkpoint(model, vocab), dev, weights="int8", native_kernels=False)
+        ModelRunner(Checkpoint(model, vocab), dev, weights="int8", native_kernels=False)
         if cpu
         else None
     )
@@ -71,7 +74,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
     int8_peak = peak_int8_ops() if int8 is not None else 0.0
     rows = []
     for b in batches:
-        primed = backend.prime_part(backend.encode("Alice"), None)
+        primed = backend.prime(backend.encode("Alice"), None)
         batch = Batch.concat(
             [backend.new_row(*primed, SamplingParams(1.0, 5, 0.95, i)) for i in range(b)]
         )
@@ -79,7 +82,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         reps = 30 if b <= 32 else 10
 
         def fused(batch: Batch = batch, positions: np.ndarray = positions) -> None:
-            backend.advance(batch, positions, _ignore)
+            _advance(backend, batch, positions)
 
         ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
         state = model.init_state(b)
@@ -105,13 +108,13 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         if int8 is not None:
 
             def fused_int8(batch: Batch = batch, positions: np.ndarray = positions) -> None:
-                int8.advance(batch, positions, _ignore)
+                _advance(int8, batch, positions)
 
             def fused_eager(batch: Batch = batch, positions: np.ndarray = positions) -> None:
-                eager.advance(batch, positions, _ignore)
+                _advance(eager, batch, positions)
 
             def fused_calls(batch: Batch = batch, positions: np.ndarray = positions) -> None:
-                int8.advance(batch, positions, _ignore, CALL_STEPS)
+                _advance(int8, batch, positions, CALL_STEPS)
 
             t_int8 = median_seconds(fused_int8, reps=reps, warmup=3)
             if int8.multi_step:
@@ -126,7 +129,7 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
 
             def sampling_only(batch: Batch = batch, u: torch.Tensor = u) -> None:
                 # The service's sampler (StepDecoder.sample: native where the step is).
-                int8.decoder.sample(batch.logits, batch.temperature, batch.top_k, batch.top_p, u)
+                int8.decoder.sample(batch.logits, *batch.sampling.filters, u)
 
             t_model = median_seconds(model_only, reps=reps, warmup=3)
             t_sampling = median_seconds(sampling_only, reps=reps, warmup=3)
@@ -184,15 +187,13 @@ def large_vocab(dev: torch.device) -> dict[str, object]:
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=len(vocab))).to(dev).eval()
     weights = "int8" if dev.type == "cpu" else "fp32"
-    backend = ModelBackend(Checkpoint(model, vocab), dev, weights=weights)
-    batch = backend.new_row(*backend.prime_part(backend.encode("abc"), None), SamplingParams())
+    backend = ModelRunner(Checkpoint(model, vocab), dev, weights=weights)
+    batch = backend.new_row(*backend.prime(backend.encode("abc"), None), SamplingParams())
     positions = np.zeros(1, dtype=np.uint64)
-    t = median_seconds(lambda: backend.advance(batch, positions, _ignore), reps=30, warmup=3)
+    t = median_seconds(lambda: _advance(backend, batch, positions), reps=30, warmup=3)
     u = torch.rand(1, dtype=torch.float64, device=dev)
     t_sampling = median_seconds(
-        lambda: backend.decoder.sample(
-            batch.logits, batch.temperature, batch.top_k, batch.top_p, u
-        ),
+        lambda: backend.decoder.sample(batch.logits, *batch.sampling.filters, u),
         reps=30,
         warmup=3,
     )

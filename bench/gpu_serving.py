@@ -5,7 +5,7 @@ Checks (each true or false in the JSON; the exit status is 1 if any is false):
 
 * ``two_models_ready``: both models load, capture and warm up, and the server gets ready;
 * ``every_bucket_captured``: each model logged CUDA graphs for every bucket of
-  ``app.graphs.bucket_plan(max_concurrent)`` (skipped, so true, off CUDA);
+  ``app.runner.graphs.bucket_plan(max_concurrent)`` (skipped, so true, off CUDA);
 * ``same_text_alone_and_among_200``: one seeded request gives the same text alone and in the
   middle of 200 concurrent streams;
 * ``streams256_all_complete``: 256 concurrent SSE streams all finish with every character;
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from app.graphs import bucket_plan
+from app.runner.graphs import bucket_plan
 from bench.common import DEFAULT_MODEL, ROOT, emit, machine
 
 

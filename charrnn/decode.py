@@ -27,19 +27,21 @@ Two implementations, one fast and one reference. An LSTM on the CPU runs the nat
 characters, int8 or fp32) wherever they can be built or are prebuilt. Everything else runs
 ``charrnn/kernels.py`` op by op: a GRU, a machine without a C++ compiler (several times the
 native step's time; bench/decode_step.py), and CUDA, which replays those ops from CUDA graphs
-(app/graphs.py).
+(app/runner/graphs.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from charrnn import kernels, native
 from charrnn.model import CharRNN, State
 from charrnn.quantization import Precision, quantize
-from charrnn.sampling import sampler
+from charrnn.sampling import Sampler, SamplingBatch, sampler
 
 # How the step runs: the C++ LSTM kernels (native), or charrnn/kernels.py op by op (eager;
 # CUDA replays those from graphs).
@@ -76,6 +78,65 @@ def input_table(embed: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor
     return acc.float().contiguous()
 
 
+@dataclass
+class PackedWeights:
+    """A model's weights as every decode path takes them, combined and quantized once at
+    load: the reference loop (``charrnn.generate``), the service's step and the CUDA graphs
+    all read this one object.
+
+    ``mats``/``scales``/``biases``: layer 0's ``W_hh`` (its input side and biases live in
+    ``table0``), ``[W_ih | W_hh]`` of each higher LSTM layer (a GRU keeps them apart), then the
+    head. For the int8 LSTM prime, ``inputs``/``recurrent`` split each higher layer's matrix
+    back into its halves (int8 sums over K split exactly)."""
+
+    table0: torch.Tensor
+    mats: list[torch.Tensor]
+    scales: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    recurrent: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: CharRNN, weights: Precision) -> PackedWeights:
+        cfg = model.config
+        p = {name: t.detach() for name, t in model.rnn.named_parameters()}
+        lstm = cfg.cell == "lstm"
+        none = torch.empty(0, device=model.head.weight.device)
+        # (matrix, bias) in the order kernels.lstm_step / gru_step take them.
+        mats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            b_in0 = p["bias_ih_l0"] + p["bias_hh_l0"] if lstm else p["bias_ih_l0"]
+            table0 = input_table(model.embed.weight, p["weight_ih_l0"], b_in0)
+            for k in range(cfg.layers):
+                w_ih, w_hh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"]
+                b_ih, b_hh = p[f"bias_ih_l{k}"], p[f"bias_hh_l{k}"]
+                if lstm and k == 0:
+                    mats.append((w_hh, none))
+                elif lstm:
+                    mats.append((torch.cat([w_ih, w_hh], 1), b_ih + b_hh))
+                else:
+                    if k > 0:
+                        mats.append((w_ih, b_ih))
+                    mats.append((w_hh, b_hh))
+            mats.append((model.head.weight.detach(), model.head.bias.detach()))
+        out = cls(table0, [], [], [])
+        for w, b in mats:
+            wq, scales = quantize(w) if weights == "int8" else (w.clone(), none)
+            out.mats.append(wq.contiguous())
+            out.scales.append(scales)
+            out.biases.append(b.clone())
+        if lstm and weights == "int8":
+            higher = out.mats[1:-1]
+            out.inputs = [none] + [m[:, : cfg.hidden].contiguous() for m in higher]
+            out.recurrent = [out.mats[0]] + [m[:, cfg.hidden :].contiguous() for m in higher]
+        return out
+
+    @property
+    def step_args(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list]:
+        """What every step kernel takes after the ids and the state."""
+        return self.table0, self.mats, self.scales, self.biases
+
+
 class StepDecoder:
     """Advances a batch of independent rows by one character: ids [B] -> logits [B, V]
     (``step``); samples the next ids from logits (``sample``); with the native kernels, does
@@ -96,42 +157,10 @@ class StepDecoder:
         self._fp32_align = FP32_PRIME_ALIGN
         device = model.head.weight.device
         self.block = FP32_BLOCK.get(device.type, 32)
-        p = {name: t.detach() for name, t in model.rnn.named_parameters()}
         lstm = cfg.cell == "lstm"
-        none = torch.empty(0, device=device)
-        # (matrix, bias) in the order kernels.lstm_step / gru_step take them.
-        mats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            b_in0 = p["bias_ih_l0"] + p["bias_hh_l0"] if lstm else p["bias_ih_l0"]
-            self.table0 = input_table(model.embed.weight, p["weight_ih_l0"], b_in0)
-            for k in range(cfg.layers):
-                w_ih, w_hh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"]
-                b_ih, b_hh = p[f"bias_ih_l{k}"], p[f"bias_hh_l{k}"]
-                if lstm and k == 0:
-                    mats.append((w_hh, none))  # its biases live in table0
-                elif lstm:
-                    mats.append((torch.cat([w_ih, w_hh], 1), b_ih + b_hh))
-                else:
-                    if k > 0:
-                        mats.append((w_ih, b_ih))
-                    mats.append((w_hh, b_hh))
-            mats.append((model.head.weight.detach(), model.head.bias.detach()))
-        self.mats, self.scales, self.biases = [], [], []
-        for w, b in mats:
-            wq, scales = quantize(w) if weights == "int8" else (w.clone(), none)
-            self.mats.append(wq.contiguous())
-            self.scales.append(scales)
-            self.biases.append(b.clone())
-        # For the int8 LSTM prime: [W_ih | W_hh] of each higher layer split back into its
-        # input and recurrent halves (int8 sums over K split exactly).
-        self.inputs: list[torch.Tensor] = []
-        self.recurrent: list[torch.Tensor] = []
-        if lstm and weights == "int8":
-            higher = self.mats[1:-1]
-            self.inputs = [none] + [m[:, : cfg.hidden].contiguous() for m in higher]
-            self.recurrent = [self.mats[0]] + [m[:, cfg.hidden :].contiguous() for m in higher]
+        self.packed = PackedWeights.of(model, weights)
         # An LSTM on the CPU runs the native kernels, which take the eager ones' arguments;
-        # CUDA replays the eager ones from CUDA graphs (app/graphs.py).
+        # CUDA replays the eager ones from CUDA graphs (app/runner/graphs.py).
         self.kernels: Kernels
         if native_kernels and lstm and device.type == "cpu" and native.load():
             # The overloads themselves: calling the packets resolves them on every call.
@@ -197,10 +226,7 @@ class StepDecoder:
             logits,
             state[0],
             state[1],
-            self.table0,
-            self.mats,
-            self.scales,
-            self.biases,
+            *self.packed.step_args,
             temperature,
             top_k,
             top_p,
@@ -211,28 +237,53 @@ class StepDecoder:
         )
         return ids, logits, (h, c)
 
+    def decode_batch(
+        self,
+        logits: torch.Tensor,
+        state: State,
+        sampling: SamplingBatch,
+        positions: np.ndarray,
+        steps: int,
+        seen: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """``decode`` for a batch's ``SamplingBatch`` and its rows' ``positions`` [B]
+        (characters generated so far)."""
+        return self.decode(
+            logits,
+            state,
+            *sampling.filters,
+            torch.from_numpy(sampling.seeds.view(np.int64)),
+            torch.from_numpy(positions.astype(np.uint64).view(np.int64)),
+            steps,
+            seen,
+        )
+
+    def sample_and_step(
+        self,
+        logits: torch.Tensor,
+        state: State,
+        sampling: SamplingBatch,
+        u: torch.Tensor,
+        sample: Sampler | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """One character per row, one call at a time: sample it from ``logits`` with the
+        uniforms ``u`` [B] (with ``sample``, else this decoder's sampler), then step the
+        network on it. Returns ids [B], logits, state."""
+        ids = (sample or self.sample)(logits, *sampling.filters, u)
+        logits, state = self.step(ids, state)
+        return ids, logits, state
+
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Call it in inference mode: it is the service's per-character hot path, so it
-        does not enter the mode itself (see ``app.backend.ModelBackend.worker``)."""
+        does not enter the mode itself (see ``app.runner.ModelRunner.worker``)."""
+        weights = self.packed.step_args
         if self.kernels == "native":
-            logits, h, c = self._step(
-                ids, state[0], state[1], self.table0, self.mats, self.scales, self.biases
-            )
+            logits, h, c = self._step(ids, state[0], state[1], *weights)
             return logits, (h, c)
         if self.cell == "lstm":
-            logits, h, c = self._step(
-                ids,
-                state[0],
-                state[1],
-                self.table0,
-                self.mats,
-                self.scales,
-                self.biases,
-                self.block,
-            )
+            logits, h, c = self._step(ids, state[0], state[1], *weights, self.block)
             return logits, (h, c)
-        args = (ids, state[0], self.table0, self.mats, self.scales, self.biases, self.block)
-        logits, h = self._step(*args)
+        logits, h = self._step(ids, state[0], *weights, self.block)
         return logits, (h,)
 
     @property
@@ -264,20 +315,14 @@ class StepDecoder:
                 out.append(logits[0])
             return torch.cat(out), state
         if self.kernels == "native":
+            w = self.packed
             h, c, q = self._outputs(
-                ids,
-                self.table0,
-                self.inputs,
-                self.recurrent,
-                self.scales[: self.layers],
-                self.biases[: self.layers],
-                PRIME_CHUNK,
-                *((None, None) if state is None else state),
+                ids, *self._prime_weights(), *((None, None) if state is None else state)
             )
             # The decode step's head (lstm_int8.cpp ``head``), op for op: the same numbers.
-            logits = torch._int_mm(q, self.mats[-1].t()) * self.scales[-1]
-            if self.biases[-1].numel() > 0:
-                logits = logits + self.biases[-1]
+            logits = torch._int_mm(q, w.mats[-1].t()) * w.scales[-1]
+            if w.biases[-1].numel() > 0:
+                logits = logits + w.biases[-1]
             return logits, (h, c)
         state = state if state is not None else self.model.init_state(1)
         rows = []
@@ -313,33 +358,35 @@ class StepDecoder:
         return self._gru_prime(ids, state)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return kernels.matmul(h, self.mats[-1], self.scales[-1], self.biases[-1], self.block)
+        w = self.packed
+        return kernels.matmul(h, w.mats[-1], w.scales[-1], w.biases[-1], self.block)
+
+    def _prime_weights(self) -> tuple:
+        """The int8 LSTM prime kernels' weight arguments, up to the chunk size."""
+        w, layers = self.packed, self.layers
+        return (
+            w.table0,
+            w.inputs,
+            w.recurrent,
+            w.scales[:layers],
+            w.biases[:layers],
+            PRIME_CHUNK,
+        )
 
     def _lstm_prime(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        layers = self.layers
         h0, c0 = (None, None) if state is None else state
-        h, c = self._recurrence(
-            ids,
-            self.table0,
-            self.inputs,
-            self.recurrent,
-            self.scales[:layers],
-            self.biases[:layers],
-            PRIME_CHUNK,
-            h0,
-            c0,
-        )
+        h, c = self._recurrence(ids, *self._prime_weights(), h0, c0)
         return self._head(h[-1]), (h, c)
 
     def _gru_prime(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         h0 = self.model.init_state(1)[0] if state is None else state[0]
         hs = []
-        xs = self.table0.index_select(0, ids)
+        w = self.packed
+        xs = w.table0.index_select(0, ids)
         for k in range(self.layers):
             j = 2 * k
             if k > 0:
-                w, sc, b = self.mats[j - 1], self.scales[j - 1], self.biases[j - 1]
-                xs = kernels.matmul(xs, w, sc, b, self.block)
-            xs, h = self._recurrence(xs, self.mats[j], self.scales[j], self.biases[j], h0[k])
+                xs = kernels.matmul(xs, w.mats[j - 1], w.scales[j - 1], w.biases[j - 1], self.block)
+            xs, h = self._recurrence(xs, w.mats[j], w.scales[j], w.biases[j], h0[k])
             hs.append(h)
         return self._head(hs[-1]), (torch.stack(hs),)

@@ -11,7 +11,7 @@ import torch
 
 from charrnn.decode import StepDecoder
 from charrnn.model import CharRNN, State
-from charrnn.sampling import SamplingParams, uniforms
+from charrnn.sampling import SamplingBatch, SamplingParams
 from charrnn.vocab import Vocabulary
 
 
@@ -39,19 +39,13 @@ def generate(
     decoder = decoder or StepDecoder(model)
     device = model.head.weight.device
     logits, state = warm_up(decoder, vocab.encode(prime))
-    t = torch.tensor([params.temperature], device=device)
-    k = torch.tensor([params.top_k or len(vocab)], device=device)
-    p = torch.tensor([params.top_p], device=device)
-    seed = np.array([params.seed], dtype=np.uint64)
+    sampling = SamplingBatch.of([params], len(vocab), device)
     if decoder.multi_step and length > 0:
-        seeds, start = torch.from_numpy(seed.view(np.int64)), torch.zeros(1, dtype=torch.long)
-        ids, _, _ = decoder.decode(logits, state, t, k, p, seeds, start, length)
+        ids, _, _ = decoder.decode_batch(logits, state, sampling, np.zeros(1, np.uint64), length)
         return vocab.decode(ids[:, 0].tolist())
     out: list[int] = []
     for pos in range(length):
-        u = torch.from_numpy(uniforms(seed, np.array([pos], dtype=np.uint64))).to(device)
-        nxt = decoder.sample(logits, t, k, p, u)
+        u = sampling.uniforms(np.array([pos], dtype=np.uint64), device)
+        nxt, logits, state = decoder.sample_and_step(logits, state, sampling, u)
         out.append(int(nxt[0]))
-        if pos + 1 < length:
-            logits, state = decoder.step(nxt, state)
     return vocab.decode(out)

@@ -10,7 +10,7 @@ a microsecond or two a row), else ``sample_next`` op by op (the reference).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +42,59 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if not 0 <= self.seed < MAX_SEED:
             raise ValueError("seed must be in [0, 2**63)")
+
+
+@dataclass
+class SamplingBatch:
+    """A batch's sampling parameters, one entry per row, as the samplers take them. The one
+    object the reference loop, the service's step and the CUDA graphs' buffers share."""
+
+    temperature: torch.Tensor  # [B] float32, > 0
+    top_k: torch.Tensor  # [B] int64, the vocabulary size for "no limit"
+    top_p: torch.Tensor  # [B] float32
+    seeds: np.ndarray  # [B] uint64: with a row's position, keys its draws
+
+    @classmethod
+    def of(
+        cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+    ) -> SamplingBatch:
+        return cls(
+            torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_k or vocab_size for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device),
+            np.array([p.seed for p in params], dtype=np.uint64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def filters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(temperature, top_k, top_p): the samplers' arguments after the logits."""
+        return self.temperature, self.top_k, self.top_p
+
+    def uniforms(self, positions: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Each row's uniform for its draw at ``positions`` [B]."""
+        u = torch.from_numpy(uniforms(self.seeds, positions))
+        return u if device.type == "cpu" else u.to(device)
+
+    def select(self, keep: list[int]) -> SamplingBatch:
+        idx = torch.tensor(keep, device=self.temperature.device)
+        return SamplingBatch(
+            self.temperature.index_select(0, idx),
+            self.top_k.index_select(0, idx),
+            self.top_p.index_select(0, idx),
+            self.seeds[keep],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[SamplingBatch]) -> SamplingBatch:
+        return SamplingBatch(
+            torch.cat([p.temperature for p in parts]),
+            torch.cat([p.top_k for p in parts]),
+            torch.cat([p.top_p for p in parts]),
+            np.concatenate([p.seeds for p in parts]),
+        )
 
 
 _MASK = 2**64 - 1

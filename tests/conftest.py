@@ -98,8 +98,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def primed_row(backend, prime: str, temperature: float, top_k, top_p: float, seed: int):
-    """A one-row ``app.backend.Batch`` primed on ``prime`` with these sampling parameters."""
+    """A one-row ``app.runner.Batch`` primed on ``prime`` with these sampling parameters."""
     from charrnn.sampling import SamplingParams
 
-    logits, state = backend.prime_part(backend.encode(prime), None)
+    logits, state = backend.prime(backend.encode(prime), None)
     return backend.new_row(logits, state, SamplingParams(temperature, top_k, top_p, seed))

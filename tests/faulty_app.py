@@ -12,27 +12,32 @@ import sys
 from pathlib import Path
 
 from app.__main__ import main
-from app.backend import ModelBackend
+from app.runner import ModelRunner
 
-_prime_part = ModelBackend.prime_part
-_advance = ModelBackend.advance
+_prime = ModelRunner.prime
+_decode = ModelRunner.decode
+_sample = ModelRunner.sample
 FAULT_FILE = Path(os.environ.get("CHARRNN_TEST_FAULT_FILE", "/nonexistent"))
 
 
-def prime_part(self: ModelBackend, ids, state):  # type: ignore[no-untyped-def]
+def prime(self: ModelRunner, ids, state):  # type: ignore[no-untyped-def]
     if state is None and int(ids[0]) == self.vocab.encode("Q")[0]:
         raise RuntimeError("injected prime fault")
-    return _prime_part(self, ids, state)
+    return _prime(self, ids, state)
 
 
-def advance(self: ModelBackend, *args, **kwargs):  # type: ignore[no-untyped-def]
-    if FAULT_FILE.exists():
-        raise RuntimeError("injected decode fault")
-    return _advance(self, *args, **kwargs)
+def _faulty(call):  # type: ignore[no-untyped-def]
+    def decode_call(self: ModelRunner, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if FAULT_FILE.exists():
+            raise RuntimeError("injected decode fault")
+        return call(self, *args, **kwargs)
+
+    return decode_call
 
 
-ModelBackend.prime_part = prime_part  # type: ignore[method-assign]
-ModelBackend.advance = advance  # type: ignore[method-assign]
+ModelRunner.prime = prime  # type: ignore[method-assign]
+ModelRunner.decode = _faulty(_decode)  # type: ignore[method-assign]
+ModelRunner.sample = _faulty(_sample)  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(main())

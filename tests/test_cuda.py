@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.backend import Batch, ModelBackend
-from app.graphs import BUCKETS, PaddedStep
+from app.runner import Batch, ModelRunner
+from app.runner.graphs import BUCKETS, PaddedStep
 from charrnn import SamplingParams, Vocabulary, load_checkpoint
 from charrnn.checkpoint import Checkpoint
 from charrnn.generate import generate
@@ -17,10 +17,10 @@ from training.fit import fit
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _backend() -> ModelBackend:
+def _backend() -> ModelRunner:
     vocab = Vocabulary.from_text(make_text())
     model = tiny_model(vocab).cuda()
-    return ModelBackend(Checkpoint(model, vocab), torch.device("cuda"))
+    return ModelRunner(Checkpoint(model, vocab), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("rows", [1, 5, 64, 300, 1100])
@@ -31,10 +31,10 @@ def test_cuda_graph_replay_equals_eager_bit_for_bit(rows):
     graphed = PaddedStep(b.decoder, len(b.vocab), torch.device("cuda"), use_graphs=True)
     assert graphed.capture_all(1100, b.model.init_state(1)) == sorted(BUCKETS, reverse=True)
     eager = PaddedStep(b.decoder, len(b.vocab), torch.device("cuda"), use_graphs=False)
-    primed = b.prime_part(b.encode("Alice"), None)
+    primed = b.prime(b.encode("Alice"), None)
     batch = Batch.concat([b.new_row(*primed, SamplingParams(0.9, 5, 0.95, i)) for i in range(rows)])
     u = torch.rand(rows, dtype=torch.float64, device="cuda")
-    args = (batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u)
+    args = (batch.logits, batch.state, batch.sampling, u)
     for _ in range(3):  # replays over earlier outputs
         g_ids, g_logits, g_state = graphed(*args)
     e_ids, e_logits, e_state = eager(*args)
@@ -53,12 +53,14 @@ def test_cuda_rows_do_not_depend_on_their_bucket():
     g = torch.Generator(device="cuda").manual_seed(0)
     state = tuple(torch.randn(s.shape, device="cuda", generator=g).tanh() for s in batch.state)
     u = torch.rand(rows, dtype=torch.float64, device="cuda", generator=g)
-    args = (batch.logits, state, batch.temperature, batch.top_k, batch.top_p, u)
+    args = (batch.logits, state, batch.sampling, u)
     ids, logits, new = step(*args)
     for i in (0, 150, 300):
-        one = [a[i : i + 1] for a in (batch.logits, batch.temperature, batch.top_k, batch.top_p, u)]
         o_ids, o_logits, o_new = step(
-            one[0], tuple(s[:, i : i + 1] for s in state), one[1], one[2], one[3], one[4]
+            batch.logits[i : i + 1],
+            tuple(s[:, i : i + 1] for s in state),
+            batch.sampling.select([i]),
+            u[i : i + 1],
         )
         assert torch.equal(o_ids[0], ids[i]) and torch.equal(o_logits[0], logits[i])
         assert all(torch.equal(x[:, 0], y[:, i]) for x, y in zip(o_new, new, strict=True))
@@ -91,13 +93,12 @@ def test_service_backend_matches_reference_on_cuda():
     want = generate(b.model, b.vocab, "Alice", 50, SamplingParams(0.8, 5, 0.9, 3))
     import numpy as np
 
-    batch = b.new_row(*b.prime_part(b.encode("Alice"), None), SamplingParams(0.8, 5, 0.9, 3))
+    batch = b.new_row(*b.prime(b.encode("Alice"), None), SamplingParams(0.8, 5, 0.9, 3))
     out = []
     with b.worker():
         for pos in range(50):
-            batch = b.advance(
-                batch, np.array([pos], dtype=np.uint64), lambda i: out.append(i[0][0])
-            )
+            sampled, batch = b.decode(batch, np.array([pos], dtype=np.uint64), 1)
+            out.append(sampled.runs()[0][0])
     assert b.vocab.decode(out) == want
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.backend import Batch, ModelBackend
+from app.runner import Batch, ModelRunner
 from charrnn import Vocabulary, native, quantization
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import StepDecoder
@@ -125,7 +125,7 @@ def test_precision_choice_and_its_reason(monkeypatch, fresh_choice, caplog):
     assert precision == "fp32" and "self-test failed (int8 sums off by up to 9)" in why
 
 
-def _generate_in_crowd(backend: ModelBackend, crowd: int, length: int) -> str:
+def _generate_in_crowd(backend: ModelRunner, crowd: int, length: int) -> str:
     """The text of request (prime "the ", seed 5) decoded among ``crowd`` others with other
     primes, seeds and settings, through the service's batched step, one character a call."""
     rows = [primed_row(backend, "the ", 0.9, None, 1.0, 5)]
@@ -139,13 +139,12 @@ def _generate_in_crowd(backend: ModelBackend, crowd: int, length: int) -> str:
     batch = Batch.concat(rows)
     out: list[int] = []
 
-    def take(ids: list[list[int]]) -> None:
-        out.append(ids[middle][0])
-
     with backend.worker():
         for pos in range(length):
             positions = np.full(len(rows), pos, dtype=np.uint64)
-            batch = backend.advance(batch, positions, take, 1, early=True)
+            sampled = backend.sample(batch, positions)
+            out.append(sampled.runs()[middle][0])
+            batch = backend.forward(batch, sampled)
     return backend.vocab.decode(out)
 
 
@@ -159,7 +158,7 @@ def test_a_request_gives_the_same_text_alone_and_among_64_others(weights, native
     model = tiny_model(vocab, seed=6, hidden=64)
     if native_kernels and not native.load():
         pytest.skip("the native kernels are not available here (no C++ compiler)")
-    backend = ModelBackend(
+    backend = ModelRunner(
         Checkpoint(model, vocab),
         torch.device("cpu"),
         weights=weights,

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from app import batcher as batcher_module
-from app.backend import ModelBackend
-from app.channel import EventChannel
-from app.engine import Generation, Overloaded, Scheduler, ShuttingDown
-from app.generation import Done, Failed, GenerationRequest, StopMatcher, TextRun
+from app.engine import Done, Failed, GenerationRequest, Handle, Overloaded, ShuttingDown, TextRun
+from app.engine.channel import EventChannel
+from app.engine.outbox import FAILING_AFTER
+from app.engine.scheduler import Scheduler
+from app.engine.stops import StopMatcher
 from app.metrics import Metrics
+from app.runner import ModelRunner
 from charrnn import SamplingParams, Vocabulary
 from charrnn.checkpoint import Checkpoint
 from charrnn.generate import generate
@@ -99,10 +100,8 @@ def test_backlog_counts_characters_not_events():
 def test_slow_client_is_cut_off_with_a_final_event():
     async def run() -> None:
         text, channel = _matcher(max_new=1000), EventChannel(backlog=16)
-        cut = []
-        channel.on_cutoff = lambda: cut.append(True)
         delivered = [channel.deliver(text.push("a")) for _ in range(40)]
-        assert delivered.count(False) == 1 and cut == [True] and channel.closed
+        assert delivered.count(False) == 1 and channel.cut_off.is_set() and channel.closed
         events = []
         while (event := channel.get_nowait()) is not None:
             events.append(event)
@@ -113,30 +112,30 @@ def test_slow_client_is_cut_off_with_a_final_event():
 
 
 @pytest.fixture(scope="module")
-def backend() -> ModelBackend:
+def backend() -> ModelRunner:
     vocab = Vocabulary.from_text(make_text())
     model = tiny_model(vocab, seed=4)
-    return ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), cache_size=4)
+    return ModelRunner(Checkpoint(model, vocab), torch.device("cpu"), cache_size=4)
 
 
 @pytest.fixture(scope="module")
-def int8_backend() -> ModelBackend:
+def int8_backend() -> ModelRunner:
     vocab = Vocabulary.from_text(make_text())
     model = tiny_model(vocab, seed=4)
-    return ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), weights="int8")
+    return ModelRunner(Checkpoint(model, vocab), torch.device("cpu"), weights="int8")
 
 
-def _scheduler(backend: ModelBackend, **kw: int) -> Scheduler:
+def _scheduler(backend: ModelRunner, **kw: int) -> Scheduler:
     settings = {"max_concurrent": 8, "max_queue": 8, "prime_budget": 512, "prime_slice_s": 0.012}
     settings.update(kw)
     return Scheduler("t", backend, Metrics(), **settings)
 
 
-async def _collect(gen: Generation) -> Done | Failed:
-    while True:
-        event = await gen.channel.get()
+async def _collect(handle: Handle) -> Done | Failed:
+    async for event in handle.events():
         if isinstance(event, Done | Failed):
             return event
+    raise AssertionError("no final event")
 
 
 async def _until(condition, timeout: float = 5.0) -> None:
@@ -156,7 +155,7 @@ def _until_stop(text: str, stop: tuple[str, ...]) -> Done:
     return Done(text, "length")
 
 
-def _reference(backend: ModelBackend, r: GenerationRequest) -> Done:
+def _reference(backend: ModelRunner, r: GenerationRequest) -> Done:
     text = generate(
         backend.model, backend.vocab, r.prime, r.max_new, r.sampling, decoder=backend.decoder
     )
@@ -176,11 +175,15 @@ def test_batched_rows_equal_the_reference_sampler(weights, budget, request):
     backend = request.getfixturevalue("backend" if weights == "fp32" else "int8_backend")
     backend.clear_cache()
     steps: list[int] = []
-    advance = backend.advance
+    decode, sample = backend.decode, backend.sample
 
-    def counting(batch, positions, on_sampled, n=1, early=False):
+    def counting(batch, positions, n):
         steps.append(n)
-        return advance(batch, positions, on_sampled, n, early)
+        return decode(batch, positions, n)
+
+    def sampling(batch, positions):
+        steps.append(1)
+        return sample(batch, positions)
 
     requests = [
         _request(
@@ -204,7 +207,8 @@ def test_batched_rows_equal_the_reference_sampler(weights, budget, request):
         return results
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend, "advance", counting)
+        mp.setattr(backend, "decode", counting)
+        mp.setattr(backend, "sample", sampling)
         results = asyncio.run(run())
     for r, got in zip(requests, results, strict=True):
         assert got == _reference(backend, r)
@@ -217,14 +221,14 @@ def test_primes_side_by_side_equal_primes_one_by_one(int8_backend):
     logits and state of each prime run alone, wherever it was cut."""
     b = int8_backend
     ids = [b.encode(PRIMES[i * 50 : i * 50 + 40]) for i in range(9)]
-    first = [b.prime_part(x[:13], None) for x in ids[:4]]  # four already under way
+    first = [b.prime(x[:13], None) for x in ids[:4]]  # four already under way
     starts = [f[1] for f in first] + [None] * 5
     done = [13] * 4 + [0] * 5
     window = torch.stack([x[d : d + 20] for x, d in zip(ids, done, strict=True)])
     with torch.inference_mode():
         logits, state = b.prime_batched(window, starts)
     for i, x in enumerate(ids):
-        want_logits, want_state = b.prime_part(x[: done[i] + 20], None)
+        want_logits, want_state = b.prime(x[: done[i] + 20], None)
         assert torch.equal(logits[i : i + 1], want_logits), i
         for got, want in zip(state, want_state, strict=True):
             assert torch.equal(got[:, i : i + 1], want), i
@@ -235,17 +239,22 @@ def test_a_burst_of_long_primes_does_not_stall_running_rows(int8_backend, monkey
     rows already streaming, and a short prime that arrives mid-burst joins the batch before
     the long ones finish."""
     calls: list[tuple[int, int]] = []  # (rows in the batch, primes in progress) per decode call
-    advance = int8_backend.advance
+    decode, sample = int8_backend.decode, int8_backend.sample
 
     async def run() -> None:
         sched = _scheduler(int8_backend, max_concurrent=24, prime_budget=64)
-        batcher = sched.batcher
+        batcher = sched.loop
 
-        def watching(batch, positions, on_sampled, n=1, early=False):
+        def watching(batch, positions, n):
             calls.append((len(batcher.rows), len(batcher.priming)))
-            return advance(batch, positions, on_sampled, n, early)
+            return decode(batch, positions, n)
 
-        monkeypatch.setattr(int8_backend, "advance", watching)
+        def watching_sample(batch, positions):
+            calls.append((len(batcher.rows), len(batcher.priming)))
+            return sample(batch, positions)
+
+        monkeypatch.setattr(int8_backend, "decode", watching)
+        monkeypatch.setattr(int8_backend, "sample", watching_sample)
         sched.start()
         running = [sched.submit(_request(max_new=100_000, seed=i), 10**6) for i in range(2)]
         await _until(lambda: len(batcher.rows) == 2)
@@ -256,10 +265,8 @@ def test_a_burst_of_long_primes_does_not_stall_running_rows(int8_backend, monkey
         short = sched.submit(_request(prime="Alice", max_new=5), 10**6)
         assert isinstance(await _collect(short), Done)
         assert batcher.priming, "the short prime waited for the long ones"
-        for g in long:
-            sched.cancel(g)
-        for g in running:
-            sched.cancel(g)
+        for g in long + running:
+            g.cancel()
         await sched.close()
 
     asyncio.run(run())
@@ -274,17 +281,17 @@ def test_cancel_frees_the_place_wherever_the_request_is(int8_backend, monkeypatc
     prime in progress, or the batch."""
     backend = int8_backend
     backend.clear_cache()
-    prime_part = backend.prime_part
+    prime_part = backend.prime
 
     def slow_prime_part(ids, state):  # a prime of 2,000 characters takes ~1 s
         time.sleep(0.015)
         return prime_part(ids, state)
 
-    monkeypatch.setattr(backend, "prime_part", slow_prime_part)
+    monkeypatch.setattr(backend, "prime", slow_prime_part)
 
     async def run() -> None:
         sched = _scheduler(backend, max_concurrent=2, max_queue=1, prime_budget=32)
-        batcher = sched.batcher
+        batcher = sched.loop
         sched.start()
         in_batch = sched.submit(_request(max_new=100_000), 10**6)
         await _until(lambda: len(batcher.rows) == 1)
@@ -294,18 +301,19 @@ def test_cancel_frees_the_place_wherever_the_request_is(int8_backend, monkeypatc
         with pytest.raises(Overloaded):
             sched.submit(_request(), 10**6)
         gone = {"queued": queued, "priming": priming, "batch": in_batch}[place]
-        sched.cancel(gone)
-        assert sched.load == 2
+        gone.cancel()
+        assert sched.live == 2
         again = sched.submit(_request(), 10**6)  # the freed place is taken at once
+        gen = gone._gen
         where = {
-            "queued": lambda: gone not in batcher.waiting,
-            "priming": lambda: all(p.gen is not gone for p in batcher.priming),
-            "batch": lambda: gone not in batcher.rows,
+            "queued": lambda: gen not in batcher.waiting,
+            "priming": lambda: all(p.gen is not gen for p in batcher.priming),
+            "batch": lambda: gen not in batcher.rows,
         }[place]
         await _until(where, timeout=0.5)  # well before the prime is done
         assert batcher.priming or place == "priming"
         for g in (in_batch, priming, queued, again):
-            sched.cancel(g)
+            g.cancel()
         await _until(lambda: not (batcher.rows or batcher.priming or batcher.waiting))
         await sched.drain(0)
         with pytest.raises(ShuttingDown):
@@ -318,14 +326,14 @@ def test_cancel_frees_the_place_wherever_the_request_is(int8_backend, monkeypatc
 def test_a_failing_unit_fails_only_its_generations(backend, monkeypatch):
     """An exception in a prime part fails that generation (an error event) and the loop goes
     on for the others; three failures in a row mark the model failing until one succeeds."""
-    prime_part = backend.prime_part
+    prime_part = backend.prime
 
     def faulty(ids, state):
         if int(ids[0]) == backend.vocab.encode("Q")[0]:
             raise RuntimeError("injected fault")
         return prime_part(ids, state)
 
-    monkeypatch.setattr(backend, "prime_part", faulty)
+    monkeypatch.setattr(backend, "prime", faulty)
 
     async def run() -> None:
         sched = _scheduler(backend)
@@ -336,7 +344,7 @@ def test_a_failing_unit_fails_only_its_generations(backend, monkeypatch):
         assert isinstance(failed, Failed) and "injected fault" in failed.message
         assert isinstance(done, Done) and len(done.generated_text) == 30
         assert sched.failing is None
-        for _ in range(batcher_module.FAILING_AFTER):
+        for _ in range(FAILING_AFTER):
             assert isinstance(await _collect(sched.submit(_request(prime="Q"), 100)), Failed)
         assert sched.failing is not None and "injected fault" in sched.failing
         assert isinstance(await _collect(sched.submit(_request(prime="A"), 100)), Done)
@@ -351,19 +359,19 @@ def test_several_steps_per_call_need_the_native_kernels():
     is a bug, not a silently different schedule."""
     vocab = Vocabulary.from_text(make_text())
     model = tiny_model(vocab, seed=4)
-    backend = ModelBackend(Checkpoint(model, vocab), torch.device("cpu"), native_kernels=False)
+    backend = ModelRunner(Checkpoint(model, vocab), torch.device("cpu"), native_kernels=False)
     assert not backend.multi_step
-    logits, state = backend.prime_part(backend.encode("a"), None)
+    logits, state = backend.prime(backend.encode("a"), None)
     batch = backend.new_row(logits, state, SamplingParams())
     with torch.inference_mode(), pytest.raises(ValueError, match="native kernels"):
-        backend.advance(batch, np.zeros(1, dtype=np.uint64), lambda ids: None, 2)
+        backend.decode(batch, np.zeros(1, dtype=np.uint64), 2)
 
 
 def test_prime_cache_is_an_lru(backend):
     backend.clear_cache()
     for prime in ["a", "b", "c", "d", "a", "e"]:
         if backend.cached_prime(prime) is None:
-            backend.cache_prime(prime, *backend.prime_part(backend.encode(prime), None))
+            backend.cache_prime(prime, *backend.prime(backend.encode(prime), None))
     assert list(backend._cache) == ["c", "d", "a", "e"]
     assert backend.cached_prime("a") is not None and backend.cached_prime("b") is None
 
@@ -371,8 +379,8 @@ def test_prime_cache_is_an_lru(backend):
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
 def test_padded_step_equals_the_plain_step(backend, rows):
     """The bucketed, padded computation that CUDA graphs capture gives the same rows."""
-    from app.graphs import PaddedStep, bucket_for
-    from charrnn.sampling import sample_next
+    from app.runner.graphs import PaddedStep, bucket_for
+    from charrnn.sampling import SamplingBatch, sample_next
 
     assert bucket_for(rows) >= rows
     torch.manual_seed(rows)
@@ -382,7 +390,8 @@ def test_padded_step_equals_the_plain_step(backend, rows):
     temperature, top_k = torch.rand(rows) + 0.5, torch.randint(1, v + 1, (rows,))
     top_p, u = torch.rand(rows) * 0.9 + 0.1, torch.rand(rows, dtype=torch.float64)
     padded = PaddedStep(backend.decoder, v, torch.device("cpu"), use_graphs=False)
-    ids, new_logits, new_state = padded(logits, state, temperature, top_k, top_p, u)
+    sampling = SamplingBatch(temperature, top_k, top_p, np.zeros(rows, dtype=np.uint64))
+    ids, new_logits, new_state = padded(logits, state, sampling, u)
     want_ids = sample_next(logits, temperature, top_k, top_p, u)
     want_logits, want_state = backend.decoder.step(want_ids, state)
     assert torch.equal(ids, want_ids)

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from app import graphs
-from app.backend import Batch, ModelBackend
-from app.graphs import BUCKETS, MAX_BUCKET, PaddedStep, bucket_for, bucket_plan
+from app.runner import graphs
+from app.runner import Batch, ModelRunner
+from app.runner.graphs import BUCKETS, MAX_BUCKET, PaddedStep, bucket_for, bucket_plan
 from charrnn import Vocabulary
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import StepDecoder
@@ -53,9 +53,9 @@ def stub_capture(log: list[tuple[int, int]] | None = None, active: list[int] | N
     return capture
 
 
-def _backend(hidden: int = 32) -> ModelBackend:
+def _backend(hidden: int = 32) -> ModelRunner:
     vocab = Vocabulary.from_text(make_text())
-    return ModelBackend(Checkpoint(tiny_model(vocab, hidden=hidden), vocab), torch.device("cpu"))
+    return ModelRunner(Checkpoint(tiny_model(vocab, hidden=hidden), vocab), torch.device("cpu"))
 
 
 def test_bucket_plan():
@@ -104,16 +104,14 @@ def test_replays_give_each_row_its_numbers_alone_or_in_a_crowd(rows):
     assert step.captured == [64, 32]
     batch = Batch.concat([primed_row(b, "the ", 0.9, 5, 0.95, i) for i in range(rows)])
     u = torch.rand(rows, dtype=torch.float64, generator=torch.Generator().manual_seed(rows))
-    args = (batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u)
+    args = (batch.logits, batch.state, batch.sampling, u)
     for _ in range(2):  # the second call replays over the first's outputs
         ids, logits, state = step(*args)
     for i in (0, rows // 2, rows - 1):
         one = (
             batch.logits[i : i + 1],
             tuple(s[:, i : i + 1] for s in batch.state),
-            batch.temperature[i : i + 1],
-            batch.top_k[i : i + 1],
-            batch.top_p[i : i + 1],
+            batch.sampling.select([i]),
             u[i : i + 1],
         )
         a_ids, a_logits, a_state = step(*one)
@@ -137,7 +135,7 @@ def test_above_the_largest_bucket_the_step_runs_eagerly(monkeypatch):
     )
     batch = Batch.concat([primed_row(b, "a", 1.0, None, 1.0, i) for i in range(70)])
     u = torch.zeros(70, dtype=torch.float64)
-    ids, logits, _ = step(batch.logits, batch.state, batch.temperature, batch.top_k, batch.top_p, u)
+    ids, logits, _ = step(batch.logits, batch.state, batch.sampling, u)
     assert ids.shape == (70,) and logits.shape == (70, len(b.vocab))
     assert step.captured == [64, 32]
     # Eager, padded to whole blocks of the decoder's fp32 matmuls; no graph replayed.
@@ -148,7 +146,7 @@ def test_start_up_lines(caplog):
     caplog.set_level(logging.INFO, logger="charrnn.graphs")
     b = _backend()
     b.graphed = PaddedStep(b.decoder, len(b.vocab), b.device, True, stub_capture())
-    graphs.prepare("tiny", b, 2000, "auto")
+    graphs.prepare("tiny", b, 2000)
     lines = [r.getMessage() for r in caplog.records]
     assert any(
         line.startswith("model tiny decodes with") and "batch-invariant" in line for line in lines
@@ -159,7 +157,7 @@ def test_start_up_lines(caplog):
     )
     caplog.clear()
     plain = _backend()
-    graphs.prepare("cpu", plain, 64, "fp32")
+    graphs.prepare("cpu", plain, 64)
     assert not any("CUDA graphs" in r.getMessage() for r in caplog.records)
 
 

@@ -196,44 +196,50 @@ def test_native_kernels_agree_with_the_eager_reference():
 def test_native_kernels_refuse_bad_arguments_with_a_message():
     decoder = int8_decoder(tiny_model(Vocabulary("abcdefgh"), hidden=16), True)
     state = decoder.model.init_state(2)
-    mats = [m.float() for m in decoder.mats]  # fp32 weights with int8 scales
+    mats = [m.float() for m in decoder.packed.mats]  # fp32 weights with int8 scales
     with pytest.raises(RuntimeError, match="fp32 weights take no scales"):
         torch.ops.charrnn.lstm_step(
             torch.zeros(2, dtype=torch.long),
             *state,
-            decoder.table0,
+            decoder.packed.table0,
             mats,
-            decoder.scales,
-            decoder.biases,
+            decoder.packed.scales,
+            decoder.packed.biases,
         )
-    mixed = [*decoder.mats[:-1], mats[-1]]  # an fp32 head after int8 layers
+    mixed = [*decoder.packed.mats[:-1], mats[-1]]  # an fp32 head after int8 layers
     with pytest.raises(RuntimeError, match="the head's weight must be a contiguous int8"):
         torch.ops.charrnn.lstm_step(
             torch.zeros(2, dtype=torch.long),
             *state,
-            decoder.table0,
+            decoder.packed.table0,
             mixed,
-            decoder.scales,
-            decoder.biases,
+            decoder.packed.scales,
+            decoder.packed.biases,
         )
     with pytest.raises(RuntimeError, match="ids must be"):
         torch.ops.charrnn.lstm_step(
             torch.zeros(3, dtype=torch.long),
             *state,
-            decoder.table0,
-            decoder.mats,
-            decoder.scales,
-            decoder.biases,
+            decoder.packed.table0,
+            decoder.packed.mats,
+            decoder.packed.scales,
+            decoder.packed.biases,
         )
     with pytest.raises(IndexError, match="out of range"):
         decoder.prime(torch.tensor([0, 99]))
     ids = torch.arange(7) % 8
-    args = (ids, decoder.table0, decoder.inputs, decoder.recurrent, decoder.scales[:2])
+    args = (
+        ids,
+        decoder.packed.table0,
+        decoder.packed.inputs,
+        decoder.packed.recurrent,
+        decoder.packed.scales[:2],
+    )
     with pytest.raises(RuntimeError, match=r"biases\[0\] must be empty"):
-        torch.ops.charrnn.lstm_prime(*args, [torch.ones(64), decoder.biases[1]], 4)
+        torch.ops.charrnn.lstm_prime(*args, [torch.ones(64), decoder.packed.biases[1]], 4)
     # A chunk longer than the prime is the whole prime (no overflow in the chunk count).
-    whole = torch.ops.charrnn.lstm_prime(*args, decoder.biases[:2], 7)
-    huge = torch.ops.charrnn.lstm_prime(*args, decoder.biases[:2], 2**62)
+    whole = torch.ops.charrnn.lstm_prime(*args, decoder.packed.biases[:2], 7)
+    huge = torch.ops.charrnn.lstm_prime(*args, decoder.packed.biases[:2], 2**62)
     assert all(torch.equal(a, b) for a, b in zip(whole, huge, strict=True))
 
 

@@ -8,9 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import RegistryDep, SettingsDep
+from app.api.deps import EngineDep, SettingsDep
 from app.schemas import Architecture, Health, Info, Limits, ModelInfo, Ready
-from charrnn.quantization import choose_precision
 
 router = APIRouter(tags=["operations"])
 
@@ -22,32 +21,32 @@ async def health() -> Health:
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
-async def ready(registry: RegistryDep) -> Ready | JSONResponse:
+async def ready(engine: EngineDep) -> Ready | JSONResponse:
     """200 once every model is loaded, on its device and warmed up, and while none keeps
     failing to decode; 503 otherwise."""
-    failing = registry.failing
-    if registry.ready and not registry.closing and not failing:
-        return Ready(status="ready", models={name: True for name in registry.models})
-    status = "shutting_down" if registry.closing else "failing" if failing else "loading"
+    failing = engine.failing
+    if engine.ready and not engine.closing and not failing:
+        return Ready(status="ready", models={name: True for name in engine.models})
+    status = "shutting_down" if engine.closing else "failing" if failing else "loading"
     body = Ready(
         status=status,
-        models={name: registry.ready and name not in failing for name in registry.models},
+        models={name: engine.ready and name not in failing for name in engine.models},
         failing=failing,
     )
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
 
 @router.get("/info", response_model=Info)
-async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
+async def info(engine: EngineDep, settings: SettingsDep) -> Info:
     """The models (vocabulary, size, architecture, training metrics, device) and the limits."""
     models = []
-    for m in registry.models.values():
-        b = m.backend
+    for m in engine.models.values():
+        b = m.runner
         cfg = b.model.config
         models.append(
             ModelInfo(
                 name=m.name,
-                default=m.name == registry.default,
+                default=m.name == engine.default,
                 path=m.path,
                 vocabulary=b.vocab.chars,
                 parameters=b.model.num_parameters(),
@@ -64,7 +63,7 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> Info:
                 decode_weights=b.decoder.weights,
                 decode_kernels=b.decoder.kernels,
                 decode_failing=m.scheduler.failing,
-                decode_reason=choose_precision(settings.decode_weights, b.device)[1],
+                decode_reason=b.decode_reason,
                 batch_invariant=b.decoder.batch_invariant,
                 batch_invariance=b.decoder.invariance,
             )

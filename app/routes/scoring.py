@@ -13,10 +13,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 
-from app import logprobs
-from app.admission import resolve_model
-from app.deps import RegistryDep, SettingsDep, SubmittedDep
-from app.generation import Done, Logprobs
+from app.api import logprobs
+from app.api.deps import EngineDep, SettingsDep
+from app.api.security import check_api_key
+from app.api.sse import disconnected
+from app.api.validation import describe_unknown, validate_score
+from app.engine import Logprobs
 from app.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -25,9 +27,6 @@ from app.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from app.security import check_api_key
-from app.streaming import wait_final
-from app.validation import describe_unknown, validate_score
 
 router = APIRouter(tags=["scoring"], dependencies=[Depends(check_api_key)])
 
@@ -43,30 +42,20 @@ _ERRORS = {
 
 @router.post("/score", response_model=ScoreResponse, responses=_ERRORS)
 async def score(
-    req: ScoreRequest,
-    request: Request,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    gens: SubmittedDep,
+    req: ScoreRequest, request: Request, engine: EngineDep, settings: SettingsDep
 ) -> Response:
     """Each character's log-probability given everything before it (the context, then the
     earlier characters of the text), with the mean NLL, bits per character and perplexity.
     Runs as a prime warm-up through the scheduler, in parts between the running streams."""
-    model = resolve_model(registry, req.model)
+    model = engine.model(req.model)
     job = validate_score(
         model, settings, text=req.text, context=req.context, top_logprobs=req.top_logprobs
     )
-    gen = gens.submit(model, job, settings.stream_backlog)
-    final = await wait_final(gen, request)
-    if final is None:
+    done = await engine.submit(model, job).result(disconnected(request))
+    if done is None:
         return Response(status_code=499)
-    if not isinstance(final, Done) or final.prime is None:
-        status = 503 if getattr(final, "type", "") == "unavailable" else 500
-        message = getattr(final, "message", "scoring failed")
-        return Response(
-            json.dumps({"detail": message}), status_code=status, media_type="application/json"
-        )
-    scored = final.prime.logprobs
+    assert done.prime_scores is not None  # a scored prime's final event carries its scores
+    scored = done.prime_scores.logprobs
     head: dict[str, Any] = {
         "model": model.name,
         "chars": len(req.text),
@@ -112,10 +101,10 @@ async def _body(head: dict[str, Any], scored: Logprobs) -> AsyncIterator[bytes]:
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
 async def tokenize(
-    req: TokenizeRequest, registry: RegistryDep, settings: SettingsDep
+    req: TokenizeRequest, engine: EngineDep, settings: SettingsDep
 ) -> TokenizeResponse:
     """The prompt's character ids (vocabulary positions; there are no special tokens)."""
-    vocab = resolve_model(registry, req.model).backend.vocab
+    vocab = engine.model(req.model).runner.vocab
     if unknown := vocab.unknown(req.prompt):
         raise RequestValidationError(
             [
@@ -131,9 +120,9 @@ async def tokenize(
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
-async def detokenize(req: DetokenizeRequest, registry: RegistryDep) -> DetokenizeResponse:
+async def detokenize(req: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
     """The text of character ids."""
-    vocab = resolve_model(registry, req.model).backend.vocab
+    vocab = engine.model(req.model).runner.vocab
     bad = [
         {
             "type": "less_than",
@@ -150,11 +139,11 @@ async def detokenize(req: DetokenizeRequest, registry: RegistryDep) -> Detokeniz
 
 @router.get("/tokenizer_info", responses=_ERRORS)
 async def tokenizer_info(
-    registry: RegistryDep, settings: SettingsDep, model: str | None = None
+    engine: EngineDep, settings: SettingsDep, model: str | None = None
 ) -> dict[str, Any]:
     """The tokenizer: one token per character of the vocabulary. A character model has no
     special tokens; the newline stands in for the end of a text."""
-    vocab = resolve_model(registry, model).backend.vocab
+    vocab = engine.model(model).runner.vocab
     eos = "\n" if "\n" in vocab else None
     return {
         "tokenizer_class": "CharacterTokenizer",

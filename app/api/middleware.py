@@ -10,7 +10,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import AsciiJSONResponse, openai_error
+from app.api.errors import AsciiJSONResponse, openai_error
 from app.metrics import Metrics
 
 access_log = logging.getLogger("charrnn.access")

@@ -1,8 +1,8 @@
 """Request validation that needs the model: vocabulary, model-dependent and configured limits.
 
 Pydantic checks each field's own rules; this layer checks the rest against the model and the
-settings and turns a valid request into a ``GenerationRequest``. Every problem is reported at
-once, in FastAPI's 422 shape."""
+settings and turns a valid request into the engine's ``GenerationRequest``. Every problem is
+reported at once, in FastAPI's 422 shape (the OpenAI routes answer it as their 400)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 
 from app.config import Settings
-from app.generation import GenerationRequest
-from app.registry import LoadedModel
+from app.engine import GenerationRequest, LoadedModel
 from charrnn.sampling import MAX_SEED, SamplingParams
 
 
@@ -41,7 +40,7 @@ def validate_score(
 ) -> GenerationRequest:
     """``POST /score`` as a scored prime (``context + text``, scored from the text on) that
     never generates, or a 422 naming every problem."""
-    vocab = model.backend.vocab
+    vocab = model.runner.vocab
     errors: list[dict[str, Any]] = []
     if len(text) > settings.max_score_chars:
         msg = (
@@ -101,19 +100,24 @@ def validate_generation(
         "logprobs": "logprobs",
         **(field_names or {}),
     }
-    vocab = model.backend.vocab
+    vocab = model.runner.vocab
     errors: list[dict[str, Any]] = []
     if len(prime) > settings.max_prime_chars:
         errors.append(
             _error(
                 (source, names["prime"]),
-                f"prime is {len(prime)} characters; at most {settings.max_prime_chars} are allowed",
+                f"{names['prime']} is {len(prime)} characters; at most "
+                f"{settings.max_prime_chars} are allowed",
                 "string_too_long",
             )
         )
     elif unknown := vocab.unknown(prime):
         errors.append(
-            _error((source, names["prime"]), describe_unknown(unknown), "unknown_characters")
+            _error(
+                (source, names["prime"]),
+                describe_unknown(unknown, names["prime"]),
+                "unknown_characters",
+            )
         )
     if max_new > settings.max_new_chars_limit:
         errors.append(
@@ -134,6 +138,8 @@ def validate_generation(
     errors += _top_n_error((source, names["logprobs"]), logprobs, len(vocab))
     if errors:
         raise RequestValidationError(errors)
+    if temperature == 0:  # greedy: the likeliest character, the same text as top_k 1
+        temperature, top_k = 1.0, 1
     sampling = SamplingParams(
         temperature=temperature,
         top_k=top_k,

@@ -1,4 +1,5 @@
-"""The loaded models: one backend and one scheduler per configured checkpoint."""
+"""The engine: the loaded models, one runner and one scheduler each, and the one way in for
+the API: ``model(name)`` then ``submit(model, request)``, which returns a ``Handle``."""
 
 from __future__ import annotations
 
@@ -10,21 +11,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.backend import ModelBackend, decode_precision
-from app.batcher import MIN_BACKLOG
-from app.config import Settings
-from app.engine import Scheduler
-from app.generation import Done, Failed, GenerationRequest
-from app.graphs import prepare
+from app.config import MIN_BACKLOG, Settings
+from app.engine.handle import GenerationFailed, Handle
+from app.engine.outbox import HAND_OVER_CALLS
+from app.engine.policy import MAX_STEPS
+from app.engine.request import GenerationRequest
+from app.engine.scheduler import Scheduler, ShuttingDown
 from app.metrics import Metrics
+from app.runner import ModelRunner, decode_precision
+from app.runner.graphs import prepare
 from charrnn.checkpoint import load_checkpoint
 from charrnn.model import resolve_device
 from charrnn.sampling import SamplingParams
 
-log = logging.getLogger("charrnn.registry")
+log = logging.getLogger("charrnn.engine")
 
 WARMUP_PRIME_CHARS = 8
 WARMUP_ROUNDS = 3
+# One hand-over brings a reader at most this many characters of a row: a smaller backlog
+# would cut off a client that reads at full speed.
+assert HAND_OVER_CALLS * MAX_STEPS <= MIN_BACKLOG
 
 
 @dataclass
@@ -32,7 +38,7 @@ class LoadedModel:
     name: str
     path: str
     created: int
-    backend: ModelBackend
+    runner: ModelRunner
     scheduler: Scheduler
 
 
@@ -42,16 +48,21 @@ class UnknownModel(LookupError):
         super().__init__(f"model {name!r} is not loaded; loaded models: {', '.join(known)}")
 
 
+class NotReady(Exception):
+    """The models are still loading or warming up."""
+
+
 class WarmUpFailed(RuntimeError):
     """A model could not generate at start-up: the server must not serve it."""
 
 
 @dataclass
-class Registry:
+class Engine:
     models: dict[str, LoadedModel] = field(default_factory=dict)
     default: str | None = None
     ready: bool = False
     closing: bool = False
+    backlog: int = MIN_BACKLOG  # characters a client may fall behind (CHARRNN_STREAM_BACKLOG)
 
     @property
     def failing(self) -> dict[str, str]:
@@ -59,13 +70,28 @@ class Registry:
         return {n: m.scheduler.failing for n, m in self.models.items() if m.scheduler.failing}
 
     def get(self, name: str | None) -> LoadedModel:
+        """The loaded model ``name`` (None: the default), whatever the engine's state."""
         key = name if name is not None else self.default
         if key is None or key not in self.models:
             raise UnknownModel(str(name), list(self.models))
         return self.models[key]
 
+    def model(self, name: str | None) -> LoadedModel:
+        """The model a request names, if it can take requests now: ``ShuttingDown``,
+        ``NotReady`` or ``UnknownModel`` otherwise."""
+        if self.closing:
+            raise ShuttingDown()
+        if not self.ready:
+            raise NotReady()
+        return self.get(name)
+
+    def submit(self, model: LoadedModel, request: GenerationRequest) -> Handle:
+        """Queue a generation (``Overloaded`` or ``ShuttingDown`` before any work if it
+        cannot be queued)."""
+        return model.scheduler.submit(request, self.backlog)
+
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics) -> Registry:
+    def load(cls, settings: Settings, metrics: Metrics) -> Engine:
         """Load every configured checkpoint onto the device. Raises CheckpointError (naming
         the path) for the first one that cannot be used."""
         # torch's CPU threads belong to the decode threads (ModelBackend.worker). Any
@@ -73,19 +99,21 @@ class Registry:
         # idle workers spin on the same cores: the decode step then runs 2-3x slower.
         torch.set_num_threads(1)
         device = resolve_device(settings.device)
-        reg = cls()
+        reg = cls(backlog=settings.stream_backlog)
         for name, path in settings.model_paths.items():
-            backend = ModelBackend(
+            weights, why = decode_precision(settings.decode_weights, device)
+            runner = ModelRunner(
                 load_checkpoint(path, device),
                 device,
                 cache_size=settings.prime_cache_size,
-                weights=decode_precision(settings.decode_weights, device),
+                weights=weights,
                 threads=settings.threads,
                 native_kernels=settings.native_kernels,
+                decode_reason=why,
             )
             scheduler = Scheduler(
                 name,
-                backend,
+                runner,
                 metrics,
                 max_concurrent=settings.max_concurrent,
                 max_queue=settings.max_queue,
@@ -93,16 +121,16 @@ class Registry:
                 prime_slice_s=settings.prime_slice_ms / 1e3,
             )
             reg.models[name] = LoadedModel(
-                name, path, int(os.path.getmtime(path)), backend, scheduler
+                name, path, int(os.path.getmtime(path)), runner, scheduler
             )
             log.info(
                 "loaded model %s from %s on %s (%d parameters)",
                 name,
                 path,
                 device,
-                backend.model.num_parameters(),
+                runner.model.num_parameters(),
             )
-            prepare(name, backend, settings.max_concurrent, settings.decode_weights)
+            prepare(name, runner, settings.max_concurrent)
         reg.default = next(iter(reg.models))
         return reg
 
@@ -114,7 +142,7 @@ class Registry:
             # Three rounds, each with a prime not yet cached, so that the allocator, the thread
             # pools and the branch predictors have seen a prime and a decode call more than once
             # before the first client's.
-            chars = m.backend.vocab.chars
+            chars = m.runner.vocab.chars
             for round_ in range(WARMUP_ROUNDS):
                 request = GenerationRequest(
                     prime=(chars[round_ % len(chars) :] + chars)[:WARMUP_PRIME_CHARS],
@@ -122,12 +150,11 @@ class Registry:
                     sampling=SamplingParams(seed=0),
                     stream=False,
                 )
-                gen = m.scheduler.submit(request, backlog=MIN_BACKLOG)
-                while not isinstance(event := await gen.channel.get(), Done | Failed):
-                    pass
-                if isinstance(event, Failed):
-                    raise WarmUpFailed(f"warm-up of model {m.name} failed: {event.message}")
-            m.backend.clear_cache()
+                try:
+                    await m.scheduler.submit(request, MIN_BACKLOG).result()
+                except GenerationFailed as e:
+                    raise WarmUpFailed(f"warm-up of model {m.name} failed: {e}") from None
+            m.runner.clear_cache()
         # Everything loaded so far (torch, FastAPI, the models) lives as long as the process:
         # move it out of the collector's sight, or every full collection under load walks
         # a million long-lived objects and stalls the event loop for tens of milliseconds.

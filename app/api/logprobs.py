@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any
 
-from app.generation import Logprobs, Top
+from app.engine import Logprobs, Top
 
 
 def native_top(top: Top | None) -> list[dict[str, Any]] | None:

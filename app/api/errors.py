@@ -1,4 +1,5 @@
-"""Error responses: FastAPI's shapes on native routes, OpenAI's shape under /v1.
+"""Error responses: FastAPI's shapes on native routes, OpenAI's shape under /v1; and the one
+place where the engine's refusals and failures become HTTP statuses.
 
 Bodies are rendered ASCII-only and never echo the raw input, so a lone surrogate, NaN or a
 huge string in a request can never turn an error into a 500."""
@@ -14,6 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.engine import (
+    GenerationFailed,
+    NotReady,
+    Overloaded,
+    ShuttingDown,
+    UnknownModel,
+)
+
 log = logging.getLogger("charrnn.errors")
 
 _OPENAI_TYPES = {
@@ -24,7 +33,18 @@ _OPENAI_TYPES = {
     429: "rate_limit_exceeded",
     503: "server_error",
 }
-_OPENAI_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
+_OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+
+# What each refusal of the engine answers: status, message, Retry-After.
+_ENGINE: dict[type[Exception], tuple[int, str, str | None]] = {
+    Overloaded: (
+        429,
+        "the server is at its limit of concurrent and queued generations; retry later",
+        "1",
+    ),
+    ShuttingDown: (503, "the server is shutting down", "5"),
+    NotReady: (503, "the model is not loaded yet; retry shortly", "1"),
+}
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -54,17 +74,45 @@ def _clean(errors: list[Any]) -> list[dict[str, Any]]:
 
 
 def openai_error(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
 ) -> AsciiJSONResponse:
     body = {
         "error": {
             "message": message,
             "type": _OPENAI_TYPES.get(status, "api_error"),
             "param": param,
-            "code": _OPENAI_CODES.get(status),
+            "code": code or _OPENAI_CODES.get(status),
         }
     }
     return AsciiJSONResponse(body, status_code=status, headers=headers)
+
+
+def _error(
+    request: Request,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+) -> AsciiJSONResponse:
+    """An error in the shape of the request's protocol."""
+    if _is_openai(request):
+        return openai_error(status, message, headers=headers, code=code)
+    return AsciiJSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+async def engine_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
+    """The engine said no before any work, or a whole-text generation failed."""
+    if isinstance(exc, UnknownModel):
+        return _error(request, 404, str(exc), code="model_not_found")
+    if isinstance(exc, GenerationFailed):
+        status = 503 if exc.failed.type == "unavailable" else 500
+        return _error(request, status, exc.failed.message)
+    status, message, retry = _ENGINE[type(exc)]
+    return _error(request, status, message, {"Retry-After": retry} if retry else None)
 
 
 async def validation_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
@@ -96,7 +144,13 @@ async def http_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
         return await validation_handler(request, invalid)
     headers = dict(exc.headers or {})
     if _is_openai(request):
-        return openai_error(exc.status_code, str(exc.detail), headers=headers)
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # no such route
+            message = (
+                f"{request.method} {request.url.path} is not served: this server serves "
+                "completion models; use POST /v1/completions (GET /v1/models lists them)"
+            )
+        return openai_error(exc.status_code, message, headers=headers)
     return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
 
@@ -110,4 +164,6 @@ async def unexpected_handler(request: Request, exc: Exception) -> AsciiJSONRespo
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(HTTPException, http_handler)
+    for refusal in (*_ENGINE, UnknownModel, GenerationFailed):
+        app.add_exception_handler(refusal, engine_handler)
     app.add_exception_handler(Exception, unexpected_handler)

@@ -31,11 +31,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from charrnn.decode import StepDecoder
 from charrnn.model import State
-from charrnn.sampling import sample_next
+from charrnn.sampling import SamplingBatch, sample_next
 
 log = logging.getLogger("charrnn.graphs")
 
@@ -70,30 +71,31 @@ class _Buffers:
         f = dict(device=device)
         self.logits = torch.zeros(size, vocab, **f)
         self.state = tuple(torch.zeros(s.shape[0], size, s.shape[2], **f) for s in state)
-        self.temperature = torch.ones(size, **f)
-        self.top_k = torch.full((size,), vocab, dtype=torch.long, **f)
-        self.top_p = torch.ones(size, **f)
+        self.sampling = SamplingBatch(
+            torch.ones(size, **f),
+            torch.full((size,), vocab, dtype=torch.long, **f),
+            torch.ones(size, **f),
+            np.zeros(size, dtype=np.uint64),  # the draws come in ``u``
+        )
         self.u = torch.zeros(size, dtype=torch.float64, **f)
 
-    def load(
-        self,
-        logits: torch.Tensor,
-        state: State,
-        temperature: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        u: torch.Tensor,
-    ) -> None:
+    def load(self, logits: torch.Tensor, state: State, sampling: SamplingBatch, u: torch.Tensor):
         """Copy the batch into the first rows; rows past them keep harmless values from
         earlier batches (logits and state of finished rows): each row's step is its own."""
         n = logits.shape[0]
         self.logits[:n].copy_(logits)
         for dst, src in zip(self.state, state, strict=True):
             dst[:, :n].copy_(src)
-        self.temperature[:n].copy_(temperature)
-        self.top_k[:n].copy_(top_k)
-        self.top_p[:n].copy_(top_p)
+        for dst, src in zip(self.sampling.filters, sampling.filters, strict=True):
+            dst[:n].copy_(src)
         self.u[:n].copy_(u)
+
+    def prefix(self, size: int) -> tuple[torch.Tensor, State, SamplingBatch, torch.Tensor]:
+        """The first ``size`` rows, as views: what a bucket's graph reads."""
+        t, k, p = (x[:size] for x in self.sampling.filters)
+        sampling = SamplingBatch(t, k, p, self.sampling.seeds[:size])
+        state = tuple(s[:, :size] for s in self.state)
+        return self.logits[:size], state, sampling, self.u[:size]
 
 
 class PaddedStep:
@@ -126,15 +128,8 @@ class PaddedStep:
         """The padded step on the first ``size`` rows of ``buf`` (the static buffers)."""
         buf = buf or self.buffers
         assert buf is not None
-        ids = sample_next(
-            buf.logits[:size],
-            buf.temperature[:size],
-            buf.top_k[:size],
-            buf.top_p[:size],
-            buf.u[:size],
-        )
-        logits, state = self.decoder.step(ids, tuple(s[:, :size] for s in buf.state))
-        return ids, logits, state
+        # The reference sampler, op by op: what a CUDA graph captures.
+        return self.decoder.sample_and_step(*buf.prefix(size), sample=sample_next)
 
     @torch.inference_mode()
     def capture_all(self, max_concurrent: int, state_like: State) -> list[int]:
@@ -154,19 +149,13 @@ class PaddedStep:
 
     @torch.inference_mode()
     def __call__(
-        self,
-        logits: torch.Tensor,
-        state: State,
-        temperature: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        u: torch.Tensor,
+        self, logits: torch.Tensor, state: State, sampling: SamplingBatch, u: torch.Tensor
     ) -> Outputs:
         rows = logits.shape[0]
         bucket = bucket_for(rows)
         if self.use_graphs and bucket in self.graphs:
             assert self.buffers is not None and bucket is not None
-            self.buffers.load(logits, state, temperature, top_k, top_p, u)
+            self.buffers.load(logits, state, sampling, u)
             self.graphs[bucket].replay()
             ids, new_logits, new_state = self.outputs[bucket]
         else:
@@ -174,7 +163,7 @@ class PaddedStep:
             # like a bucket, into buffers of its own (the graphs' are sized and fixed).
             size = bucket or -(-rows // self.decoder.block) * self.decoder.block
             buf = _Buffers(size, self.vocab, state, self.device)
-            buf.load(logits, state, temperature, top_k, top_p, u)
+            buf.load(logits, state, sampling, u)
             ids, new_logits, new_state = self.compute(size, buf)
         # Copies, not views: the next replay overwrites the static outputs.
         return (
@@ -205,22 +194,19 @@ def cuda_capture(step: PaddedStep, size: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def prepare(name: str, backend: Any, max_concurrent: int, setting: str) -> None:
+def prepare(name: str, runner: Any, max_concurrent: int) -> None:
     """At start-up, for one loaded model: log its decode path and why (one line), and on
     CUDA capture its graphs and say which and whether big batches run eagerly (one line)."""
-    from charrnn.quantization import choose_precision
-
-    decoder: StepDecoder = backend.decoder
-    _, why = choose_precision(setting, backend.device)
+    decoder: StepDecoder = runner.decoder
     log.info(
         "model %s decodes with %s weights (%s), %s kernels; %s",
         name,
         decoder.weights,
-        why,
+        runner.decode_reason,
         decoder.kernels,
         decoder.invariance,
     )
-    graphed: PaddedStep | None = getattr(backend, "graphed", None)
+    graphed: PaddedStep | None = getattr(runner, "graphed", None)
     if graphed is None or not graphed.use_graphs:
         return
     state = decoder.model.init_state(1)

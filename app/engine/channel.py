@@ -1,7 +1,7 @@
 """A generation's events on their way to its client. The event loop alone owns a channel.
 
 The decode thread never touches it: its events arrive through the scheduler's hand-over
-(app/engine.py), which runs on the event loop. The channel is bounded by ``backlog``
+(app/engine/scheduler.py), which runs on the event loop. The channel is bounded by ``backlog``
 characters not yet taken by the client's writer: a client that reads more slowly than the
 model writes is cut off rather than buffered without bound."""
 
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
-from app.generation import Done, Event, Failed, TextRun
+from app.engine.request import Done, Event, Failed, TextRun
 
 log = logging.getLogger("charrnn.channel")
 
@@ -21,9 +20,9 @@ class EventChannel:
         self.backlog = backlog
         self.queued = 0  # characters in the queue
         self.closed = False  # the final event is in the queue
-        # Called when the client is cut off for reading too slowly (the route closes the
-        # connection with it).
-        self.on_cutoff: Callable[[], None] | None = None
+        # Set when the client is cut off for reading too slowly: its writer may be stuck in
+        # a socket write that will never finish, so whoever serves it closes the connection.
+        self.cut_off = asyncio.Event()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def deliver(self, events: list[Event]) -> bool:
@@ -67,5 +66,4 @@ class EventChannel:
         self.queued = 0
         self.fail(Failed("the client read too slowly; stream cut off", "slow_client"))
         log.warning("cut off a client %d characters behind", self.backlog)
-        if self.on_cutoff is not None:
-            self.on_cutoff()
+        self.cut_off.set()

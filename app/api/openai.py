@@ -1,0 +1,221 @@
+"""The OpenAI completions adapter (tokens are characters here): a ``CompletionRequest`` into
+one engine request per prompt, OpenAI's 400 rules on the way, and the engine's events into
+``text_completion`` objects and ``data:`` chunks.
+
+``echo`` prepends the prompt; with ``logprobs`` the prompt is scored by its own prime pass
+(its first character has nothing before it: null), and the generated characters carry the
+logprobs of the distributions they were drawn from."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+
+from app.api import logprobs as lp
+from app.api.sse import HandleStream, pump, sse
+from app.api.validation import validate_generation
+from app.config import Settings
+from app.engine import (
+    Done,
+    Event,
+    Failed,
+    GenerationRequest,
+    Handle,
+    LoadedModel,
+    Logprobs,
+    Scored,
+    TextRun,
+)
+from app.schemas import (
+    UNSUPPORTED,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+)
+
+DONE = sse(None, "[DONE]")
+
+
+def _refuse_unsupported(req: CompletionRequest) -> None:
+    for name, defaults in UNSUPPORTED.items():
+        value = getattr(req, name)
+        if not any(value == d and type(value) is not bool for d in defaults):
+            raise HTTPException(
+                400, f"{name}: not supported by this server; leave it unset or at its default"
+            )
+
+
+def _prompts(req: CompletionRequest, model: LoadedModel) -> list[str]:
+    """The request's prompts as text: token ids are vocabulary positions."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise HTTPException(400, "prompt: must not be an empty list")
+    if isinstance(prompt[0], str):
+        return list(prompt)  # type: ignore[arg-type]
+    lists = [prompt] if isinstance(prompt[0], int) else prompt
+    vocab = model.runner.vocab
+    out = []
+    for ids in lists:
+        assert isinstance(ids, list)
+        bad = next((t for t in ids if not 0 <= t < len(vocab)), None)  # type: ignore[operator]
+        if bad is not None:
+            msg = f"token id {bad} is out of range: ids are 0 to {len(vocab) - 1}"
+            raise RequestValidationError(
+                [{"type": "less_than", "loc": ("body", "prompt"), "msg": msg}]
+            )
+        out.append(vocab.decode(ids))  # type: ignore[arg-type]
+    return out
+
+
+def to_requests(
+    req: CompletionRequest, model: LoadedModel, settings: Settings
+) -> list[GenerationRequest]:
+    """One engine request per prompt, or a 400 naming the field."""
+    _refuse_unsupported(req)
+    prompts = _prompts(req, model)
+    if any(not p for p in prompts):
+        raise HTTPException(400, "prompt: must not be empty")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not 1 <= len(s) <= 64 for s in stop):
+        raise HTTPException(400, "stop: at most 4 strings of 1 to 64 characters each")
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    if max_tokens == 0 and not req.echo:
+        raise HTTPException(400, "max_tokens: 0 is valid only with echo (to score the prompt)")
+    return [
+        validate_generation(
+            model,
+            settings,
+            source="body",
+            prime=prompt,
+            max_new=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=req.top_k,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=stop,
+            field_names={"prime": "prompt", "max_new": "max_tokens"},
+            stream=req.stream,
+            logprobs=req.logprobs,
+            echo_scored=req.echo and req.logprobs is not None,
+        )
+        for prompt in prompts
+    ]
+
+
+def _usage(handles: list[Handle], completion_chars: int) -> CompletionUsage:
+    prompt_chars = sum(len(h.request.prime) for h in handles)
+    return CompletionUsage(
+        prompt_tokens=prompt_chars,
+        completion_tokens=completion_chars,
+        total_tokens=prompt_chars + completion_chars,
+    )
+
+
+def _choice(index: int, handle: Handle, done: Done, req: CompletionRequest) -> CompletionChoice:
+    prompt = handle.request.prime
+    text = (prompt if req.echo else "") + done.generated_text
+    logprobs = None
+    if req.logprobs is not None:
+        parts: list[Logprobs] = []
+        if req.echo and done.prime_scores is not None:
+            parts.append(done.prime_scores.logprobs)
+        if done.logprobs is not None:
+            parts.append(done.logprobs)
+        logprobs = CompletionLogprobs(**lp.openai(parts))
+    return CompletionChoice(
+        index=index, text=text, finish_reason=done.finish_reason, logprobs=logprobs
+    )
+
+
+def completion(
+    name: str,
+    cid: str,
+    created: int,
+    handles: list[Handle],
+    dones: list[Done],
+    req: CompletionRequest,
+) -> Completion:
+    choices = [_choice(i, h, d, req) for i, (h, d) in enumerate(zip(handles, dones, strict=True))]
+    generated = sum(len(d.generated_text) for d in dones)
+    return Completion(
+        id=cid, created=created, model=name, choices=choices, usage=_usage(handles, generated)
+    )
+
+
+class _Chunks:
+    """The streamed ``data:`` chunks of one request: one per character per choice, an echoed
+    prompt as one chunk, a last chunk per choice with its finish reason, then usage."""
+
+    def __init__(
+        self, name: str, handles: list[Handle], req: CompletionRequest, cid: str, created: int
+    ):
+        self.name, self.handles, self.req, self.cid, self.created = name, handles, req, cid, created
+        self.generated = 0
+
+    def chunk(self, choices: list[dict[str, Any]], usage: CompletionUsage | None = None) -> bytes:
+        body = {
+            "id": self.cid,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.name,
+            "choices": choices,
+            "usage": usage.model_dump() if usage else None,
+        }
+        return sse(None, json.dumps(body))
+
+    def _text(self, i: int, text: str, logprobs: Any = None, finish: str | None = None) -> bytes:
+        return self.chunk(
+            [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]
+        )
+
+    def head(self) -> bytes:
+        """The echoed prompts, when they are not scored (a scored one comes as ``Scored``)."""
+        if not self.req.echo or self.req.logprobs is not None:
+            return b""
+        return b"".join(self._text(i, h.request.prime) for i, h in enumerate(self.handles))
+
+    def encode(self, i: int, event: Event) -> bytes:
+        if isinstance(event, Scored):
+            return self._text(i, event.logprobs.tokens, lp.openai([event.logprobs]))
+        if isinstance(event, TextRun):  # one chunk per character
+            offset = (len(self.handles[i].request.prime) if self.req.echo else 0) + event.index
+            out = []
+            for k, ch in enumerate(event.text):
+                logprobs = None
+                if event.logprobs is not None:
+                    top = [event.top[k]] if event.top is not None else None
+                    logprobs = lp.openai([Logprobs(ch, [event.logprobs[k]], top)], offset + k)
+                out.append(self._text(i, ch, logprobs))
+            return b"".join(out)
+        if isinstance(event, Done):
+            self.generated += len(event.generated_text)
+            return self._text(i, "", finish=event.finish_reason)
+        assert isinstance(event, Failed)
+        error = {"message": event.message, "type": event.type, "param": None, "code": None}
+        return sse(None, json.dumps({"error": error}))
+
+    def tail(self, include_usage: bool) -> bytes:
+        usage = self.chunk([], _usage(self.handles, self.generated)) if include_usage else b""
+        return usage + DONE
+
+
+def stream(
+    name: str, handles: list[Handle], req: CompletionRequest, cid: str, created: int
+) -> HandleStream:
+    """``data:`` chunks of text_completion objects, then usage when asked for, then [DONE]."""
+    chunks = _Chunks(name, handles, req, cid, created)
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+    body = pump(
+        handles,
+        chunks.encode,
+        head=chunks.head(),
+        tail=lambda failed: chunks.tail(usage and not failed),
+    )
+    return HandleStream(handles, body)

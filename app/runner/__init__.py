@@ -1,0 +1,16 @@
+"""The model runner layer: a checkpoint on its device and the work the engine asks of it
+(primes, the decode step, the per-row logits stage, CUDA graphs). It imports only
+``charrnn``; the engine (app/engine) imports it, never the other way round."""
+
+from app.runner.logits import LogitsProcessor
+from app.runner.runner import Batch, ModelRunner, RowLogprobs, Sampled, Top, decode_precision
+
+__all__ = [
+    "Batch",
+    "LogitsProcessor",
+    "ModelRunner",
+    "RowLogprobs",
+    "Sampled",
+    "Top",
+    "decode_precision",
+]

@@ -1,0 +1,331 @@
+"""The model runner: a loaded checkpoint on its device, and the work the decode thread asks of
+it, in explicit phases with no callbacks.
+
+- Primes: ``prime`` (a part, continued from a state), ``prime_all`` (keeping the logits after
+  every position, for scoring) and ``prime_batched`` (several primes side by side). Each gives
+  logits and a state; a prime-state LRU cache saves repeating popular primes.
+- The decode step on a ``Batch`` of rows: ``sample`` draws one character per row (through the
+  per-row logits stage, app/runner/logits.py) and ``forward`` runs the network on it; or
+  ``decode`` does both for several characters per row in one fused call (the native kernels;
+  a CUDA graph) when no row has a logits processor. Each returns the ids per row, and the
+  logprobs the rows asked for.
+
+Everything here is synchronous torch code; the engine decides when it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.runner import logits as stage
+from app.runner.graphs import PaddedStep
+from app.runner.logits import LogitsProcessor, RowStage
+from charrnn.checkpoint import Checkpoint
+from charrnn.decode import Precision, StepDecoder
+from charrnn.model import State
+from charrnn.quantization import choose_precision
+from charrnn.sampling import SamplingBatch, SamplingParams
+
+# One character's likeliest alternatives, likeliest first: (character, logprob).
+Top = list[tuple[str, float]]
+# Per row of a call, the sampled characters' logprobs and alternatives (None for a row that
+# did not ask for them).
+RowLogprobs = list[tuple[list[float], list[Top] | None] | None]
+
+
+def decode_precision(setting: str, device: torch.device) -> tuple[Precision, str]:
+    """The decode step's weight precision for ``CHARRNN_DECODE_WEIGHTS`` on ``device`` and
+    why: int8 where its sums are exact (charrnn/quantization.py), else fp32; ValueError if
+    the setting is refused."""
+    return choose_precision(setting, device)
+
+
+@dataclass
+class Batch:
+    """The rows currently decoding: their next-character logits, recurrent state, sampling
+    parameters, the logprobs each wants (-1: none) and their logits stages (None: none)."""
+
+    logits: torch.Tensor  # [B, V]
+    state: State  # each [L, B, H]
+    sampling: SamplingBatch
+    logprobs: np.ndarray  # [B]
+    stages: list[RowStage | None]
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    @property
+    def staged(self) -> bool:
+        """Whether some row has logits processors."""
+        return any(s is not None for s in self.stages)
+
+    def select(self, keep: list[int]) -> Batch:
+        idx = torch.tensor(keep, device=self.logits.device)
+        return Batch(
+            self.logits.index_select(0, idx),
+            tuple(s.index_select(1, idx) for s in self.state),
+            self.sampling.select(keep),
+            self.logprobs[keep],
+            [self.stages[i] for i in keep],
+        )
+
+    def moved(self, logits: torch.Tensor, state: State) -> Batch:
+        """The same rows after a step."""
+        return dataclasses.replace(self, logits=logits, state=state)
+
+    @staticmethod
+    def concat(parts: Sequence[Batch]) -> Batch:
+        if len(parts) == 1:
+            return parts[0]
+        return Batch(
+            torch.cat([p.logits for p in parts]),
+            tuple(torch.cat(s, dim=1) for s in zip(*(p.state for p in parts), strict=True)),
+            SamplingBatch.concat([p.sampling for p in parts]),
+            np.concatenate([p.logprobs for p in parts]),
+            [s for p in parts for s in p.stages],
+        )
+
+
+@dataclass
+class Sampled:
+    """What one call drew: ``ids`` [S, B] (S characters for each of B rows) and the logprobs
+    of the rows that asked for them."""
+
+    ids: torch.Tensor
+    logprobs: RowLogprobs | None = None
+
+    def runs(self) -> list[list[int]]:
+        """Each row's characters, in order."""
+        return self.ids.t().tolist()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        *,
+        cache_size: int = 256,
+        weights: Precision = "fp32",
+        threads: int | None = None,
+        native_kernels: bool = True,
+        decode_reason: str = "",
+    ):
+        self.ckpt = checkpoint
+        self.decode_reason = decode_reason  # why the step runs in this precision
+        self.model = checkpoint.model
+        self.vocab = checkpoint.vocab
+        self.device = device
+        self.decoder = StepDecoder(self.model, weights, native_kernels=native_kernels)
+        # On CUDA the step is replayed from graphs captured per batch-size bucket.
+        self.graphed = (
+            PaddedStep(self.decoder, len(self.vocab), device) if (device.type == "cuda") else None
+        )
+        self.threads = threads
+        self.cache_size = cache_size
+        self._ids_by_code = np.full(max(map(ord, self.vocab.chars)) + 1, -1, dtype=np.int64)
+        for i, ch in enumerate(self.vocab.chars):
+            self._ids_by_code[ord(ch)] = i
+        self._cache: OrderedDict[str, tuple[torch.Tensor, State]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def worker(self) -> Iterator[None]:
+        """Held by the thread that runs this runner's steps, for as long as it runs them:
+        its torch threads, and inference mode entered once rather than per step (a
+        decorator's enter and exit would hold the GIL for microseconds on every call)."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            yield
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.head.weight.dtype
+
+    def encode(self, prime: str) -> torch.Tensor:
+        """The ids [T] of a prime (validated: every character is in the vocabulary) on the
+        device, through a table by code point: a Python loop over a long prime would hold the
+        GIL, which a burst of them takes from the event loop."""
+        codes = np.frombuffer(prime.encode("utf-32-le"), dtype=np.uint32)
+        return torch.from_numpy(self._ids_by_code[codes]).to(self.device)
+
+    # -- what the scheduling policy needs to know ----------------------------------------------
+
+    @property
+    def prime_align(self) -> int:
+        return self.decoder.prime_align
+
+    @property
+    def exact_steps(self) -> bool:
+        return self.decoder.exact_steps
+
+    @property
+    def multi_step(self) -> bool:
+        """Whether ``decode`` can make several characters per row in one call."""
+        return self.graphed is None and self.decoder.multi_step
+
+    def fusable(self, batch: Batch) -> bool:
+        """Whether ``decode`` can run ``batch``: a fused call (native kernels or a CUDA graph)
+        samples inside, so no row may need its logits stage."""
+        return (self.multi_step or self.graphed is not None) and not batch.staged
+
+    @property
+    def splits_early(self) -> bool:
+        """Whether sampling before the step hands a row its first character sooner: on the
+        CPU the ids exist before the network runs; on CUDA they reach the host after it."""
+        return self.device.type == "cpu"
+
+    # -- the prime cache -----------------------------------------------------------------------
+
+    def cached_prime(self, prime: str) -> tuple[torch.Tensor, State] | None:
+        """Logits [1, V] and state after ``prime``, if they are in the LRU cache."""
+        with self._cache_lock:
+            hit = self._cache.get(prime)
+            if hit is not None:
+                self._cache.move_to_end(prime)
+            return hit
+
+    def cache_prime(self, prime: str, logits: torch.Tensor, state: State) -> None:
+        if not self.cache_size:
+            return
+        # Copies: the tensors may be views into a larger batch that would stay alive.
+        entry = (logits.clone(), tuple(s.clone() for s in state))
+        with self._cache_lock:
+            self._cache[prime] = entry
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    # -- primes --------------------------------------------------------------------------------
+
+    def prime(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """A prime continued from ``state`` (None: from zero) over ``ids`` [T]: logits [1, V]
+        and the state. Parts give exactly the numbers of one pass (``StepDecoder.prime``)."""
+        return self.decoder.prime(ids, state)
+
+    def prime_all(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """``prime`` keeping the logits after every position: [T, V], for scoring."""
+        return self.decoder.prime_all(ids, state)
+
+    def prime_batched(
+        self, ids: torch.Tensor, starts: list[State | None], every: bool = False
+    ) -> tuple[torch.Tensor, State]:
+        """Several primes side by side: row i continues from ``starts[i]`` (None: zero) over
+        ``ids[i]`` ([R, T] in all), one batched step per position. Only for decoders with
+        ``exact_steps``, where that gives the numbers of ``prime``. Returns logits [R, V]
+        (with ``every``, after every position: [R, T, V]) and the state [L, R, H]."""
+        zero = self.model.init_state(1)
+        state = tuple(
+            torch.cat([(s if s is not None else zero)[j] for s in starts], dim=1)
+            for j in range(len(zero))
+        )
+        logits = torch.empty(0)
+        steps = []
+        for t in range(ids.shape[1]):
+            logits, state = self.decoder.step(ids[:, t].contiguous(), state)
+            if every:
+                steps.append(logits)
+        return (torch.stack(steps, dim=1) if every else logits), state
+
+    def logprobs(
+        self, logits: torch.Tensor, targets: torch.Tensor, n: int
+    ) -> tuple[list[float], list[Top] | None]:
+        """For each row of ``logits`` [N, V], the logprob of ``targets`` [N] under softmax
+        (temperature 1, before top-k/top-p) and, if ``n``, the ``n`` likeliest characters
+        with theirs (likeliest first)."""
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lsm.gather(1, targets.view(-1, 1).to(lsm.device)).view(-1).tolist()
+        if not n:
+            return chosen, None
+        values, idx = lsm.topk(n, dim=-1)
+        chars = self.vocab.chars
+        top = [
+            list(zip([chars[i] for i in row_ids], row_vals, strict=True))
+            for row_ids, row_vals in zip(idx.tolist(), values.tolist(), strict=True)
+        ]
+        return chosen, top
+
+    # -- the decode step -----------------------------------------------------------------------
+
+    def new_row(
+        self,
+        logits: torch.Tensor,
+        state: State,
+        sampling: SamplingParams,
+        logprobs: int | None = None,
+        processors: Sequence[LogitsProcessor] = (),
+    ) -> Batch:
+        """A one-row batch that starts from a primed state."""
+        return Batch(
+            logits,
+            state,
+            SamplingBatch.of([sampling], len(self.vocab), self.device),
+            np.array([-1 if logprobs is None else logprobs]),
+            [RowStage(tuple(processors)) if processors else None],
+        )
+
+    def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
+        """One character per row from the batch's logits, through each row's logits stage.
+        ``positions`` [B] is each row's count of characters generated so far; with the row's
+        seed it keys the row's draw."""
+        u = batch.sampling.uniforms(positions, self.device)
+        logits = stage.apply(batch.logits, batch.stages) if batch.staged else batch.logits
+        ids = self.decoder.sample(logits, *batch.sampling.filters, u)
+        if batch.staged:
+            stage.record(batch.stages, ids.tolist())
+        return Sampled(ids[None], self._row_logprobs(batch, batch.logits[None], ids[None]))
+
+    def forward(self, batch: Batch, sampled: Sampled) -> Batch:
+        """The batch after the network has read the characters just sampled."""
+        logits, state = self.decoder.step(sampled.ids[-1], batch.state)
+        return batch.moved(logits, state)
+
+    def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
+        """``steps`` characters per row sampled and run through the network in one fused call
+        (``fusable`` batches; several steps need ``multi_step``). The same ids as ``sample``
+        then ``forward`` per character, however the characters are split into calls. Run it
+        in inference mode (``worker``)."""
+        if not self.fusable(batch) or (steps > 1 and not self.multi_step):
+            raise ValueError(
+                "several steps per call need the native kernels, and one fused step a CUDA "
+                "graph; a batch with logits processors runs sample and forward"
+            )
+        if self.graphed is not None:
+            if steps != 1:
+                raise ValueError("a CUDA graph runs one step per call")
+            u = batch.sampling.uniforms(positions, self.device)
+            ids, logits, state = self.graphed(batch.logits, batch.state, batch.sampling, u)
+            sampled = Sampled(ids[None], self._row_logprobs(batch, batch.logits[None], ids[None]))
+            return sampled, batch.moved(logits, state)
+        seen = None
+        if batch.logprobs.max() >= 0:
+            seen = torch.empty(steps, *batch.logits.shape, dtype=batch.logits.dtype)
+        ids, logits, state = self.decoder.decode_batch(
+            batch.logits, batch.state, batch.sampling, positions, steps, seen
+        )
+        logprobs = self._row_logprobs(batch, seen, ids) if seen is not None else None
+        return Sampled(ids, logprobs), batch.moved(logits, state)
+
+    def _row_logprobs(
+        self, batch: Batch, seen: torch.Tensor, ids: torch.Tensor
+    ) -> RowLogprobs | None:
+        """The logprobs of the rows that asked for them (None when none did): ``seen``
+        [S, B, V] the logits each of the ``ids`` [S, B] was sampled from."""
+        asking = np.flatnonzero(batch.logprobs >= 0)
+        if not asking.size:
+            return None
+        out: RowLogprobs = [None] * len(batch)
+        for b in asking.tolist():
+            out[b] = self.logprobs(seen[:, b], ids[:, b], int(batch.logprobs[b]))
+        return out
