@@ -346,7 +346,7 @@ def in_pool(ids: Tensor, table0: Tensor, inputs: list[Tensor], recurrent: list[T
 
 d = StepDecoder(tiny_model(Vocabulary("abcdefgh"), hidden=24), "int8")
 assert d.kernels == "native"
-args = (torch.arange(30) % 8, d.table0, d.inputs, d.recurrent, d.scales[:2], d.biases[:2])
+args = (torch.arange(30) % 8, d.packed.table0, d.packed.inputs, d.packed.recurrent, d.packed.scales[:2], d.packed.biases[:2])
 with torch.inference_mode():
     got, want = torch.jit.script(in_pool)(*args), prime(*args)
 print(all(torch.equal(a, b) for a, b in zip(got, want)), flush=True)
