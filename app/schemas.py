@@ -46,7 +46,9 @@ class GenerateRequest(BaseModel):
 
     prime: str = Field(min_length=1, description="text to warm the model up on")
     max_new_chars: Int = Field(200, ge=1, description="characters to generate")
-    temperature: Float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
+    temperature: Float = Field(
+        1.0, ge=0, le=10, allow_inf_nan=False, description="0: greedy (the same text as top_k 1)"
+    )
     top_k: Int | None = Field(None, ge=1, description="sample among the k likeliest")
     top_p: Float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus mass")
     seed: Int | None = Field(None, ge=0, lt=MAX_SEED, description="null: the server picks")
@@ -149,27 +151,6 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
-
-
-class StreamStart(BaseModel):
-    model: str
-    seed: int
-    prime_chars: int
-
-
-class StreamToken(BaseModel):
-    index: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: list[TopLogprob] | None = None
-
-
-class StreamDone(BaseModel):
-    generated_text: str
-    finish_reason: Literal["length", "stop"]
-    seed: int
-    usage: Usage
-    timings: Timings
 
 
 class StreamError(BaseModel):

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,6 +37,45 @@ def make_text(n_chars: int = 6000, seed: int = 0) -> str:
         out.append(sentence)
         size += len(sentence)
     return "".join(out)[:n_chars]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_built() -> None:
+    """The native kernels are built (a compiler run) before any test, once: a test that is not
+    ``e2e`` may then start no process at all (``_no_processes``)."""
+    from charrnn import native
+
+    native.load()
+
+
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_processes(_native_built: None) -> Iterator[None]:
+    """A test that starts a server or another process (its fixtures included) must say so
+    with ``@pytest.mark.e2e``: ``make test-fast`` (``-m "not slow and not e2e"``) then starts
+    none."""
+    start = subprocess.Popen.__init__
+
+    def checked(self: subprocess.Popen, *args: Any, **kwargs: Any) -> None:
+        item = _running[-1] if _running else None
+        if item is not None and item.get_closest_marker("e2e") is None:
+            raise AssertionError(f"{item.nodeid} starts a process: mark it @pytest.mark.e2e")
+        start(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "__init__", checked)
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -61,6 +61,7 @@ import os; os._exit(0)  # skip teardown: after torch.jit.fork it sometimes abort
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not X86, reason="the int8 decode is an x86 path (oneDNN)")
 def test_int8_decode_is_bit_identical_whatever_kernels_onednn_picks(tmp_path):
     """AVX2 and AVX512_CORE (no VNNI) add int8 pairs in saturating 16-bit arithmetic; the
@@ -201,6 +202,7 @@ def test_a_path_that_is_not_batch_invariant_says_so():
     assert "NOT batch-invariant: hidden size 48 is not a multiple of 32" in decoder.invariance
 
 
+@pytest.mark.e2e
 def test_served_text_is_the_same_alone_and_among_64_concurrent_requests_fp32(
     tiny_checkpoint, tmp_path
 ):

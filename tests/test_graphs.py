@@ -11,8 +11,7 @@ import time
 import pytest
 import torch
 
-from app.runner import graphs
-from app.runner import Batch, ModelRunner
+from app.runner import Batch, ModelRunner, graphs
 from app.runner.graphs import BUCKETS, MAX_BUCKET, PaddedStep, bucket_for, bucket_plan
 from charrnn import Vocabulary
 from charrnn.checkpoint import Checkpoint

@@ -323,6 +323,7 @@ def test_native_decode_refuses_bad_arguments_with_a_message():
             decoder.decode(logits, decoder.model.init_state(3), *args, seeds, positions, 3)
 
 
+@pytest.mark.e2e
 def test_native_prime_runs_from_inside_the_inter_op_pool(tmp_path):
     """The prime hands layers to torch's inter-op pool; called from one of that pool's own
     threads (here a TorchScript fork with a pool of one), it must not wait on itself."""
@@ -346,7 +347,8 @@ def in_pool(ids: Tensor, table0: Tensor, inputs: list[Tensor], recurrent: list[T
 
 d = StepDecoder(tiny_model(Vocabulary("abcdefgh"), hidden=24), "int8")
 assert d.kernels == "native"
-args = (torch.arange(30) % 8, d.packed.table0, d.packed.inputs, d.packed.recurrent, d.packed.scales[:2], d.packed.biases[:2])
+w = d.packed
+args = (torch.arange(30) % 8, w.table0, w.inputs, w.recurrent, w.scales[:2], w.biases[:2])
 with torch.inference_mode():
     got, want = torch.jit.script(in_pool)(*args), prime(*args)
 print(all(torch.equal(a, b) for a, b in zip(got, want)), flush=True)
@@ -376,6 +378,7 @@ def test_native_build_is_shared_by_concurrent_processes(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no build folder left behind
 
 
+@pytest.mark.e2e
 def test_without_a_compiler_the_decoder_says_so_and_runs_the_eager_reference(tmp_path):
     """A machine without a C++ compiler (and no prebuilt library) still decodes."""
     code = (

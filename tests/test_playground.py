@@ -88,6 +88,7 @@ def set_params(pg, prime: str, length: int, seed: int | None = None, **numbers: 
         pg.fill(f"#{name}", value)
 
 
+@pytest.mark.e2e
 def test_page_and_static_files_are_served(server: Server):
     html = httpx.get(server.url + "/").text
     assert 'name="viewport"' in html
@@ -98,6 +99,7 @@ def test_page_and_static_files_are_served(server: Server):
     assert httpx.get(f"{server.url}/static/nope.js").status_code == 404
 
 
+@pytest.mark.e2e
 @pytest.mark.browser
 def test_generate_streams_and_shows_the_done_state(page, server: Server):
     page.wait_for_function("document.querySelector('#model-summary').textContent.includes('tiny')")
@@ -137,6 +139,7 @@ def test_generate_streams_and_shows_the_done_state(page, server: Server):
     assert page.input_value("#seed") == seed
 
 
+@pytest.mark.e2e
 @pytest.mark.browser
 def test_stop_cancels_the_stream_and_frees_the_row(page, server: Server):
     before = server.metric("charrnn_generated_characters_total", model="tiny")
@@ -165,6 +168,7 @@ def test_stop_cancels_the_stream_and_frees_the_row(page, server: Server):
     assert page.is_enabled("#generate") and page.is_disabled("#stop")
 
 
+@pytest.mark.e2e
 @pytest.mark.browser
 def test_unknown_characters_are_marked_and_the_server_message_shown(page, server: Server):
     prime = "Alice ☃ was"
@@ -194,6 +198,7 @@ def test_unknown_characters_are_marked_and_the_server_message_shown(page, server
     assert not error.is_visible()
 
 
+@pytest.mark.e2e
 @pytest.mark.browser
 def test_other_validation_errors_show_under_their_field(page):
     set_params(page, "Alice", 20, top_k="1000")
@@ -205,6 +210,7 @@ def test_other_validation_errors_show_under_their_field(page):
     assert page.get_attribute("#top_k", "aria-invalid") == "true"
 
 
+@pytest.mark.e2e
 @pytest.mark.browser
 def test_phone_layout_fits_the_screen(browser, server: Server):
     context = browser.new_context(
@@ -227,6 +233,7 @@ def test_phone_layout_fits_the_screen(browser, server: Server):
         context.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.browser
 def test_api_key_field_when_keys_are_configured(browser, tiny_checkpoint: Path, tmp_path: Path):
     with run_server(tmp_path, f"tiny={tiny_checkpoint}", api_keys="sesame") as server:
@@ -252,6 +259,7 @@ def test_api_key_field_when_keys_are_configured(browser, tiny_checkpoint: Path, 
 # -- probabilities ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_colouring_by_probability_with_alternatives_by_keyboard(page, server: Server):
     """With the toggle on, every generated character is a shaded span; its logprob is the
     server's; focusing one with the arrow keys (or hovering it) shows its alternatives."""
@@ -300,6 +308,7 @@ def test_colouring_by_probability_with_alternatives_by_keyboard(page, server: Se
     assert repr(text[10]) in page.text_content("#alts")
 
 
+@pytest.mark.e2e
 def test_score_mode_colours_a_pasted_text(page, server: Server):
     sample = "The queen said to the rabbit."
     page.click("#score-box summary")

@@ -137,6 +137,7 @@ def test_a_burst_of_long_primes_keeps_running_streams_flowing(tmp_path):
                 )
 
 
+@pytest.mark.e2e
 def test_whole_text_clients_that_give_up_free_their_place(tiny_checkpoint, tmp_path):
     """The issue's scenario: with the batch full (2) and the queue full (4) of clients that
     gave up after 0.5 s, the queue empties and the next request is accepted, not 429."""
@@ -180,6 +181,7 @@ def test_whole_text_clients_that_give_up_free_their_place(tiny_checkpoint, tmp_p
             r.stop.set()
 
 
+@pytest.mark.e2e
 def test_streams_whose_clients_leave_before_the_body_free_their_place(tiny_checkpoint, tmp_path):
     """Clients that send a stream request and hang up at once: the request may be admitted
     before the server notices, and its response body may never start. Nothing keeps
@@ -203,6 +205,7 @@ def test_streams_whose_clients_leave_before_the_body_free_their_place(tiny_check
         ), "characters are still being generated for clients that left"
 
 
+@pytest.mark.e2e
 def test_a_failing_model_fails_what_it_touched_and_turns_unready(tiny_checkpoint, tmp_path):
     fault = tmp_path / "fault"
     with run_server(
@@ -244,6 +247,7 @@ def test_a_failing_model_fails_what_it_touched_and_turns_unready(tiny_checkpoint
         assert "Traceback" in server.log() and "injected decode fault" in server.log()
 
 
+@pytest.mark.e2e
 def test_a_failed_warm_up_exits_non_zero_with_one_line(tiny_checkpoint, tmp_path: Path):
     fault = tmp_path / "fault"
     fault.touch()
@@ -268,6 +272,7 @@ def test_a_failed_warm_up_exits_non_zero_with_one_line(tiny_checkpoint, tmp_path
     assert "injected decode fault" in last
 
 
+@pytest.mark.e2e
 def test_a_long_prime_gives_the_same_text_alone_and_in_a_crowd_of_long_primes(
     tiny_checkpoint, tmp_path
 ):

@@ -53,6 +53,7 @@ def score(server, **body) -> dict:
 # -- /score -------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_score_equals_training_evaluate(server, tiny_checkpoint, tmp_path):
     """The acceptance check on a text the test makes: /score with no context gives the nll
     of ``python -m training evaluate`` (zero state, first character unscored) within 0.002,
@@ -76,6 +77,7 @@ def test_score_equals_training_evaluate(server, tiny_checkpoint, tmp_path):
     assert got["perplexity"] == pytest.approx(math.exp(got["nll"]))
 
 
+@pytest.mark.e2e
 def test_score_shape_context_and_alternatives(server, vocab):
     text = "The rabbit said."
     got = score(server, text=text, top_logprobs=3)
@@ -101,6 +103,7 @@ def test_score_shape_context_and_alternatives(server, vocab):
     assert second == pytest.approx(whole[6:], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_generation_logprobs_equal_score(server):
     """For a prime and seed, the logprobs a generation reports (JSON and stream) equal
     /score of the generated text with the prime as context."""
@@ -133,6 +136,7 @@ def test_generation_logprobs_equal_score(server):
             )
 
 
+@pytest.mark.e2e
 def test_logprobs_zero_and_absent(server):
     gen = post(server, "/generate", prime=PRIME, max_new_chars=20, seed=4, logprobs=0).json()
     assert len(gen["logprobs"]["token_logprobs"]) == 20
@@ -161,6 +165,7 @@ BAD_SCORE = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("body", "field"), BAD_SCORE)
 def test_bad_score_requests_are_422_naming_the_field(server, body, field):
     r = post(server, "/score", **body)
@@ -168,6 +173,7 @@ def test_bad_score_requests_are_422_naming_the_field(server, body, field):
     assert field in [str(p) for e in r.json()["detail"] for p in e["loc"]]
 
 
+@pytest.mark.e2e
 def test_score_errors_say_what_to_fix(server):
     r = post(server, "/score", text="Al\u2603ce")
     assert "'\u2603' at position 2" in r.json()["detail"][0]["msg"]
@@ -183,6 +189,7 @@ def test_score_errors_say_what_to_fix(server):
 # -- tokenizer routes -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_tokenizer_routes(server, vocab):
     r = post(server, "/tokenize", prompt="Alice", add_special_tokens=False)
     assert r.status_code == 200
@@ -207,6 +214,7 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
 
 
+@pytest.mark.e2e
 def test_openai_echo_scoring_equals_score(server, client):
     prompt = "The queen said to the rabbit."
     c = client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=5, max_tokens=0)
@@ -259,6 +267,7 @@ def test_openai_echo_scoring_equals_score(server, client):
     assert "".join(ch.choices[0].text for ch in stream0 if ch.choices) == prompt
 
 
+@pytest.mark.e2e
 def test_openai_prompt_forms(server, client, vocab):
     a = client.completions.create(model="tiny", prompt="Alice", max_tokens=12, seed=3)
     b = client.completions.create(model="tiny", prompt="The cat", max_tokens=12, seed=3)
@@ -291,6 +300,7 @@ def test_openai_prompt_forms(server, client, vocab):
     assert chunks[-1].usage.completion_tokens == 24
 
 
+@pytest.mark.e2e
 def test_openai_models_and_refusals(server, client, vocab):
     assert client.models.retrieve("tiny").id == "tiny"
     r = httpx.get(f"{server.url}/v1/models/nope")
@@ -369,6 +379,7 @@ def test_prime_all_gives_the_step_logits(cell, weights, native_kernels):
     torch.testing.assert_close(torch.cat(steps), every[:40], atol=tol, rtol=0)
 
 
+@pytest.mark.e2e
 def test_scores_side_by_side_equal_scores_alone(server):
     """Ten texts scored at once (primes side by side as batched steps, with a stream
     running) give exactly what each gives alone."""

@@ -68,6 +68,7 @@ def test_ddp_ranks_take_disjoint_rows(corpus_text):
         assert torch.equal(r0[i][0], full[i][0][0::2]) and torch.equal(r1[i][1], full[i][1][1::2])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_short_fit_lowers_validation_nll_and_writes_outputs(corpus_file, tmp_path, precision):
     out = tmp_path / "m.pt"
@@ -111,6 +112,7 @@ class StopAfter(StopFlag):
     ("schedule", "ema", "precision"),
     [("onecycle", None, "fp32"), ("constant", 0.9, "fp32"), ("onecycle", None, "bf16")],
 )
+@pytest.mark.e2e
 def test_interrupt_and_resume_equals_uninterrupted(corpus_file, tmp_path, schedule, ema, precision):
     whole = tmp_path / "whole.pt"
     parts = tmp_path / "parts.pt"
@@ -129,12 +131,14 @@ def test_interrupt_and_resume_equals_uninterrupted(corpus_file, tmp_path, schedu
     )
 
 
+@pytest.mark.e2e
 def test_early_stopping(corpus_file, tmp_path):
     # A huge learning rate makes validation worse after the first epoch.
     result = fit(tiny_cfg(corpus_file, tmp_path / "m.pt", epochs=20, lr=0.5, clip=100, patience=2))
     assert result.stopped_early and result.epochs < 20
 
 
+@pytest.mark.e2e
 def test_evaluate_matches_hand_computation(corpus_file, tmp_path, capsys):
     out = tmp_path / "m.pt"
     fit(tiny_cfg(corpus_file, out, epochs=1))
@@ -174,6 +178,7 @@ def test_evaluate_matches_hand_computation(corpus_file, tmp_path, capsys):
         assert stepped["nll"] == pytest.approx(got["nll"], rel=rel)
 
 
+@pytest.mark.e2e
 def test_sample_cli(corpus_file, tmp_path, capsys):
     out = tmp_path / "m.pt"
     fit(tiny_cfg(corpus_file, out, epochs=1))

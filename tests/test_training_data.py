@@ -124,6 +124,7 @@ def test_batches_copy_only_their_window(corpus_text):
     assert np.array_equal(x.numpy(), w[:, :-1]) and np.array_equal(y.numpy(), w[:, 1:])
 
 
+@pytest.mark.e2e
 def test_out_creates_its_folder(corpus_file, tmp_path, capsys):
     out = tmp_path / "new" / "runs" / "m.pt"
     assert main(tiny_fit_args(corpus_file, out, 1)) == 0

@@ -53,6 +53,7 @@ def test_sampled_validation_estimates_the_whole_tail():
     assert windows_nll(model, ids, ws)[0] == pytest.approx(one_by_one, rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_eval_every_writes_a_best_checkpoint_mid_epoch(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
     cfg = tiny_cfg(corpus_file, out, epochs=1, lr=1e-2, eval_every=5, eval_chars=300)
@@ -73,6 +74,7 @@ def test_eval_every_writes_a_best_checkpoint_mid_epoch(corpus_file, tmp_path):
     assert steps == [*range(5, n + 1, 5), *([n] if n % 5 else [])] and full.steps == n
 
 
+@pytest.mark.e2e
 def test_max_steps_ends_the_run_with_its_schedule(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
     result = fit(tiny_cfg(corpus_file, out, epochs=50, max_steps=7, schedule="onecycle"))
@@ -82,6 +84,7 @@ def test_max_steps_ends_the_run_with_its_schedule(corpus_file, tmp_path):
     assert any("val_nll" in r and r["step"] == 7 for r in _records(out))  # the end is scored
 
 
+@pytest.mark.e2e
 def test_max_minutes_sizes_the_schedule_to_end_annealed(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
     cfg = tiny_cfg(corpus_file, out, epochs=10_000, max_minutes=0.1, schedule="onecycle")
@@ -98,6 +101,7 @@ def test_max_minutes_sizes_the_schedule_to_end_annealed(corpus_file, tmp_path):
     assert ckpt.extra["resume"]["progress"]["total_steps"] == result.steps
 
 
+@pytest.mark.e2e
 def test_evaluate_cli_scores_a_sample_of_the_tail(corpus_file, tmp_path, capsys):
     out = tmp_path / "m.pt"
     fit(tiny_cfg(corpus_file, out, epochs=1))
@@ -112,6 +116,7 @@ def test_evaluate_cli_scores_a_sample_of_the_tail(corpus_file, tmp_path, capsys)
     assert "--eval-chars must be" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_eval_state_is_not_disturbed(corpus_file, tmp_path):
     """Evaluating mid-run does not change training: same weights with or without evals."""
     a = Trainer(tiny_cfg(corpus_file, tmp_path / "a.pt", epochs=1, eval_every=3))
@@ -122,6 +127,7 @@ def test_eval_state_is_not_disturbed(corpus_file, tmp_path):
         assert torch.equal(wa, wb)
 
 
+@pytest.mark.e2e
 def test_budgeted_cli_takes_the_budget_recipe_and_picks_regularisation(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
     args = tiny_fit_args(corpus_file, out, 100_000)
@@ -144,6 +150,7 @@ def test_budgeted_cli_takes_the_budget_recipe_and_picks_regularisation(corpus_fi
     assert train["dropout"] == 0.1 and train["auto_regularization"] is False
 
 
+@pytest.mark.e2e
 def test_budgeted_run_resumes_with_the_regularisation_it_picked(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
     args = [*tiny_fit_args(corpus_file, out, 100_000), "--max-minutes", "0.05"]

@@ -41,6 +41,7 @@ def big_vocab_checkpoint(tmp_path_factory):
     return data, out
 
 
+@pytest.mark.e2e
 def test_training_stores_ids_as_uint16(big_vocab_checkpoint):
     data, out = big_vocab_checkpoint
     corpus = load_corpus(data)

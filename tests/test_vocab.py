@@ -6,6 +6,7 @@ import pytest
 from charrnn import UnknownCharactersError, Vocabulary
 
 
+@pytest.mark.e2e
 def test_sorted_and_deterministic_across_processes():
     text = "the quick brown fox, jumps! Über ✓"
     vocab = Vocabulary.from_text(text)
