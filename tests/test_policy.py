@@ -1,0 +1,220 @@
+"""The scheduling policy on numbers alone, the decode loop against a fake runner, and the
+per-row logits stage: microseconds each, no model beyond a tiny one."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from app.engine.handle import Generation
+from app.engine.loop import DecodeLoop
+from app.engine.policy import MAX_STEPS, MIN_PRIME_PART, Costs, Policy
+from app.engine.request import Done, GenerationRequest
+from app.metrics import Metrics
+from app.runner import ModelRunner
+from app.runner.runner import Batch, Sampled
+from charrnn import SamplingParams, Vocabulary
+from charrnn.checkpoint import Checkpoint
+from charrnn.sampling import SamplingBatch
+from tests.conftest import make_text, tiny_model
+
+POLICY = Policy(max_concurrent=8, prime_budget=512, prime_slice_s=0.012)
+
+
+def test_admission_fills_free_places_only():
+    assert POLICY.admissions(waiting=10, active=3) == 5
+    assert POLICY.admissions(waiting=2, active=3) == 2
+    assert POLICY.admissions(waiting=4, active=8) == 0
+
+
+def test_short_primes_go_first_and_the_budget_holds():
+    work = POLICY.prime_work([2000, 10, 300, 40], Costs())
+    order = [i for i, _ in work.parts]
+    assert order[:2] == [1, 3]  # the primes that fit their share, shortest first
+    assert sum(n for _, n in work.parts) <= 512
+    assert dict(work.parts)[1] == 10 and dict(work.parts)[3] == 40
+
+
+def test_the_time_slice_bounds_the_work_on_a_slow_cpu():
+    slow = Costs(part_s=1e-3)  # 12 positions fit in 12 ms: the part is the minimum
+    work = POLICY.prime_work([5000], slow)
+    assert work.parts == ((0, MIN_PRIME_PART),)
+
+
+def test_fp32_parts_are_cut_on_their_blocks():
+    fp32 = Policy(8, 800, 1.0, prime_align=256)
+    assert fp32.prime_work([1000], Costs()).parts == ((0, 768),)
+    assert fp32.prime_work([700], Costs()).parts == ((0, 700),)  # the rest fits: all of it
+
+
+def test_many_exact_primes_go_side_by_side():
+    lockstep = Policy(64, 512, 0.012, lockstep=True)
+    work = lockstep.prime_work([100] * 16 + [20], Costs())
+    assert work.side_by_side == 20 and not work.parts  # no further than the shortest
+    timed = Costs(side_s={17: 1e-3})
+    assert lockstep.prime_work([100] * 17, timed).side_by_side == 12
+    assert lockstep.prime_work([100] * 15, Costs()).parts  # below 16: one after another
+
+
+def test_decode_calls_are_sized_to_the_measured_step():
+    costs = Costs(step_s={4: 100e-6})
+    steps = POLICY.decode_steps
+    assert steps([500] * 4, fused=True, first_pending=False, priming=False, costs=costs) == 30
+    assert (
+        steps([5, 500, 500, 500], fused=True, first_pending=False, priming=False, costs=costs) == 5
+    )
+    assert steps([500] * 4, fused=True, first_pending=True, priming=False, costs=costs) == 1
+    assert steps([500] * 4, fused=True, first_pending=False, priming=True, costs=costs) == 1
+    assert steps([500] * 4, fused=False, first_pending=False, priming=False, costs=costs) == 1
+    assert steps([500] * 3, fused=True, first_pending=False, priming=False, costs=costs) == 1
+    fast = Costs(step_s={1: 1e-6})
+    assert steps([500], fused=True, first_pending=False, priming=False, costs=fast) == MAX_STEPS
+
+
+class FakeRunner:
+    """The runner's interface over a two-character vocabulary: every prime leaves logits that
+    favour 'b', every step samples it. Counts the calls."""
+
+    vocab = Vocabulary("ab")
+    device = torch.device("cpu")
+    prime_align = 1
+    exact_steps = False
+    multi_step = True
+    splits_early = True
+
+    def __init__(self) -> None:
+        self.primed: list[int] = []
+        self.calls = 0
+
+    def worker(self):  # type: ignore[no-untyped-def]
+        return torch.inference_mode()
+
+    def encode(self, prime: str) -> torch.Tensor:
+        return torch.tensor(self.vocab.encode(prime))
+
+    def cached_prime(self, prime: str) -> None:
+        return None
+
+    def cache_prime(self, *args: object) -> None:
+        pass
+
+    def prime(self, ids: torch.Tensor, state: object) -> tuple[torch.Tensor, tuple]:
+        self.primed.append(len(ids))
+        return torch.tensor([[0.0, 5.0]]), (torch.zeros(1, 1, 1),)
+
+    def new_row(self, logits, state, sampling, logprobs=None, processors=()):  # type: ignore[no-untyped-def]
+        return Batch(
+            logits, state, SamplingBatch.of([sampling], 2, self.device), np.array([-1]), [None]
+        )
+
+    def fusable(self, batch: Batch) -> bool:
+        return True
+
+    def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
+        self.calls += 1
+        return Sampled(torch.ones(steps, len(batch), dtype=torch.long)), batch
+
+    def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
+        return self.decode(batch, positions, 1)[0]
+
+    def forward(self, batch: Batch, sampled: Sampled) -> Batch:
+        return batch
+
+
+def _loop(runner: FakeRunner, results: list) -> DecodeLoop:
+    policy = Policy(max_concurrent=4, prime_budget=64, prime_slice_s=1.0)
+    return DecodeLoop("fake", runner, Metrics(), policy, lambda r, failing: results.extend(r))  # type: ignore[arg-type]
+
+
+def _gen(prime: str = "ab", max_new: int = 5) -> Generation:
+    return Generation(GenerationRequest(prime, max_new, SamplingParams(seed=1)), 10_000)
+
+
+def test_the_loop_runs_the_plan_and_finishes_rows_against_a_fake_runner():
+    runner, results = FakeRunner(), []
+    loop = _loop(runner, results)
+    gens = [_gen("a" * n) for n in (3, 200, 1)]
+    for g in gens:
+        loop.submit(g)
+    for _ in range(10):
+        loop._iterate()
+    # The short primes first; the long one in what is left of each budget of 64.
+    assert runner.primed[:3] == [1, 3, 60] and runner.primed[3:] == [64, 64, 12]
+    finals = [e for g, events in results for e in events if isinstance(e, Done)]
+    assert len(finals) == 3 and all(d.generated_text == "bbbbb" for d in finals)
+    assert not (loop.rows or loop.priming or loop.waiting)
+
+
+def test_a_cancelled_generation_leaves_wherever_it_is():
+    runner, results = FakeRunner(), []
+    loop = _loop(runner, results)
+    queued, priming, running = _gen(max_new=10**6), _gen("a" * 10_000), _gen(max_new=10**6)
+    loop.submit(running)
+    loop._iterate()
+    assert loop.rows == [running]
+    loop.submit(priming)
+    loop._iterate()
+    assert [p.gen for p in loop.priming] == [priming]
+    for g in (_gen(max_new=10**6), _gen(max_new=10**6), queued):
+        loop.submit(g)
+    loop._iterate()
+    assert queued in loop.waiting  # four places: the fifth waits
+    for g in (queued, priming, running):
+        loop.cancel(g)
+    loop._iterate()
+    assert queued not in loop.waiting and running not in loop.rows
+    assert all(p.gen is not priming for p in loop.priming)
+
+
+def _runner() -> ModelRunner:
+    vocab = Vocabulary.from_text(make_text())
+    return ModelRunner(Checkpoint(tiny_model(vocab, seed=4), vocab), torch.device("cpu"))
+
+
+def test_a_row_processor_masks_its_row_only_and_sees_its_history():
+    runner = _runner()
+    vowels = [runner.vocab.encode(ch)[0] for ch in "aeiou"]
+    seen: list[list[int]] = []
+
+    def only_vowels(history: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen.append(list(history))
+        keep = torch.full_like(logits, float("-inf"))
+        keep[vowels] = 0
+        return logits + keep
+
+    primed = runner.prime(runner.encode("the "), None)
+    plain = Batch.concat([runner.new_row(*primed, SamplingParams(seed=i)) for i in range(2)])
+    rows = [runner.new_row(*primed, SamplingParams(seed=0), processors=[only_vowels])]
+    staged = Batch.concat([*rows, runner.new_row(*primed, SamplingParams(seed=1))])
+    assert runner.fusable(plain) and not runner.fusable(staged)
+    out_plain, out_staged = [], []
+    with runner.worker():
+        for pos in range(30):
+            at = np.full(2, pos, dtype=np.uint64)
+            s1, s2 = runner.sample(plain, at), runner.sample(staged, at)
+            out_plain.append(s1.runs())
+            out_staged.append(s2.runs())
+            plain, staged = runner.forward(plain, s1), runner.forward(staged, s2)
+    masked = [r[0][0] for r in out_staged]
+    assert set(masked) <= set(vowels)
+    assert seen[-1] == masked[:-1]  # its history: what the row generated before this step
+    # The row without a processor is untouched by its neighbour's.
+    assert [r[1][0] for r in out_staged] == [r[1][0] for r in out_plain]
+
+
+def test_a_batch_without_processors_takes_the_fused_call_bit_for_bit():
+    """No processor anywhere: the fused multi-character call, with the same ids as stepping
+    one character at a time."""
+    runner = _runner()
+    primed = runner.prime(runner.encode("the "), None)
+    batch = Batch.concat(
+        [runner.new_row(*primed, SamplingParams(0.9, 5, 0.95, i)) for i in range(3)]
+    )
+    with runner.worker():
+        fused, _ = runner.decode(batch, np.zeros(3, dtype=np.uint64), 20)
+        one, b = [], batch
+        for pos in range(20):
+            sampled = runner.sample(b, np.full(3, pos, dtype=np.uint64))
+            one.append(sampled.ids[0])
+            b = runner.forward(b, sampled)
+    assert torch.equal(fused.ids, torch.stack(one))
