@@ -1,10 +1,16 @@
-"""``python -m app``: serve with the configured host and port, with graceful shutdown."""
+"""``python -m app``: serve with the configured host and port, with graceful shutdown.
+
+Every setting is a ``CHARRNN_*`` environment variable (app/config.py); ``--host``, ``--port``
+and ``--models`` override the three a command line most often changes."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from collections.abc import Iterable
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
@@ -42,20 +48,52 @@ class Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def _describe(error: ValidationError) -> str:
-    """One line for every bad ``CHARRNN_*`` variable: which one, what is wrong, what it got."""
+class _Parser(argparse.ArgumentParser):
+    """argparse that refuses a bad command line in one line (its usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_args(argv: list[str] | None) -> dict[str, object]:
+    """The settings given on the command line, as ``Settings`` keyword arguments (which take
+    precedence over the environment)."""
+    parser = _Parser(
+        prog="python -m app",
+        description="Serve CharRNN models over HTTP (the playground at /, the API at /docs).",
+        epilog="Every other setting is a CHARRNN_* environment variable; see the README's "
+        "Configuration section. A flag overrides its variable.",
+    )
+    parser.add_argument(
+        "--host", help="address to listen on (CHARRNN_HOST, default 127.0.0.1; 0.0.0.0: all)"
+    )
+    parser.add_argument("--port", type=int, help="port to listen on (CHARRNN_PORT, default 8000)")
+    parser.add_argument(
+        "--models",
+        metavar="NAME=PATH[,...]",
+        help="comma-separated name=path checkpoints, the first the default model "
+        "(CHARRNN_MODELS, default alice=models/alice.pt)",
+    )
+    args = parser.parse_args(argv)
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def _describe(error: ValidationError, flags: Iterable[str] = ()) -> str:
+    """One line for every bad setting: which variable (or flag), what is wrong, what it got."""
     parts = []
     for e in error.errors():
-        name = "CHARRNN_" + "_".join(str(part) for part in e["loc"]).upper()
+        field = "_".join(str(part) for part in e["loc"])
+        name = f"--{field}" if field in flags else f"CHARRNN_{field.upper()}"
         parts.append(f"{name}: {e['msg']} (got {e['input']!r})")
     return "; ".join(parts)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    flags = _parse_args(argv)
     try:
-        settings = Settings()
+        settings = Settings(**flags)
     except ValidationError as e:
-        print(f"error: cannot start: {_describe(e)}", file=sys.stderr)
+        print(f"error: cannot start: {_describe(e, flags)}", file=sys.stderr)
         return 1
     # Imported only now: app.main builds its module-level app (for `uvicorn app.main:app`)
     # from the environment, which would fail with a traceback on a bad setting.

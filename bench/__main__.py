@@ -1,5 +1,6 @@
 """``python -m bench``: run every benchmark, write bench/results.json, and regenerate the
-performance table in README.md between its ``<!-- bench:begin -->`` markers.
+full performance table in bench/README.md (between its ``<!-- bench:begin -->`` markers) and
+the short one in README.md (between its ``<!-- bench:summary:begin -->`` markers).
 
 Run it alone on the machine: two PyTorch processes sharing two cores slow each other ~10x."""
 
@@ -9,12 +10,14 @@ import argparse
 import json
 import re
 import time
+from pathlib import Path
 
 from bench import burst, decode_step, scoring, serve_throughput, train_corpus, train_throughput
 from bench.common import DEFAULT_MODEL, ROOT
 
 RESULTS = ROOT / "bench" / "results.json"
 README = ROOT / "README.md"
+BENCH_README = ROOT / "bench" / "README.md"
 
 
 def fastest(s: dict, figure: str) -> object:
@@ -127,15 +130,45 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    if not README.exists():
-        return
-    body = README.read_text(encoding="utf-8")
-    pattern = re.compile(r"(<!-- bench:begin -->\n).*?(\n<!-- bench:end -->)", re.S)
-    if pattern.search(body):
-        README.write_text(
-            pattern.sub(lambda m: m.group(1) + text + m.group(2), body), encoding="utf-8"
+def summary(results: dict) -> str:
+    """The README's short table: what a user of the service sees, against the notebook."""
+    s, t = results["serve_throughput"], results["train_throughput"]
+    rows = [
+        "| figure | CharRNN | the notebook's code |",
+        "|---|---|---|",
+        f"| one SSE stream, chars/s | {s['one_stream_chars_per_s']:,} | "
+        f"{s['notebook_sample_chars_per_s']:,} |",
+        f"| 32 concurrent SSE streams, aggregate chars/s | "
+        f"{s['streams32_aggregate_chars_per_s']:,} | {s['notebook_sample_chars_per_s']:,} |",
+        f"| time to first char, 100-char prime, cold / cached | "
+        f"{s['ttfc_ms_prime100_cold']} / {s['ttfc_ms_prime100_cached']} ms | |",
+    ]
+    if "burst" in results:
+        b = results["burst"]
+        rows.append(
+            f"| running streams' largest gap while 32 cold 4,090-char primes arrive | "
+            f"{b['running_largest_gap_ms']} ms | |"
         )
+    rows.append(
+        f"| training chars/s (batch 128, seq 100, 2x512), fp32 / bf16 | "
+        f"{t['ours_chars_per_s']:,} / {t.get('ours_bf16_chars_per_s', '-'):,} | "
+        f"{t['notebook_chars_per_s']:,} |"
+    )
+    machine = s["machine"]
+    return (
+        f"Measured {results['date']} on {machine['cores']} CPU cores ({machine['cpu']}) by "
+        "`make bench`:\n\n" + "\n".join(rows)
+    )
+
+
+def update_markers(path: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in path."""
+    if not path.exists():
+        return
+    body = path.read_text(encoding="utf-8")
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    if pattern.search(body):
+        path.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), body), "utf-8")
 
 
 def main() -> None:
@@ -171,7 +204,8 @@ def main() -> None:
     results["date"] = time.strftime("%Y-%m-%d")
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     if all(k in results for k in runs):
-        update_readme(table(results))
+        update_markers(BENCH_README, "bench", table(results))
+        update_markers(README, "bench:summary", summary(results))
         print(table(results))
 
 

@@ -46,8 +46,8 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def browser():
     if not CHROMIUM.exists():
         pytest.skip(
-            f"no Chromium at {CHROMIUM}: install Debian's 'chromium' package "
-            "(.ci/run does) or set CHARRNN_CHROMIUM"
+            f"no Chromium at {CHROMIUM}: install it with 'sudo apt-get install chromium' "
+            "(Debian's package; .ci/run does this) or point CHARRNN_CHROMIUM at a Chromium binary"
         )
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="the 'playwright' package is not installed (pip: .[dev])"
@@ -97,6 +97,10 @@ def test_page_and_static_files_are_served(server: Server):
         r = httpx.get(f"{server.url}/static/{name}")
         assert r.status_code == 200 and kind in r.headers["content-type"], name
     assert httpx.get(f"{server.url}/static/nope.js").status_code == 404
+    assert '<link rel="icon" href="static/favicon.svg"' in html
+    icon = httpx.get(f"{server.url}/static/favicon.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.text.startswith("<svg ")
 
 
 @pytest.mark.e2e
@@ -323,3 +327,120 @@ def test_score_mode_colours_a_pasted_text(page, server: Server):
     page.click("#score")
     page.wait_for_selector("#state[data-state='rejected']")
     assert "\u2603" in page.text_content("#error") or "2603" in page.text_content("#error")
+
+
+def test_colouring_after_a_plain_run_colours_the_text_there(page, server: Server):
+    """Ticking the toggle after a generation made without it scores that text (the prime as
+    context) and shades it as a coloured run would have; unticking shows it plain again."""
+    set_params(page, "Alice was", 120, seed=11)
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='done']")
+    text = page.text_content("#generated")
+    assert page.locator("#generated .tok").count() == 0
+    page.check("#colour")
+    page.wait_for_selector("#legend:not([hidden])")
+    page.wait_for_selector("#state[data-state='done']")  # back to where it was
+    assert page.text_content("#generated") == text
+    assert page.locator("#generated .tok").count() == 120
+    want = httpx.post(
+        f"{server.url}/generate",
+        json={
+            "prime": "Alice was",
+            "max_new_chars": 120,
+            "seed": 11,
+            "temperature": 0.8,
+            "logprobs": 5,
+        },
+        timeout=30,
+    ).json()
+    assert want["generated_text"] == text
+    logprobs = want["logprobs"]["token_logprobs"]
+    shades = page.evaluate(
+        "[...document.querySelectorAll('#generated .tok')].map(s => s.className)"
+    )
+    assert shades == [f"tok s{min(5, int(-lp / 0.6931471805599453))}" for lp in logprobs]
+    bits = -sum(logprobs) / 120 / 0.6931471805599453
+    assert page.text_content("#stat-bpc") == f"{bits:.3f}"
+    page.hover("#generated .tok >> nth=5")
+    page.wait_for_selector("#alts:not([hidden])")
+    assert repr(text[5]) in page.text_content("#alts")
+
+    page.uncheck("#colour")
+    page.wait_for_selector("#legend", state="hidden")
+    assert page.locator("#generated .tok").count() == 0
+    assert page.text_content("#generated") == text
+
+
+CONTRAST = """() => {
+  // WCAG 2 contrast ratio of each shade's text on its background, as the page renders them.
+  const lum = (css) => {
+    const [r, g, b] = css.match(/[\\d.]+/g).slice(0, 3).map((v) => {
+      const c = Number(v) / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const out = {};
+  for (let i = 0; i < 6; i++) {
+    const span = document.createElement("span");
+    span.className = `tok s${i}`;
+    span.textContent = "a";
+    document.querySelector("#generated").append(span);
+    const style = getComputedStyle(span);
+    const [hi, lo] = [lum(style.color), lum(style.backgroundColor)].sort((a, b) => b - a);
+    out[`s${i}`] = (hi + 0.05) / (lo + 0.05);
+    span.remove();
+  }
+  return out;
+}"""
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_shade_is_readable(browser, server: Server, scheme: str):
+    context = browser.new_context(color_scheme=scheme)
+    try:
+        pg = context.new_page()
+        pg.goto(server.url + "/")
+        ratios = pg.evaluate(CONTRAST)
+        assert len(ratios) == 6
+        low = {shade: round(r, 2) for shade, r in ratios.items() if r < 4.5}
+        assert not low, f"shades under WCAG AA's 4.5:1 contrast: {low}"
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+def test_the_six_stats_share_one_row_and_the_seed_does_not_wrap(page):
+    seed = str(2**63 - 1)  # the largest seed: 19 digits
+    set_params(page, "Alice", 20, seed=int(seed))
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='done']")
+    assert page.text_content("#stat-seed") == seed
+    boxes = page.evaluate(
+        "[...document.querySelectorAll('.stats > div')].map(d => d.getBoundingClientRect().top)"
+    )
+    assert len(boxes) == 6 and max(boxes) - min(boxes) < 1, boxes
+    heights = page.evaluate(
+        "['#stat-chars', '#stat-seed'].map(s => document.querySelector(s)"
+        ".closest('dd').getBoundingClientRect().height)"
+    )
+    assert heights[1] == pytest.approx(heights[0], abs=1), "the seed wraps onto a second line"
+
+
+@pytest.mark.browser
+def test_loading_the_page_requests_nothing_missing(browser, server: Server):
+    """No 404 on load: the favicon is linked and served."""
+    context = browser.new_context()
+    try:
+        pg = context.new_page()
+        failed: list[str] = []
+        pg.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else 0)
+        pg.goto(server.url + "/")
+        pg.wait_for_function("!document.querySelector('#generate').disabled")
+        icon = pg.evaluate("document.querySelector('link[rel=icon]').href")
+        assert httpx.get(icon).status_code == 200
+        pg.wait_for_timeout(300)
+        assert not failed, failed
+    finally:
+        context.close()

@@ -318,6 +318,7 @@
 
   const LN2 = Math.log(2);
   let shown = []; // [{text, logprob, top}] of the coloured characters on screen
+  let shownModel = null; // the model whose text is on screen
 
   function shade(logprob) {
     if (logprob === null || logprob === undefined) return "none";
@@ -391,6 +392,20 @@
     spans[i].focus();
   }
 
+  /** /score's logprobs as the characters tokenSpans() shades. */
+  function tokensOf(lp) {
+    return lp.tokens.map((t, i) => ({
+      text: t,
+      logprob: lp.token_logprobs[i],
+      top: lp.top_logprobs[i],
+    }));
+  }
+
+  function showBpc(data) {
+    ui.bpc.textContent = data.bpc === null ? "–" : data.bpc.toFixed(3);
+    ui.bpc.title = `nll ${data.nll?.toFixed(4)} nats/char, perplexity ${data.perplexity?.toFixed(3)}`;
+  }
+
   async function scoreText() {
     if (run) return;
     clearErrors();
@@ -415,19 +430,64 @@
       return;
     }
     const data = await resp.json();
-    const lp = data.logprobs;
-    const tokens = lp.tokens.map((t, i) => ({
-      text: t,
-      logprob: lp.token_logprobs[i],
-      top: lp.top_logprobs[i],
-    }));
-    ui.generated.replaceChildren(tokenSpans(tokens));
+    shownModel = body.model;
+    ui.generated.replaceChildren(tokenSpans(tokensOf(data.logprobs)));
     ui.legend.hidden = false;
     ui.chars.textContent = fmtInt(data.chars);
-    ui.bpc.textContent = data.bpc === null ? "–" : data.bpc.toFixed(3);
-    ui.bpc.title = `nll ${data.nll?.toFixed(4)} nats/char, perplexity ${data.perplexity?.toFixed(3)}`;
+    showBpc(data);
     ui.finish.textContent = "scored";
     setState("scored");
+  }
+
+  /** Colour the text already on screen (a generation made with the toggle off): /score it
+   * with the prime as context, which gives exactly the logprobs the generation would have
+   * carried, then shade it as a coloured run would have. */
+  async function colourShown() {
+    const text = ui.generated.textContent;
+    if (run || !text || ui.generated.querySelector(".tok")) return;
+    const before = ui.state.dataset.state;
+    const body = {
+      text,
+      context: ui.primeEcho.textContent,
+      top_logprobs: 5,
+      model: shownModel,
+    };
+    const headers = { "Content-Type": "application/json" };
+    const key = ui.apiKey.value.trim();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    clearErrors();
+    setState("scoring");
+    let resp;
+    try {
+      resp = await fetch("score", { method: "POST", headers, body: JSON.stringify(body) });
+    } catch (e) {
+      showError(`Could not colour the text: lost the connection to the server: ${e.message}`);
+      setState(before);
+      return;
+    }
+    if (!resp.ok) {
+      await showHttpError(resp);
+      setState(before);
+      return;
+    }
+    const data = await resp.json();
+    // The toggle may have been unticked, or the text replaced, while the answer travelled.
+    if (ui.colour.checked && ui.generated.textContent === text) {
+      shown = [];
+      ui.generated.replaceChildren(tokenSpans(tokensOf(data.logprobs)));
+      ui.legend.hidden = false;
+      showBpc(data);
+    }
+    setState(before);
+  }
+
+  /** Unticking the toggle shows the same text plain again. */
+  function uncolourShown() {
+    if (run || !ui.generated.querySelector(".tok")) return;
+    ui.generated.textContent = ui.generated.textContent;
+    shown = [];
+    hideAlts();
+    ui.legend.hidden = true;
   }
 
   function resetOutput(prime) {
@@ -624,6 +684,8 @@
         }
       } finally {
         if (run === this) run = null;
+        // The toggle was ticked while this plain run streamed: colour what it left.
+        if (ui.colour.checked && !this.coloured) colourShown();
       }
     }
 
@@ -637,6 +699,7 @@
     clearErrors();
     const body = requestBody();
     resetOutput(body.prime);
+    shownModel = body.model;
     setState("connecting");
     run = new Run(body);
     ui.legend.hidden = !run.coloured;
@@ -674,6 +737,7 @@
       if (e.key === "Escape" && run) run.stop();
     });
     ui.score.addEventListener("click", scoreText);
+    ui.colour.addEventListener("change", () => (ui.colour.checked ? colourShown() : uncolourShown()));
     ui.text.addEventListener("keydown", onOutputKey);
     for (const kind of ["mouseover", "focusin"]) {
       ui.text.addEventListener(kind, (e) => {
