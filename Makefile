@@ -37,8 +37,9 @@ lint: install-dev
 test: install-dev lint
 	$(PY) -m pytest
 
+# In-process tests only: no server, no other process (tests/conftest.py enforces the marker).
 test-fast: install-dev
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not e2e"
 
 bench: install-dev
 	$(PY) -m bench

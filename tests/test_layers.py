@@ -104,5 +104,5 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
     fake = tmp_path / "bad.py"
     fake.write_text("from app.engine import Handle\n")
     monkeypatch.setitem(MODULES, "app.runner.bad", fake)
-    with pytest.raises(AssertionError, match="app.runner.bad"):
+    with pytest.raises(AssertionError, match=r"app\.runner\.bad"):
         test_nothing_imports_upward("app.runner.bad")

@@ -29,7 +29,7 @@ CHROMIUM_ARGS = [
 ]
 LONG = 100_000  # a generation that cannot finish before Stop is pressed
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.e2e]  # a server and a browser each
 
 
 @pytest.fixture(scope="module")
