@@ -13,6 +13,10 @@
 // the prime gives exactly the state of feeding its characters one at a time to the step.
 // The numbers differ from the TorchScript kernels' (ATen's tanh) in the last bits.
 //
+// The int8 matmuls are charrnn::int8_mm (int8_gemm.cpp): our own kernels, on weights that
+// charrnn.native.pack_int8 packed once at load, by the path the CPU (or CHARRNN_INT8_KERNEL)
+// picks. Their sums are exact integers, so the path changes no bit of the result.
+//
 // Registered as torch.ops.charrnn.lstm_step / lstm_prime, with the signatures of
 // kernels.lstm_step / kernels.lstm_prime for int8 weights. Built and loaded by
 // charrnn/native.py.
