@@ -2,6 +2,8 @@
 ``nn.LSTM`` fed one step at a time, on a model of the notebook's size (2x512 LSTM). The int8
 step and prime are timed with the native kernels the service runs (charrnn/native.py) and
 with the eager reference kernels, the fallback where no C++ compiler is at hand.
+``--kernels`` times the shipped model's int8 step on each int8 matmul path of the native
+kernels (charrnn/csrc/int8_gemm.cpp), forced in turn, against oneDNN's ``torch._int_mm``.
 
 Limits: at batch 1 a step must read every weight once, so ``weight bytes / memory bandwidth``
 bounds it; at large batches the matmuls dominate, so ``FLOPs / peak FLOP/s`` bounds it.
@@ -17,6 +19,7 @@ import torch
 from app.config import Settings
 from app.runner import Batch, ModelRunner
 from bench.common import (
+    DEFAULT_MODEL,
     emit,
     machine,
     median_seconds,
@@ -25,11 +28,14 @@ from bench.common import (
     peak_int8_ops,
     vocabulary,
 )
-from charrnn.checkpoint import Checkpoint
+from charrnn import native
+from charrnn.checkpoint import Checkpoint, load_checkpoint
+from charrnn.decode import StepDecoder
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.sampling import SamplingParams
 
 BATCHES = (1, 8, 32, 128, 512)
+KERNEL_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _advance(runner: ModelRunner, batch: Batch, positions: np.ndarray, steps: int = 1) -> Batch:
@@ -171,6 +177,55 @@ def run(batches: tuple[int, ...] = BATCHES, device: str = "cpu") -> dict[str, ob
         "rows": rows,
         **primes,
         "large_vocab": large_vocab(dev),
+        **({"int8_kernels": kernel_paths()} if int8 is not None else {}),
+    }
+
+
+@torch.inference_mode()
+def kernel_paths(batches: tuple[int, ...] = KERNEL_BATCHES) -> dict[str, object]:
+    """The int8 step (``StepDecoder.step``: the network alone, no sampling) of the shipped
+    model (or the notebook-sized one) at each batch size, on every int8 matmul path this CPU
+    has, forced in turn, with the service's intra-op threads; "onednn" is torch._int_mm, the
+    kernels before ours, and "auto" what the service runs. Paths alternate within each batch
+    size, so a busy neighbour slows them alike."""
+    if not native.load():
+        return {"skipped": "the native kernels are unavailable (no C++ compiler)"}
+    if DEFAULT_MODEL.exists():
+        model = load_checkpoint(DEFAULT_MODEL).model.eval()
+    else:
+        torch.manual_seed(0)
+        model = CharRNN(ModelConfig(vocab_size=len(vocabulary()))).eval()
+    decoder = StepDecoder(model, "int8")
+    setting = native.int8_kernel_setting()
+    paths = ["auto", *native.int8_kernels()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(Settings().threads)
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    times: dict[str, dict[str, float]] = {path: {} for path in paths}
+    try:
+        for b in batches:
+            ids = torch.randint(0, cfg.vocab_size, (b,), generator=g)
+            h = torch.randn(cfg.layers, b, cfg.hidden, generator=g).tanh()
+            state = (h, torch.randn(cfg.layers, b, cfg.hidden, generator=g))
+            for path in paths:
+                native.int8_kernel(path)
+                # The portable path is slow at large batches: fewer repetitions there.
+                reps = 30 if path != "portable" or b <= 8 else 5
+                t = median_seconds(
+                    lambda ids=ids, state=state: decoder.step(ids, state), reps=reps, warmup=3
+                )
+                times[path][str(b)] = round(t * 1e6, 1)
+    finally:
+        native.int8_kernel(setting)
+        torch.set_num_threads(threads)
+    return {
+        "model": cfg.to_dict(),
+        "threads": Settings().threads,
+        "auto": native.int8_kernels()[0],
+        "step_us": times,
+        "batch2_over_batch1": {p: round(t["2"] / t["1"], 2) for p, t in times.items() if "2" in t},
+        "batch8_over_batch1": {p: round(t["8"] / t["1"], 2) for p, t in times.items() if "8" in t},
     }
 
 
@@ -209,9 +264,22 @@ def large_vocab(dev: torch.device) -> dict[str, object]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
+    p.add_argument("--batches", type=int, nargs="*")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="only the int8 step on each int8 matmul path (default batches 1 2 4 8 16 32 64)",
+    )
     args = p.parse_args()
-    emit(run(tuple(args.batches), args.device))
+    if args.kernels:
+        emit(
+            {
+                "benchmark": "decode_step_kernels",
+                **kernel_paths(tuple(args.batches or KERNEL_BATCHES)),
+            }
+        )
+        return
+    emit(run(tuple(args.batches or BATCHES), args.device))
 
 
 if __name__ == "__main__":

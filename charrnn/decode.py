@@ -169,6 +169,10 @@ class StepDecoder:
             self._outputs = torch.ops.charrnn.lstm_prime_outputs.default
             self._decode = torch.ops.charrnn.lstm_decode.default
             self.kernels = "native"
+            # int8 weights packed once for the native matmuls (still the same [N, K] matrices).
+            self.mats, self.inputs, self.recurrent = (
+                native.pack_int8(ws) for ws in (self.mats, self.inputs, self.recurrent)
+            )
         else:
             self._step = kernels.lstm_step if lstm else kernels.gru_step
             # fp32 primes run the model itself (see ``prime``).

@@ -3,7 +3,9 @@
 ``lstm_int8.cpp`` registers ``torch.ops.charrnn.lstm_step`` (int8 or fp32 weights) and
 ``torch.ops.charrnn.lstm_prime`` (int8), drop-in replacements for the LSTM paths of
 ``charrnn/kernels.py`` with the cell fused into one pass: a fraction of their time per step
-and per position of the prime, and no GIL held.
+and per position of the prime, and no GIL held. Their int8 matmuls are our own kernels
+(``int8_gemm.cpp``: AVX512-VNNI, AVX-VNNI, AVX2 or portable C++, picked by the CPU, or
+``CHARRNN_INT8_KERNEL``) on weights packed once at load (``pack_int8``).
 ``decode.cpp`` registers ``torch.ops.charrnn.sample`` (``charrnn.sampling.sample_next`` for one
 row in a microsecond or two) and ``torch.ops.charrnn.lstm_decode``, which samples and steps
 many characters in one call.
@@ -33,7 +35,9 @@ import torch
 
 log = logging.getLogger("charrnn.native")
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("lstm_int8.cpp", "decode.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("lstm_int8.cpp", "int8_gemm.cpp", "decode.cpp")]
+HEADERS = [CSRC / "int8_gemm.h"]
 # No -march: a prebuilt library runs on any CPU of its architecture. No FMA contraction: the
 # cell's numbers are then the same on every CPU and at every vector width. No trapping math
 # (FP exceptions are never looked at): without it GCC keeps the clamps as branches and does
@@ -51,7 +55,7 @@ def library_name() -> str:
     """Names the build: another source, torch build, machine, compiler or flag set gets a
     library of its own."""
     key = [
-        *(source.read_bytes() for source in SOURCES),
+        *(source.read_bytes() for source in SOURCES + HEADERS),
         torch.__version__,
         torch.version.git_version,
         str(torch.compiled_with_cxx11_abi()),
@@ -63,9 +67,26 @@ def library_name() -> str:
     return "charrnn_native_" + digest.hexdigest()[:16]
 
 
+# The int8 matmul paths CHARRNN_INT8_KERNEL may force (int8_gemm.cpp), "auto" first: the best
+# this CPU has, with batches of more than 24 rows handed to torch._int_mm. "onednn" is
+# torch._int_mm everywhere (the reference, and the kernels before these).
+INT8_KERNELS = ("auto", "avx512vnni", "avxvnni", "avx2", "portable", "onednn")
+
+
+def int8_kernel_setting() -> str:
+    """``CHARRNN_INT8_KERNEL`` (default auto); ValueError, in one line, for an unknown value."""
+    value = os.environ.get("CHARRNN_INT8_KERNEL", "auto").strip().lower() or "auto"
+    if value not in INT8_KERNELS:
+        raise ValueError(f"CHARRNN_INT8_KERNEL={value!r} is not one of {', '.join(INT8_KERNELS)}")
+    return value
+
+
 @functools.cache
 def load() -> bool:
-    """Whether ``torch.ops.charrnn`` is available in this process (built here if need be)."""
+    """Whether ``torch.ops.charrnn`` is available in this process (built here if need be),
+    with the int8 matmul path of ``CHARRNN_INT8_KERNEL`` in force. ValueError for a setting
+    that is unknown or names a path this CPU lacks."""
+    setting = int8_kernel_setting()
     try:
         _load_or_build()
     except Exception as exc:  # no compiler, no ninja, an unwritable folder: still correct
@@ -74,7 +95,34 @@ def load() -> bool:
             "native LSTM kernels unavailable (%s); running the eager reference kernels", reason
         )
         return False
+    kernel = int8_kernel(setting)
+    log.info("native int8 matmuls: %s (CHARRNN_INT8_KERNEL=%s)", kernel, setting)
     return True
+
+
+def int8_kernel(name: str | None = None) -> str:
+    """Forces the int8 matmul path ``name`` (one of INT8_KERNELS) if given, for every call
+    from now on; returns the path in force. ValueError if this CPU lacks it. Needs ``load``."""
+    try:
+        return torch.ops.charrnn.int8_kernel(name)
+    except RuntimeError as exc:
+        raise ValueError(f"CHARRNN_INT8_KERNEL={name}: {str(exc).splitlines()[0]}") from None
+
+
+def int8_kernels() -> list[str]:
+    """The int8 matmul paths this CPU can run, best first ("onednn" last). Needs ``load``."""
+    return list(torch.ops.charrnn.int8_kernels())
+
+
+def pack_int8(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The int8 [N, K] matrices of ``weights`` packed once for the native int8 matmuls (others
+    as they are). A packed matrix is still the same contiguous int8 [N, K] tensor to everything
+    else (torch._int_mm, slicing): its packed form rides in its storage, after its values, and
+    must not be written to. An unpacked matrix works too, packed again on every call."""
+    return [
+        torch.ops.charrnn.pack_int8(w) if w.dtype == torch.int8 and w.dim() == 2 else w
+        for w in weights
+    ]
 
 
 def _load_or_build() -> None:

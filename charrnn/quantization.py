@@ -1,7 +1,9 @@
-"""int8 weights whose integer sums are exact on every x86 CPU, and the check that they are.
+"""int8 weights whose integer sums are exact on every CPU, and the check that they are.
 
 The decode step multiplies int8 activations (``round(127 h)``, h a hidden state in [-1, 1])
-by int8 weights into int32 sums (``torch._int_mm``, oneDNN on x86). With VNNI (AVX512-VNNI,
+by int8 weights into int32 sums: the native kernels' own (``charrnn/csrc/int8_gemm.cpp``;
+their AVX2 path adds pairs in 16 bits as described below, so it too needs the 7 bits), and
+``torch._int_mm`` (oneDNN on x86) in the eager kernels and the prime's head. With VNNI (AVX512-VNNI,
 AVX-VNNI, AMX) oneDNN accumulates in 32 bits and the sums are exact. Without it (Haswell to
 Skylake, AMD Zen 2/3: ``ONEDNN_MAX_CPU_ISA=AVX2`` or ``AVX512_CORE`` reproduces them),
 oneDNN shifts the activations to unsigned bytes (a + 128, up to 255) and adds each pair of
@@ -11,9 +13,11 @@ on the CPU. So the weights here use 7 bits: |w| <= 63 keeps every pair within
 2 * 255 * 63 = 32,130, and every ISA's sums are the exact integers. It costs the shipped
 model 0.0002 nats/char of validation NLL (models/README.md) and no time.
 
-``int8_is_exact`` checks that at start-up against int64 products on worst-case inputs, for
-every row count that picks its own kernel; ``choose_precision`` turns the setting, the device
-and that check into the decode path and one line of why.
+``int8_is_exact`` checks that at start-up against exact products on worst-case inputs, for
+every row count that picks its own kernel, for the native path in force and for
+``torch._int_mm``; ``choose_precision`` turns the setting, the device and that check into the
+decode path and one line of why. Off x86 (aarch64) int8 runs on the native kernels' portable
+path, so it needs them built.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import platform
 from typing import Literal
 
 import torch
+
+from charrnn import native
 
 log = logging.getLogger("charrnn.quantization")
 
@@ -66,18 +72,30 @@ def _worst_cases(
 
 
 def int8_is_exact(weight_max: int = WEIGHT_MAX) -> tuple[bool, str]:
-    """Whether ``torch._int_mm`` gives the exact int32 sums for the decoder's operands on
-    this CPU, and if not, the first case that failed. Rows 1 to 64 (GEMV, small and blocked
-    GEMM kernels; the prime's chunks) by a few widths, odd ones included. The reference is
-    float64, exact for these sums (< 2**53). ``weight_max`` is for the tests."""
-    for rows in (1, 2, 3, 4, 7, 8, 16, 17, 33, 64):
+    """Whether the int8 matmuls give the exact int32 sums for the decoder's operands on this
+    CPU, and if not, the first case that failed: ``torch._int_mm`` and, where the native
+    kernels load, their path in force (``CHARRNN_INT8_KERNEL``). Rows 1 to 64 (GEMV, small
+    and blocked GEMM kernels, register tiles of every height; the prime's chunks) by a few
+    widths, odd ones included. The reference is float64, exact for these sums (< 2**53).
+    ``weight_max`` is for the tests."""
+    matmuls = {"torch._int_mm": lambda x, w: torch._int_mm(x, w.t())}
+    if native.load():
+        path = native.int8_kernel()
+        matmuls[f"native {path}"] = lambda x, w: torch.ops.charrnn.int8_mm(
+            x, native.pack_int8([w])[0]
+        )
+    for rows in (1, 2, 3, 4, 7, 8, 13, 16, 17, 33, 64):
         for k, n in ((64, 48), (97, 40), (1024, 128)):
             for x, w in _worst_cases(rows, k, n, weight_max):
-                got = torch._int_mm(x, w.t()).double()
                 want = x.double() @ w.t().double()
-                if not torch.equal(got, want):
-                    err = int((got - want).abs().max())
-                    return False, f"int8 sums off by up to {err} at {rows}x{k}x{n}"
+                for name, matmul in matmuls.items():
+                    try:
+                        got = matmul(x, w).double()
+                    except RuntimeError as exc:  # the AVX2 path refuses 8-bit weights
+                        return False, f"{name}: {str(exc).splitlines()[0]}"
+                    if not torch.equal(got, want):
+                        err = int((got - want).abs().max())
+                        return False, f"int8 sums off by up to {err} at {rows}x{k}x{n} ({name})"
     return True, "int8 sums exact"
 
 
@@ -101,9 +119,10 @@ def choose_precision(setting: str, device: torch.device) -> tuple[Precision, str
     if setting == "fp32":
         return "fp32", "CHARRNN_DECODE_WEIGHTS=fp32"
     machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64"):
-        why = f"int8 is an x86 path (oneDNN int8 kernels); this CPU is {machine}"
-    elif not torch.backends.mkldnn.is_available():
+    x86 = machine in ("x86_64", "amd64")
+    if not x86 and not native.load():
+        why = f"int8 off x86 runs on the native kernels, unavailable here; this CPU is {machine}"
+    elif x86 and not torch.backends.mkldnn.is_available():
         why = "int8 needs torch built with oneDNN, and this one is not"
     else:
         exact, detail = _self_test()

@@ -114,8 +114,12 @@ def test_precision_choice_and_its_reason(monkeypatch, fresh_choice, caplog):
         assert precision == "int8" and "exact" in why
     choose_precision.cache_clear()
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    if native.load():  # off x86, int8 runs on the native kernels (their portable path there)
+        assert choose_precision("auto", cpu)[0] == "int8"
+        choose_precision.cache_clear()
+    monkeypatch.setattr(native, "load", lambda: False)
     precision, why = choose_precision("auto", cpu)
-    assert precision == "fp32" and "aarch64" in why
+    assert precision == "fp32" and "aarch64" in why and "native kernels" in why
     assert "decoding in fp32" in caplog.text
     with pytest.raises(ValueError, match="cannot run exactly here"):
         choose_precision("int8", cpu)

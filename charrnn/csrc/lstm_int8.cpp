@@ -13,6 +13,10 @@
 // the prime gives exactly the state of feeding its characters one at a time to the step.
 // The numbers differ from the TorchScript kernels' (ATen's tanh) in the last bits.
 //
+// The int8 matmuls are charrnn::int8_mm (int8_gemm.cpp): our own kernels, on weights that
+// charrnn.native.pack_int8 packed once at load, by the path the CPU (or CHARRNN_INT8_KERNEL)
+// picks. Their sums are exact integers, so the path changes no bit of the result.
+//
 // Registered as torch.ops.charrnn.lstm_step / lstm_prime, with the signatures of
 // kernels.lstm_step / kernels.lstm_prime for int8 weights. Built and loaded by
 // charrnn/native.py.
@@ -20,6 +24,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "int8_gemm.h"
 
 #include <algorithm>
 #include <atomic>
@@ -173,7 +179,7 @@ void check_float_vector(const Tensor& v, int64_t size, const char* what) {
 
 // logits = (int32 sums of the int8 last hidden state and W_head) * scales + bias
 Tensor head(const Tensor& q, const Tensor& weight, const Tensor& scales, const Tensor& bias) {
-  Tensor logits = at::_int_mm(q, weight.t()) * scales;
+  Tensor logits = charrnn::int8_mm(q, weight) * scales;
   return bias.numel() > 0 ? logits + bias : logits;
 }
 
@@ -230,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
       for (int64_t j = 0; j < hidden; ++j) q[b * width + width - hidden + j] = quantize(h[b * hidden + j]);
   }
   for (int64_t k = 0; k < layers; ++k) {
-    const Tensor sums = at::_int_mm(inputs[k], weights[k].t());  // [B, 4H]
+    const Tensor sums = charrnn::int8_mm(inputs[k], weights[k]);  // [B, 4H]
     GateInputs in;
     in.scales = scales[k].data_ptr<float>();
     if (k == 0) {
@@ -376,8 +382,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_prime_outputs(const Tensor& ids, const T
     const int64_t t0 = i * chunk, t1 = std::min(steps, t0 + chunk);
     const Tensor out_k = outs[k];
     const Tensor pre = k == 0 ? table0.index_select(0, ids.slice(0, t0, t1))
-                              : at::_int_mm(outs[k - 1].slice(0, t0, t1), inputs[k].t());
-    const Tensor w_t = recurrent[k].t();
+                              : charrnn::int8_mm(outs[k - 1].slice(0, t0, t1), inputs[k]);
     GateInputs in;
     in.scales = scales[k].data_ptr<float>();
     if (k > 0) in.bias = biases[k].data_ptr<float>();
@@ -386,7 +391,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_prime_outputs(const Tensor& ids, const T
     float* ck = c.data_ptr<float>() + k * hidden;
     for (int64_t t = t0; t < t1; ++t) {
       const Tensor q = t == 0 ? first_q[k] : out_k.slice(0, t - 1, t);
-      const Tensor sums = at::_int_mm(q, w_t);
+      const Tensor sums = charrnn::int8_mm(q, recurrent[k]);
       if (k == 0) {
         in.table = pre.data_ptr<float>() + (t - t0) * 4 * hidden;
       } else {
