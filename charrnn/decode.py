@@ -170,8 +170,9 @@ class StepDecoder:
             self._decode = torch.ops.charrnn.lstm_decode.default
             self.kernels = "native"
             # int8 weights packed once for the native matmuls (still the same [N, K] matrices).
-            self.mats, self.inputs, self.recurrent = (
-                native.pack_int8(ws) for ws in (self.mats, self.inputs, self.recurrent)
+            w = self.packed
+            w.mats, w.inputs, w.recurrent = (
+                native.pack_int8(ws) for ws in (w.mats, w.inputs, w.recurrent)
             )
         else:
             self._step = kernels.lstm_step if lstm else kernels.gru_step
