@@ -97,6 +97,7 @@ def test_the_setting_refuses_unknown_paths(monkeypatch):
                 native.int8_kernel(path)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_setting_is_read_at_load(tmp_path):
     code = "from charrnn import native\nnative.load()\nprint(native.int8_kernel())\n"

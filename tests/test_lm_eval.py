@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import make_text
 from tests.server import ROOT, run_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
 
 TASKS = ("charrnn_rolling", "charrnn_choice", "charrnn_generate")
 

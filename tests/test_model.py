@@ -357,6 +357,7 @@ import os; os._exit(0)  # skip teardown: after torch.jit.fork it sometimes abort
     assert run_python(tmp_path, code).stdout.strip() == "True"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_native_build_is_shared_by_concurrent_processes(tmp_path):
     """Two processes starting together on an empty cache build the library once between

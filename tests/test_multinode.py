@@ -21,7 +21,7 @@ from charrnn import load_checkpoint
 from tests.conftest import make_text, tiny_fit_args
 from training.outputs import metrics_path
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 TIMEOUT_S = 120
 # One thread per worker (the machine's cores are shared), and gloo on the loopback interface

@@ -12,7 +12,7 @@ import pytest
 from scripts.readme_examples import README, _events, examples, render, run
 from tests.server import ROOT, Server, run_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,7 @@ def batch_while_queued(s: Server, timeout: float = 60.0) -> list[float]:
     raise AssertionError(f"the queue did not drain in {timeout:.0f} s")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_waves_of_200_sse_clients(tiny_checkpoint, tmp_path):
     with run_server(tmp_path, f"tiny={tiny_checkpoint}", max_concurrent=32, max_queue=64) as s:
@@ -162,6 +163,7 @@ def test_waves_of_200_sse_clients(tiny_checkpoint, tmp_path):
 # -- faults ------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_100_clients_disconnecting_mid_stream_leak_nothing(tiny_checkpoint, tmp_path):
     with run_server(tmp_path, f"tiny={tiny_checkpoint}", max_concurrent=64, max_queue=64) as s:
@@ -198,6 +200,7 @@ def test_100_clients_disconnecting_mid_stream_leak_nothing(tiny_checkpoint, tmp_
         assert httpx.get(f"{s.url}/health").status_code == 200
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_with_open_streams(tiny_checkpoint, tmp_path):
     # The long streams ask for more than any machine makes in the grace period.
@@ -231,6 +234,7 @@ def test_sigterm_with_open_streams(tiny_checkpoint, tmp_path):
         asyncio.run(run())
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_kill_9_during_training_never_loses_a_checkpoint(corpus_file, tmp_path):
     out = tmp_path / "m.pt"

@@ -70,6 +70,7 @@ class Reader(threading.Thread):
                     return
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_burst_of_long_primes_keeps_running_streams_flowing(tmp_path):
     """The issue's scenario with the shipped model: 4 streams run when 32 requests with cold

@@ -67,6 +67,7 @@ def test_models_flag_overrides_the_variable(
     assert len(lines) == 1 and str(missing) in lines[0], lines
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_host_port_and_models_flags_win_over_the_variables(tiny_checkpoint: Path):
     """The server listens on --port, not CHARRNN_PORT, and serves --models, not

@@ -253,6 +253,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "training", *args]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigint_saves_a_resumable_checkpoint(corpus_file, tmp_path):
     out = tmp_path / "m.pt"
@@ -285,6 +286,7 @@ def test_sigint_saves_a_resumable_checkpoint(corpus_file, tmp_path):
         assert steps == (saved["epoch"] + 1) * per_epoch
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_torchrun_two_process_ddp(corpus_file, tmp_path):
     out = tmp_path / "ddp.pt"

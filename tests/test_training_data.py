@@ -85,6 +85,7 @@ def test_cache_is_reused_and_rebuilt_when_the_corpus_changes(tmp_path, monkeypat
     assert np.array_equal(load_corpus(path, cache).ids, want)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_no_half_written_cache_file_after_a_kill(tmp_path):
     """kill -9 in the middle of encoding leaves no cache entry, and the next start cleans up

@@ -34,6 +34,7 @@ def test_rank_seeds_differ_and_are_stable():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_ddp_resume_equals_uninterrupted_and_refuses_another_world_size(
     corpus_file, tmp_path, capsys
 ):
@@ -63,6 +64,7 @@ def test_ddp_resume_equals_uninterrupted_and_refuses_another_world_size(
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_rank0_failure_ends_both_ranks_with_the_reason(corpus_file, tmp_path):
     # Only rank 0 writes outputs, so only rank 0 finds /proc unwritable.
     t0 = time.monotonic()

@@ -50,6 +50,7 @@ def test_training_stores_ids_as_uint16(big_vocab_checkpoint):
     assert ckpt.vocab == corpus.vocab and ckpt.model.config.vocab_size == len(corpus.vocab)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_service_info_and_sampling_with_8000_characters(big_vocab_checkpoint, tmp_path):
     _, path = big_vocab_checkpoint
