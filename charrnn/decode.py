@@ -15,7 +15,7 @@ sums on every x86 CPU, VNNI or not). Every matmul input of the step is a hidden 
 (``o * tanh(c)`` for the LSTM, a blend of ``tanh`` outputs for the GRU), so it lies in
 (-1, 1) by construction and needs no per-call range search. Against fp32 that is a quarter of
 the weight bytes (what a batch-1 step is bound by) and integer throughput at large batches,
-for 0.0004 nats/char of validation NLL on the shipped model (models/README.md). Integer sums
+for a validation NLL within a thousandth of fp32's (models/README.md). Integer sums
 are exact, so a row's logits do not depend on how many rows share the batch or how the kernel
 blocks them. fp32 matmuls run in fixed blocks of rows (``kernels.blocked_mm``) for the same
 reason: BLAS picks other kernels for other row counts. A seeded request gives the same text
@@ -48,8 +48,9 @@ from charrnn.sampling import Sampler, SamplingBatch, sampler
 Kernels = Literal["native", "eager"]
 
 # Rows per fixed-shape fp32 matmul of the step (kernels.blocked_mm): every row goes through
-# the same GEMM kernel at every batch size (the price: a lone row costs MKL's 8-row GEMM,
-# ~4x its matrix-vector product; README "Performance"). On CUDA 32 rows is one tile.
+# the same GEMM kernel at every batch size (the price: a lone row costs MKL's 8-row GEMM
+# rather than its cheaper matrix-vector product; bench/README.md). On CUDA 32 rows is one
+# tile.
 FP32_BLOCK = {"cpu": 8, "cuda": 32}
 
 # ATen's CPU elementwise loops run two vectors at a time (32 floats with AVX-512) and finish
@@ -58,7 +59,7 @@ FP32_BLOCK = {"cpu": 8, "cuda": 32}
 VECTOR_ROWS = 32
 
 # Positions per block of an fp32 prime (``StepDecoder.prime``): long enough that the model's
-# per-call cost (~0.2 ms on the CPU, a cuDNN launch on CUDA) stays small against the block.
+# per-call cost (the model's call on the CPU, a cuDNN launch on CUDA) stays small against it.
 FP32_PRIME_ALIGN = 256
 # Positions per chunk of the int8 prime's wavefront (kernels.lstm_prime): small enough that
 # the layers overlap for most of a 100-character prime, large enough that the hand-offs
@@ -347,10 +348,9 @@ class StepDecoder:
         numbers of feeding the ids one at a time to ``step``, but runs layer by layer over
         chunks of positions: a chunk's input projections are one matmul, only the recurrent
         half of the weights (1 MB in int8, resident in cache) is applied per position, and
-        the LSTM's layers overlap on two threads (``kernels.lstm_prime``). ``nn.LSTM``
-        re-packs its fp32 weights on every call and costs ~6 ms before the first character;
-        this is ~0.2 ms for 1 character and ~6.5 ms for 100 on the shipped model (~3.7 ms
-        with the native kernels)."""
+        the LSTM's layers overlap on two threads (``kernels.lstm_prime``). ``nn.LSTM``, which
+        re-packs its fp32 weights on every call, costs several times as much before the first
+        character (bench/README.md, "prime")."""
         if self.weights == "fp32":
             # In blocks of ``prime_align`` positions: a float GEMM's rounding may depend on
             # its row count, so the blocks are the same however the prime is cut into parts.

@@ -98,8 +98,8 @@ class SamplingBatch:
 
 
 _MASK = 2**64 - 1
-# Below this many rows, Python integers beat numpy's per-call overhead (~19 µs for one row,
-# a tenth of a batch-1 decode step).
+# Below this many rows, Python integers beat numpy's per-call overhead, which is a sizeable
+# part of a batch-1 decode step.
 _SMALL = 4
 
 

@@ -94,9 +94,9 @@ class Engine:
     def load(cls, settings: Settings, metrics: Metrics) -> Engine:
         """Load every configured checkpoint onto the device. Raises CheckpointError (naming
         the path) for the first one that cannot be used."""
-        # torch's CPU threads belong to the decode threads (ModelBackend.worker). Any
-        # other thread that runs torch with several threads keeps its own OpenMP team, whose
-        # idle workers spin on the same cores: the decode step then runs 2-3x slower.
+        # torch's CPU threads belong to the decode threads (ModelRunner.worker). Any other
+        # thread that runs torch with several threads keeps its own OpenMP team, whose idle
+        # workers spin on the same cores and slow the decode step down several times.
         torch.set_num_threads(1)
         device = resolve_device(settings.device)
         reg = cls(backlog=settings.stream_backlog)
