@@ -376,7 +376,6 @@ INVALID = [
     ({"max_new_chars": 0}, "max_new_chars"),
     ({"max_new_chars": 1_000_001}, "max_new_chars"),
     ({"max_new_chars": "many"}, "max_new_chars"),
-    ({"temperature": 0}, "temperature"),
     ({"temperature": 10.5}, "temperature"),
     ({"temperature": -1}, "temperature"),
     ({"top_k": 0}, "top_k"),
