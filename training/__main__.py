@@ -48,6 +48,44 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         help=f"dropout on the character embeddings (default {d.embed_dropout})",
     )
+    p.add_argument(
+        "--weight-drop",
+        type=float,
+        default=d.weight_drop,
+        metavar="P",
+        help="DropConnect on the LSTM's hidden-to-hidden weights, a new mask each step "
+        "(AWD-LSTM's weight drop; default 0: off)",
+    )
+    p.add_argument(
+        "--locked-dropout",
+        action="store_true",
+        help="variational dropout: --embed-dropout and --dropout (between the layers and before "
+        "the head) draw one mask per sequence, shared by all its time steps",
+    )
+    p.add_argument(
+        "--char-dropout",
+        type=float,
+        default=d.char_dropout,
+        metavar="P",
+        help="drop whole characters: rows of the embedding matrix, for every occurrence in the "
+        "batch (AWD-LSTM's embedding dropout; default 0: off)",
+    )
+    p.add_argument(
+        "--ar",
+        type=float,
+        default=d.ar,
+        metavar="ALPHA",
+        help="activation regularisation: ALPHA x the mean square of the last layer's dropped "
+        "outputs, added to the loss (default 0: off)",
+    )
+    p.add_argument(
+        "--tar",
+        type=float,
+        default=d.tar,
+        metavar="BETA",
+        help="temporal activation regularisation: BETA x the mean square of the last layer's "
+        "change from one step to the next (default 0: off)",
+    )
     p.add_argument("--cell", choices=["lstm", "gru"], default=d.cell)
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -167,6 +205,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         layers=args.layers,
         embed=args.embed,
         embed_dropout=args.embed_dropout or 0.0,
+        weight_drop=args.weight_drop,
+        locked_dropout=args.locked_dropout,
+        char_dropout=args.char_dropout,
+        ar=args.ar,
+        tar=args.tar,
         cell=args.cell,
         seq_len=args.seq_len,
         weight_decay=args.weight_decay or 0.0,
