@@ -23,7 +23,7 @@ from charrnn.vocab import UnknownCharactersError
 from training.config import BUDGET_RECIPE, FitConfig
 from training.data import tail_ids
 from training.errors import TrainingError
-from training.evaluate import bpc, eval_windows, step_nll, windows_nll
+from training.evaluate import bpc, eval_windows, step_nll, utf8_bytes, windows_nll
 from training.precision import PRECISIONS
 
 # Options whose default depends on whether the run has a time budget (BUDGET_RECIPE).
@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _fit_parser(sub)
-    e = sub.add_parser("evaluate", help="NLL and bits/char of a checkpoint on a text")
+    e = sub.add_parser(
+        "evaluate", help="NLL, bits per character and bits per UTF-8 byte of a checkpoint on a text"
+    )
     e.add_argument("--checkpoint", type=Path, required=True)
     e.add_argument("--data", type=Path, required=True)
     e.add_argument(
@@ -271,13 +273,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ids = tail_ids(args.data, ckpt.vocab, args.tail_frac)
     if len(ids) < 2:
         raise TrainingError("the text to evaluate needs at least 2 characters")
+    windows = eval_windows(len(ids), None if args.decode else args.eval_chars)
     if args.decode:
         tensor = torch.from_numpy(ids.astype("int64"))
         value, count = step_nll(StepDecoder(ckpt.model, args.decode), tensor)
     else:
-        total, count = windows_nll(ckpt.model, ids, eval_windows(len(ids), args.eval_chars))
+        total, count = windows_nll(ckpt.model, ids, windows)
         value = total / count
-    print(json.dumps({"nll": value, "bpc": bpc(value), "chars": count}))
+    size = utf8_bytes(ckpt.vocab.chars, ids, windows)
+    summary = {
+        "nll": value,
+        "bpc": bpc(value),
+        "bits_per_byte": bpc(value) * count / size,
+        "chars": count,
+        "bytes": size,
+    }
+    print(json.dumps(summary))
     return 0
 
 
