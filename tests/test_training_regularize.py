@@ -90,8 +90,9 @@ def test_locked_dropout_draws_one_mask_per_sequence():
     assert locked_dropout(x, 0.5, training=False) is x
 
 
-def test_locked_dropout_runs_the_layers_one_by_one_as_the_same_network():
-    model = _model().train()  # dropout 0: the split stack must equal the fused one
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_locked_dropout_runs_the_layers_one_by_one_as_the_same_network(cell):
+    model = _model(cell=cell).train()  # dropout 0: the split stack must equal the fused one
     ids, state = _ids(model), model.init_state(3)
     want, want_state = TrainForward(model, FP32)(ids, state)
     got, got_state = TrainForward(model, FP32, Regularizers(locked=True))(ids, state)

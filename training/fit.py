@@ -175,11 +175,12 @@ class Trainer:
         self.model = CharRNN(self.model_config).to(self.device)
         if d.rank > 0:  # same initial weights (DDP broadcasts rank 0's), own dropout masks
             torch.manual_seed(rank_seed(cfg.seed, d.rank))
-        self.forward = precision.TrainForward(self.model, self.precision, cfg.regularizers())
+        forward = precision.TrainForward(self.model, self.precision, cfg.regularizers())
+        self.train_forward = forward
         self.net: torch.nn.Module = (
-            DDP(self.forward, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
+            DDP(forward, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
             if d.enabled
-            else self.forward
+            else forward
         )
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -400,7 +401,7 @@ class Trainer:
             self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss.detach() - self.forward.penalty  # the cross-entropy alone, as validated
+        return loss.detach() - self.train_forward.penalty  # the cross-entropy alone, as validated
 
     @property
     def eval_model(self) -> CharRNN:
