@@ -133,13 +133,19 @@ def recur(
     return x, tuple(torch.cat(parts) for parts in zip(*finals, strict=True))
 
 
+def _mean_square(x: torch.Tensor) -> torch.Tensor:
+    # A norm accumulated in fp32 reads a bf16 tensor once, with no fp32 copy of it: about
+    # half the time of x.float().pow(2).mean() forward and backward.
+    return torch.linalg.vector_norm(x, dtype=torch.float32).square() / x.numel()
+
+
 def activation_penalty(
     dropped: torch.Tensor, raw: torch.Tensor, regs: Regularizers
 ) -> torch.Tensor | float:
     """AR on the last layer's dropped outputs plus TAR on its raw outputs' change per step."""
     penalty: torch.Tensor | float = 0.0
     if regs.ar:
-        penalty = penalty + regs.ar * dropped.float().pow(2).mean()
+        penalty = penalty + regs.ar * _mean_square(dropped)
     if regs.tar and raw.shape[1] > 1:
-        penalty = penalty + regs.tar * (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean()
+        penalty = penalty + regs.tar * _mean_square(raw[:, 1:] - raw[:, :-1])
     return penalty
