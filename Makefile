@@ -3,6 +3,7 @@
 #                http://127.0.0.1:8000
 #   make test    add the dev tools (pytest, ruff, Playwright, lm-eval, ...), then run lint and
 #                the test suite
+#   make model   retrain models/alice.pt from ALICE (Project Gutenberg ebook #11), if present
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev serve test test-fast lint bench docker-smoke clean
+.PHONY: install install-dev serve test test-fast lint bench model docker-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,24 @@ test-fast: install-dev
 
 bench: install-dev
 	$(PY) -m bench
+
+# The shipped model's recipe (models/README.md). The run goes to runs/alice/ and its best
+# checkpoint, metrics and curve are copied over models/ only when it finishes.
+ALICE ?= ../shared/data/alice.txt
+MODEL_RECIPE ?= --batch-size 32 --seq-len 100 --hidden 512 --layers 2 --embed 64 \
+	--dropout 0.55 --embed-dropout 0.2 --weight-decay 0.3 \
+	--schedule onecycle --lr 2e-3 --clip 5 --epochs 25 --val-frac 0.1 --seed 0 --threads 1
+
+model: install
+	@test -f "$(ALICE)" || { echo "make model: $(ALICE) not found; download Project \
+	Gutenberg ebook #11 (Alice's Adventures in Wonderland, plain text UTF-8) and run \
+	make model ALICE=path/to/alice.txt" >&2; exit 2; }
+	rm -rf runs/alice
+	$(PY) -m training fit --data "$(ALICE)" --out runs/alice/alice.pt $(MODEL_RECIPE)
+	cp runs/alice/alice.pt runs/alice/alice.metrics.jsonl runs/alice/alice.loss.png models/
+	$(PY) -m training evaluate --checkpoint models/alice.pt --data "$(ALICE)" --tail-frac 0.1
+	$(PY) -m training evaluate --checkpoint models/alice.pt --data "$(ALICE)" --tail-frac 0.1 \
+		--decode int8
 
 docker-smoke:
 	bash scripts/docker_smoke.sh

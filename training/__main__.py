@@ -23,7 +23,7 @@ from charrnn.vocab import UnknownCharactersError
 from training.config import BUDGET_RECIPE, FitConfig
 from training.data import tail_ids
 from training.errors import TrainingError
-from training.evaluate import bpc, eval_windows, step_nll, windows_nll
+from training.evaluate import bpc, eval_windows, step_nll, utf8_bytes, windows_nll
 from training.precision import PRECISIONS
 
 # Options whose default depends on whether the run has a time budget (BUDGET_RECIPE).
@@ -47,6 +47,44 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
         "--embed-dropout",
         type=float,
         help=f"dropout on the character embeddings (default {d.embed_dropout})",
+    )
+    p.add_argument(
+        "--weight-drop",
+        type=float,
+        default=d.weight_drop,
+        metavar="P",
+        help="DropConnect on the LSTM's hidden-to-hidden weights, a new mask each step "
+        "(AWD-LSTM's weight drop; default 0: off)",
+    )
+    p.add_argument(
+        "--locked-dropout",
+        action="store_true",
+        help="variational dropout: --embed-dropout and --dropout (between the layers and before "
+        "the head) draw one mask per sequence, shared by all its time steps",
+    )
+    p.add_argument(
+        "--char-dropout",
+        type=float,
+        default=d.char_dropout,
+        metavar="P",
+        help="drop whole characters: rows of the embedding matrix, for every occurrence in the "
+        "batch (AWD-LSTM's embedding dropout; default 0: off)",
+    )
+    p.add_argument(
+        "--ar",
+        type=float,
+        default=d.ar,
+        metavar="ALPHA",
+        help="activation regularisation: ALPHA x the mean square of the last layer's dropped "
+        "outputs, added to the loss (default 0: off)",
+    )
+    p.add_argument(
+        "--tar",
+        type=float,
+        default=d.tar,
+        metavar="BETA",
+        help="temporal activation regularisation: BETA x the mean square of the last layer's "
+        "change from one step to the next (default 0: off)",
     )
     p.add_argument("--cell", choices=["lstm", "gru"], default=d.cell)
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
@@ -124,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _fit_parser(sub)
-    e = sub.add_parser("evaluate", help="NLL and bits/char of a checkpoint on a text")
+    e = sub.add_parser(
+        "evaluate", help="NLL, bits per character and bits per UTF-8 byte of a checkpoint on a text"
+    )
     e.add_argument("--checkpoint", type=Path, required=True)
     e.add_argument("--data", type=Path, required=True)
     e.add_argument(
@@ -167,6 +207,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         layers=args.layers,
         embed=args.embed,
         embed_dropout=args.embed_dropout or 0.0,
+        weight_drop=args.weight_drop,
+        locked_dropout=args.locked_dropout,
+        char_dropout=args.char_dropout,
+        ar=args.ar,
+        tar=args.tar,
         cell=args.cell,
         seq_len=args.seq_len,
         weight_decay=args.weight_decay or 0.0,
@@ -228,13 +273,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ids = tail_ids(args.data, ckpt.vocab, args.tail_frac)
     if len(ids) < 2:
         raise TrainingError("the text to evaluate needs at least 2 characters")
+    windows = eval_windows(len(ids), None if args.decode else args.eval_chars)
     if args.decode:
         tensor = torch.from_numpy(ids.astype("int64"))
         value, count = step_nll(StepDecoder(ckpt.model, args.decode), tensor)
     else:
-        total, count = windows_nll(ckpt.model, ids, eval_windows(len(ids), args.eval_chars))
+        total, count = windows_nll(ckpt.model, ids, windows)
         value = total / count
-    print(json.dumps({"nll": value, "bpc": bpc(value), "chars": count}))
+    size = utf8_bytes(ckpt.vocab.chars, ids, windows)
+    summary = {
+        "nll": value,
+        "bpc": bpc(value),
+        "bits_per_byte": bpc(value) * count / size,
+        "chars": count,
+        "bytes": size,
+    }
+    print(json.dumps(summary))
     return 0
 
 

@@ -4,11 +4,13 @@ budget (``--max-minutes``) takes BUDGET_RECIPE for every setting not given."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from training.errors import TrainingError
+from training.regularize import Regularizers
 
 Schedule = Literal["constant", "onecycle", "cosine"]
 
@@ -36,6 +38,12 @@ class FitConfig:
     dropout: float = 0.5
     embed_dropout: float = 0.0
     cell: Literal["lstm", "gru"] = "lstm"
+    # AWD-LSTM's regularisers (training/regularize.py), training-time only; all off by default.
+    weight_drop: float = 0.0
+    locked_dropout: bool = False
+    char_dropout: float = 0.0
+    ar: float = 0.0
+    tar: float = 0.0
     batch_size: int = 128
     seq_len: int = 100
     epochs: int = 70
@@ -75,6 +83,10 @@ class FitConfig:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.embed_dropout < 1, "--embed-dropout must be in [0, 1)"),
             (self.cell in ("lstm", "gru"), "--cell must be lstm or gru"),
+            (0 <= self.weight_drop < 1, "--weight-drop must be in [0, 1)"),
+            (0 <= self.char_dropout < 1, "--char-dropout must be in [0, 1)"),
+            (0 <= self.ar < math.inf, "--ar must be a finite number >= 0"),
+            (0 <= self.tar < math.inf, "--tar must be a finite number >= 0"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.seq_len >= 1, "--seq-len must be >= 1"),
             (self.epochs >= 1, "--epochs must be >= 1"),
@@ -103,6 +115,11 @@ class FitConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+
+    def regularizers(self) -> Regularizers:
+        return Regularizers(
+            self.weight_drop, self.locked_dropout, self.char_dropout, self.ar, self.tar
+        )
 
     def to_meta(self) -> dict[str, Any]:
         """The settings as plain values for the checkpoint (paths as strings)."""

@@ -157,3 +157,10 @@ def step_nll(decoder: StepDecoder, ids: torch.Tensor) -> tuple[float, int]:
 
 def bpc(nll_nats: float) -> float:
     return nll_nats / math.log(2)
+
+
+def utf8_bytes(chars: str, ids: np.ndarray, windows: list[Window]) -> int:
+    """The UTF-8 size of the characters the windows predict (``chars``: the vocabulary), so a
+    model's score can be put per byte, comparable across vocabularies and with byte models."""
+    sizes = np.array([len(c.encode("utf-8")) for c in chars], dtype=np.int64)
+    return sum(int(sizes[ids[w.start + 1 : w.start + 1 + w.count]].sum()) for w in windows)

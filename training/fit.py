@@ -175,7 +175,8 @@ class Trainer:
         self.model = CharRNN(self.model_config).to(self.device)
         if d.rank > 0:  # same initial weights (DDP broadcasts rank 0's), own dropout masks
             torch.manual_seed(rank_seed(cfg.seed, d.rank))
-        forward = precision.TrainForward(self.model, self.precision)
+        forward = precision.TrainForward(self.model, self.precision, cfg.regularizers())
+        self.train_forward = forward
         self.net: torch.nn.Module = (
             DDP(forward, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
             if d.enabled
@@ -260,7 +261,7 @@ class Trainer:
         model = CharRNN(
             ModelConfig(len(self.vocab), cfg.hidden, cfg.layers, cfg.embed, 0.2, cfg.cell)
         ).to(self.device)
-        forward = precision.TrainForward(model, self.precision)
+        forward = precision.TrainForward(model, self.precision, cfg.regularizers())
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         times = []
         for i in range(PROBE_STEPS):
@@ -400,7 +401,7 @@ class Trainer:
             self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss.detach()
+        return loss.detach() - self.train_forward.penalty  # the cross-entropy alone, as validated
 
     @property
     def eval_model(self) -> CharRNN:

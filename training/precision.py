@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from charrnn.model import CharRNN, State
+from training import regularize
 from training.errors import TrainingError
 from training.loss import linear_cross_entropy
+from training.regularize import Regularizers
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 # Above this many logits in a batch (128 MiB of fp32) the head and the loss run in slices.
@@ -95,50 +97,67 @@ def resolve(name: str, device: torch.device) -> Precision:
 
 
 class TrainForward(nn.Module):
-    """The model's forward pass under a precision policy (what DDP wraps)."""
+    """The model's forward pass under a precision policy, with the training-time regularisers
+    (training/regularize.py); what DDP wraps."""
 
-    def __init__(self, model: CharRNN, precision: Precision):
+    def __init__(self, model: CharRNN, precision: Precision, regs: Regularizers | None = None):
         super().__init__()
         self.model = model
         self.precision = precision
+        self.regs = regs or Regularizers()
+        # The AR/TAR part of the last loss, so the logged train loss can stay cross-entropy.
+        self.penalty: torch.Tensor | float = 0.0
 
     def forward(
         self, ids: torch.Tensor, state: State | None, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, State]:
-        """(logits, state); given targets, (mean cross-entropy loss, state)."""
+        """(logits, state); given targets, (mean cross-entropy loss plus AR/TAR, state)."""
         vocab = self.model.config.vocab_size
-        if targets is None or targets.numel() * vocab <= FUSED_HEAD_LOGITS:
+        small = targets is None or targets.numel() * vocab <= FUSED_HEAD_LOGITS
+        if small and not self.regs.active:
             logits, new = self._logits(ids, state)
             if targets is None:
                 return logits, new
             return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1)), new
-        # A large vocabulary: the head and the loss in slices (training/loss.py).
-        out, new = self._features(ids, state)
+        out, raw, new = self._features(ids, state)
         head = self.model.head
-        dtype = self.precision.autocast or torch.float32
-        flat = out.reshape(-1, out.shape[-1])
-        return linear_cross_entropy(flat, head.weight, head.bias, targets.reshape(-1), dtype), new
+        if targets is None or small:
+            with self.precision.autocast_context():
+                logits = head(out)
+            if targets is None:
+                return logits, new
+            loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
+        else:  # a large vocabulary: the head and the loss in slices (training/loss.py)
+            dtype = self.precision.autocast or torch.float32
+            flat = out.reshape(-1, out.shape[-1])
+            loss = linear_cross_entropy(flat, head.weight, head.bias, targets.reshape(-1), dtype)
+        penalty = regularize.activation_penalty(out, raw, self.regs)
+        self.penalty = penalty.detach() if isinstance(penalty, torch.Tensor) else penalty
+        return loss + penalty, new
 
     def _logits(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         p, m = self.precision, self.model
         if p.rnn_autocast:
             with p.autocast_context():
                 return m(ids, state)
-        out, new = self._features(ids, state)
+        out, _, new = self._features(ids, state)
         with p.autocast_context():
             return m.head(out), new
 
-    def _features(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """The model's forward pass up to the head (dropout included)."""
+    def _features(
+        self, ids: torch.Tensor, state: State | None
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """The model's forward pass up to the head: the last layer's outputs with the dropout
+        before the head and without it, and the new state."""
         p, m = self.precision, self.model
         hx: Any = None
         if state is not None:
             hx = (state[0], state[1]) if m.n_state == 2 else state[0]
-        x = m.embed_drop(m.embed(ids))
+        x = regularize.embed(m, ids, self.regs)
         if p.rnn_autocast:
             with p.autocast_context():
-                out, new = m.rnn(x, hx)
+                out, new = regularize.recur(m, x, hx, self.regs)
         else:
             with torch.autocast(p.device_type, enabled=False):
-                out, new = m.rnn(x.float(), hx)
-        return m.drop(out), tuple(new) if isinstance(new, tuple) else (new,)
+                out, new = regularize.recur(m, x.float(), hx, self.regs)
+        return regularize.output_dropout(m, out, self.regs), out, new
