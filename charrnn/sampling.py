@@ -106,9 +106,10 @@ def sample_next(
 
     logits [B, V]; temperature [B] (> 0); top_k [B] (use V for "no limit"); top_p [B];
     u [B] uniforms in [0, 1). All on the logits' device. Returns ids [B] (int64).
-    With ``mask`` (int32 [B, ceil((V + 1) / 32)], bit j of row b set where character j may
-    continue row b's match, bit V where the match may end), an id may also be V: "end", drawn
-    with the forbidden characters' mass, or where nothing at all may follow (module docstring).
+    With ``mask`` (int32 [B, W], W >= ceil((V + 1) / 32); bit j of row b set where character j
+    may continue row b's match, bit V where the match may end; later bits are ignored), an id
+    may also be V: "end", drawn with the forbidden characters' mass, or where nothing at all
+    may follow (module docstring).
     Plain tensor code: the reference for the native sampler, and what CUDA graphs capture.
     """
     if mask is None:

@@ -313,7 +313,23 @@ def test_native_sampler_refuses_a_bad_mask():
         pytest.skip("the native kernels are not available here (no C++ compiler)")
     logits, t, k, p = torch.zeros(2, 40), torch.ones(2), torch.full((2,), 40), torch.ones(2)
     u = torch.zeros(2, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"mask must be an int32 CPU \[B, \(V \+ 32\) / 32\]"):
+    with pytest.raises(RuntimeError, match=r"mask must be an int32 CPU \[B, W\] with W >= "):
         torch.ops.charrnn.sample(logits, t, k, p, u, torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"W >= \(V \+ 32\) / 32 = 2 and B = 2"):
+        torch.ops.charrnn.sample(logits, t, k, p, u, torch.zeros(3, 2, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="mask must be an int32"):
         torch.ops.charrnn.sample(logits, t, k, p, u, torch.zeros(2, 2, dtype=torch.int64))
+
+
+def test_mask_bits_past_end_are_ignored(sample):
+    """llguidance's masks are wider than V + 1 bits (its own tokens follow "end")."""
+    g = torch.Generator().manual_seed(2)
+    n, v = 300, 40
+    logits = torch.randn(n, v, generator=g) * 3
+    t, k, p = torch.ones(n), torch.full((n,), v), torch.ones(n)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    allowed = torch.rand(n, v + 1, generator=g) < 0.5
+    wide = torch.cat([allowed, torch.rand(n, 100, generator=g) < 0.5], 1)
+    narrow = sample(logits, t, k, p, u, _pack(allowed))
+    assert _pack(wide).shape[1] > _pack(allowed).shape[1]
+    assert torch.equal(sample(logits, t, k, p, u, _pack(wide)), narrow)

@@ -213,7 +213,7 @@ void check_params(const Tensor& logits, const Tensor& temperature, const Tensor&
 }
 
 // ids [B] of rows [begin, end): the draw of row b is uniform_of(b). With ``mask`` (int32
-// [B, words], words >= (V + 32) / 32), row b is masked by its words.
+// [B, words], words >= (V + 32) / 32), row b is masked by the first V + 1 bits of its words.
 template <typename Uniform>
 void sample_rows(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
                  const Tensor& top_p, Uniform uniform_of, int64_t* ids,
@@ -232,17 +232,19 @@ void sample_rows(const Tensor& logits, const Tensor& temperature, const Tensor& 
   });
 }
 
-// sample_next's signature: u [B] float64 uniforms; mask an optional int32 [B, (V + 32) / 32].
+// sample_next's signature: u [B] float64 uniforms; mask an optional int32 [B, W] with
+// W >= (V + 32) / 32 (llguidance's masks are wider: the bits past V are its own).
 Tensor sample(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
               const Tensor& top_p, const Tensor& u, const std::optional<Tensor>& mask) {
   check_params(logits, temperature, top_k, top_p);
-  const int64_t batch = logits.size(0), words = (logits.size(1) + 32) / 32;
+  const int64_t batch = logits.size(0), least = (logits.size(1) + 32) / 32;
   check_rows(u, batch, at::kDouble, "u");
   if (mask.has_value())
     TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kInt && mask->dim() == 2 &&
-                    mask->size(0) == batch && mask->size(1) == words,
-                "mask must be an int32 CPU [B, (V + 32) / 32] = [", batch, ", ", words, "], got ",
-                mask->scalar_type(), " ", mask->sizes());
+                    mask->size(0) == batch && mask->size(1) >= least,
+                "mask must be an int32 CPU [B, W] with W >= (V + 32) / 32 = ", least,
+                " and B = ", batch, ", got ", mask->scalar_type(), " ", mask->sizes());
+  const int64_t words = mask.has_value() ? mask->size(1) : 0;
   const Tensor x = logits.contiguous(), t = temperature.contiguous(), k = top_k.contiguous(),
                p = top_p.contiguous(), draws = u.contiguous();
   const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
