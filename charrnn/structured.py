@@ -267,8 +267,9 @@ class Matcher:
 
     @property
     def done(self) -> bool:
-        """Nothing may follow: a complete match that cannot go on, or an incomplete one that
-        no character of the vocabulary continues."""
+        """A complete match that cannot go on. (An incomplete one that no character of the
+        vocabulary continues shows in its mask instead, which then allows neither a
+        character nor "end": the sampler ends the row.)"""
         return self._matcher.is_stopped()
 
     @property
@@ -289,7 +290,8 @@ class Matcher:
 def fill_masks(rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor) -> None:
     """Write each constrained row's mask into its row of ``masks`` (``new_masks``; a CPU
     tensor), all in one call that runs without the GIL, across llguidance's threads. A row
-    with nothing to continue it gets only "end" (the sampler then ends it)."""
+    that no character of the vocabulary continues gets a mask without any (the sampler then
+    ends it)."""
     if rows:
         pairs = [(matcher._matcher, row) for row, matcher in rows]
         fill_next_token_bitmask_par(_executor(), pairs, masks.numpy())
