@@ -6,19 +6,40 @@ and distribution, never on which other requests share the batch or in which orde
 Sampling draws one uniform per row and inverts the filtered CDF, all vectorised in torch.
 ``sampler`` picks how it runs: in C++ where the native kernels load (``charrnn/csrc/decode.cpp``,
 a microsecond or two a row), else ``sample_next`` op by op (the reference).
+
+Structured generation (``charrnn/structured.py``) passes a mask of the characters that may
+continue a match. It applies before temperature, top-k and top-p: the characters it forbids
+leave the distribution, and their mass, the model's own way of saying "the match may end
+here", becomes one more outcome, "end" (id ``V``, one past the last character), where the
+mask allows it. Temperature, top-k and top-p then treat "end" as one outcome among the
+allowed characters: at temperature 1 its probability is exactly the forbidden characters'
+mass (its logit is their logsumexp), and top-k counts it as one of the k. A row whose mask
+allows every character has no forbidden mass: it samples exactly as without a mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-Sampler = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
-]
+
+class Sampler(Protocol):
+    """``sample_next``'s signature, which the native op shares."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        u: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
 
 MAX_SEED = 2**63
 
@@ -133,13 +154,63 @@ def sample_next(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     u: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one id per row.
 
     logits [B, V]; temperature [B] (> 0); top_k [B] (use V for "no limit"); top_p [B];
     u [B] uniforms in [0, 1). All on the logits' device. Returns ids [B] (int64).
+    With ``mask`` (int32 [B, W], W >= ceil((V + 1) / 32); bit j of row b set where character j
+    may continue row b's match, bit V where the match may end; later bits are ignored), an id
+    may also be V: "end", drawn with the forbidden characters' mass, or where nothing at all
+    may follow (module docstring).
     Plain tensor code: the reference for the native sampler, and what CUDA graphs capture.
     """
+    if mask is None:
+        return _draw(logits, temperature, top_k, top_p, u)
+    return _draw_masked(logits, temperature, top_k, top_p, u, mask)
+
+
+def unpack_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool [B, n] from a bitmask int32 [B, W] (bit j of word w is entry 32 w + j)."""
+    bits = torch.arange(32, dtype=torch.int32, device=mask.device)
+    return ((mask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :n]
+
+
+def _draw_masked(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    v = logits.shape[-1]
+    allowed = unpack_mask(mask, v + 1)
+    chars = allowed[:, :v]
+    x = logits.float()
+    ninf = float("-inf")
+    # "end" as one more logit: the log of the forbidden characters' mass, up to the softmax's
+    # normaliser, which all the outcomes share.
+    end = x.masked_fill(chars, ninf).logsumexp(-1, keepdim=True)
+    end = end.masked_fill(~allowed[:, v:], ninf)
+    outcomes = torch.cat([x.masked_fill(~chars, ninf), end], -1)
+    # Top-k needs no change: a masked row forbids at least one character, whose zero
+    # probability sorts last, so "V for no limit" still keeps every outcome with any mass.
+    ids = _draw(outcomes, temperature, top_k, top_p, u)
+    # Nothing may follow (an incomplete match no character continues): the row ends.
+    ids = torch.where((outcomes != ninf).any(-1), ids, v)
+    # Rows that forbid nothing sample exactly as without a mask, bit for bit.
+    return torch.where(chars.all(-1), _draw(logits, temperature, top_k, top_p, u), ids)
+
+
+def _draw(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
+) -> torch.Tensor:
     # (logits - max) / T: a temperature so small that logits / T would overflow (any T > 0 is
     # valid input) then gives 0 for the likeliest characters and -inf for the rest, which is
     # greedy decoding, instead of inf - inf = NaN. T is at least float32's smallest normal,

@@ -188,3 +188,148 @@ def test_sampler_follows_the_device_and_the_setting():
 def test_params_validated(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def _pack(allowed: torch.Tensor) -> torch.Tensor:
+    """The int32 bitmask [B, ceil(n / 32)] of a bool [B, n], as llguidance fills it."""
+    b, n = allowed.shape
+    words = (n + 31) // 32
+    bits = torch.zeros(b, words * 32, dtype=torch.int64)
+    bits[:, :n] = allowed.long()
+    packed = (bits.view(b, words, 32) << torch.arange(32)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _masked_draw(logits, allowed, n, sample, temperature=1.0, top_k=None, top_p=1.0):
+    v = logits.shape[-1]
+    u = torch.from_numpy(uniforms(np.zeros(n, np.uint64), np.arange(n, dtype=np.uint64)))
+    mask = _pack(allowed.expand(n, -1))
+    args = (torch.full((n,), temperature), torch.full((n,), top_k or v), torch.full((n,), top_p))
+    return sample(logits.expand(n, v).contiguous(), *args, u, mask)
+
+
+def test_masked_draw_gives_the_forbidden_mass_to_end(sample):
+    """The forbidden characters' mass goes to "end" (id V); temperature then treats it as one
+    outcome whose logit is their logsumexp."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    allowed = torch.tensor([[True, False, True, False, False, True]])  # chars 0, 2 and end
+    n = 20000
+    for temperature in (1.0, 0.5):
+        ids = _masked_draw(logits, allowed, n, sample, temperature)
+        freq = torch.bincount(ids, minlength=6).float() / n
+        forbidden = logits[0, [1, 3, 4]].logsumexp(0)
+        outcomes = torch.tensor([2.0, 0.0, float(forbidden)]) / temperature
+        want = torch.zeros(6)
+        want[[0, 2, 5]] = torch.softmax(outcomes, 0)
+        torch.testing.assert_close(freq, want, atol=0.015, rtol=0)
+    # At temperature 1, "end" has exactly the model's mass on the forbidden characters.
+    ids = _masked_draw(logits, allowed, n, sample)
+    mass = torch.softmax(logits[0], 0)[[1, 3, 4]].sum()
+    assert abs((ids == 5).float().mean() - mass) < 0.015
+
+
+def test_mask_without_end_renormalises_the_allowed_characters(sample):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    allowed = torch.tensor([[False, True, True, False, False]])
+    ids = _masked_draw(logits, allowed, 20000, sample)
+    freq = torch.bincount(ids, minlength=5).float() / 20000
+    want = torch.tensor([0.0, *torch.softmax(torch.tensor([1.0, 0.0]), 0), 0.0, 0.0])
+    torch.testing.assert_close(freq, want, atol=0.015, rtol=0)
+
+
+def test_top_k_counts_end_as_one_outcome(sample):
+    """Greedy (top_k 1) ends where the forbidden mass beats every allowed character."""
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.5]])
+    end_allowed = torch.tensor([[False, False, True, True, True]])  # 0 and 1 forbidden
+    assert set(_masked_draw(logits, end_allowed, 200, sample, top_k=1).tolist()) == {4}
+    no_end = torch.tensor([[False, False, True, True, False]])
+    assert set(_masked_draw(logits, no_end, 200, sample, top_k=1).tolist()) == {3}
+    assert set(_masked_draw(logits, end_allowed, 2000, sample, top_k=2).tolist()) == {3, 4}
+
+
+def test_a_mask_that_allows_every_character_changes_nothing(sample):
+    """Whatever its end bit says: no character is forbidden, so there is no mass to end on."""
+    g = torch.Generator().manual_seed(1)
+    n, v = 500, 70  # 71 bits: the end bit lies in a second word
+    logits = torch.randn(n, v, generator=g) * 3
+    t, k, p = torch.rand(n, generator=g) + 0.3, torch.randint(1, v + 1, (n,)), torch.rand(n) + 0.1
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    plain = sample(logits, t, k, p.clamp(max=1), u)
+    for end in (True, False):
+        allowed = torch.ones(n, v + 1, dtype=torch.bool)
+        allowed[:, v] = end
+        assert torch.equal(sample(logits, t, k, p.clamp(max=1), u, _pack(allowed)), plain)
+
+
+def test_a_mask_that_allows_nothing_ends(sample):
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    nothing = torch.zeros(1, 4, dtype=torch.bool)
+    assert set(_masked_draw(logits, nothing, 50, sample).tolist()) == {3}
+    only_end = torch.tensor([[False, False, False, True]])
+    assert set(_masked_draw(logits, only_end, 50, sample).tolist()) == {3}
+
+
+def _masked_outcomes(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """A masked row's V + 1 outcome logits in float64: the reference of both samplers."""
+    x = logits.double()
+    v = x.shape[-1]
+    end = x[~allowed[:v]].logsumexp(0) if allowed[v] else torch.tensor(float("-inf"))
+    return torch.cat([x.masked_fill(~allowed[:v], float("-inf")), end.double()[None]])
+
+
+def test_native_masked_sampler_agrees_with_sample_next():
+    """As unmasked: the same ids but where the draw lies within float32 rounding of an edge."""
+    if not native.load():
+        pytest.skip("the native kernels are not available here (no C++ compiler)")
+    g = torch.Generator().manual_seed(0)
+    n, v = 20000, 65
+    logits = torch.randn(n, v, generator=g) * 4
+    temperature = torch.rand(n, generator=g) * 1.5 + 0.2
+    top_k = torch.randint(1, v + 5, (n,), generator=g)
+    top_p = torch.rand(n, generator=g) * 0.9 + 0.1
+    top_p[::3] = 1.0
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    allowed = torch.rand(n, v + 1, generator=g) < torch.rand(n, 1, generator=g)
+    allowed[::11] = True
+    allowed[1::13, :v] = False
+    mask = _pack(allowed)
+    want = sample_next(logits, temperature, top_k, top_p, u, mask)
+    got = torch.ops.charrnn.sample(logits, temperature, top_k, top_p, u, mask)
+    # Every kind of row occurs: unmasked, ended, forbidden-nothing-possible, a character.
+    assert (want == v).sum() > 1000 and (want < v).sum() > 10000
+    possible = allowed.any(-1)
+    assert allowed[possible].gather(1, want[possible][:, None]).all()
+    differ = (want != got).nonzero().flatten().tolist()
+    assert len(differ) <= 2, differ
+    for i in differ:
+        outcomes = _masked_outcomes(logits[i], allowed[i])
+        for ids in (want, got):
+            row = (outcomes, temperature[i], top_k[i], top_p[i], u[i], ids[i])
+            assert _reference_interval(*row) < 1e-5
+
+
+def test_native_sampler_refuses_a_bad_mask():
+    if not native.load():
+        pytest.skip("the native kernels are not available here (no C++ compiler)")
+    logits, t, k, p = torch.zeros(2, 40), torch.ones(2), torch.full((2,), 40), torch.ones(2)
+    u = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"mask must be an int32 CPU \[B, W\] with W >= "):
+        torch.ops.charrnn.sample(logits, t, k, p, u, torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"W >= \(V \+ 32\) / 32 = 2 and B = 2"):
+        torch.ops.charrnn.sample(logits, t, k, p, u, torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="mask must be an int32"):
+        torch.ops.charrnn.sample(logits, t, k, p, u, torch.zeros(2, 2, dtype=torch.int64))
+
+
+def test_mask_bits_past_end_are_ignored(sample):
+    """llguidance's masks are wider than V + 1 bits (its own tokens follow "end")."""
+    g = torch.Generator().manual_seed(2)
+    n, v = 300, 40
+    logits = torch.randn(n, v, generator=g) * 3
+    t, k, p = torch.ones(n), torch.full((n,), v), torch.ones(n)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    allowed = torch.rand(n, v + 1, generator=g) < 0.5
+    wide = torch.cat([allowed, torch.rand(n, 100, generator=g) < 0.5], 1)
+    narrow = sample(logits, t, k, p, u, _pack(allowed))
+    assert _pack(wide).shape[1] > _pack(allowed).shape[1]
+    assert torch.equal(sample(logits, t, k, p, u, _pack(wide)), narrow)

@@ -14,6 +14,11 @@
 // row's text depends only on its own seed, never on its neighbours or on how its characters
 // were split into calls.
 //
+// With a mask (structured generation, charrnn/structured.py), sample first applies it as
+// charrnn.sampling.sample_next does: the forbidden characters leave the row and their mass becomes
+// one more outcome, "end" (id V), whose logit is their logsumexp; a row that forbids nothing
+// takes the unmasked path, the same bits as without a mask.
+//
 // Registered as torch.ops.charrnn.sample and torch.ops.charrnn.lstm_decode next to the int8
 // LSTM kernels (lstm_int8.cpp), whose step it calls through the dispatcher.
 
@@ -49,7 +54,10 @@ struct Scratch {
   std::vector<float> probs, cum;
   std::vector<int64_t> order;
   std::vector<uint64_t> keys;
-  explicit Scratch(int64_t vocab) : probs(vocab), cum(vocab), order(vocab), keys(vocab) {}
+  std::vector<float> outcomes;  // a masked row's logits and "end" (empty without a mask)
+  Scratch(int64_t vocab, bool masked)
+      : probs(vocab + masked), cum(vocab + masked), order(vocab + masked), keys(vocab + masked),
+        outcomes(masked ? vocab + 1 : 0) {}
 };
 
 // The likeliest characters of a row in the order of a stable descending sort, sorted only as
@@ -142,6 +150,45 @@ int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_
   return order[kept - 1];
 }
 
+bool bit(const int32_t* words, int64_t j) { return (words[j >> 5] >> (j & 31)) & 1; }
+
+// A masked row's outcomes, as charrnn.sampling._draw_masked builds them: the allowed characters'
+// logits, -inf for the others, and "end" (out[vocab]) with the logsumexp of the forbidden ones
+// where the mask allows it. Returns false where the mask allows every character (the row then
+// samples as without a mask).
+bool mask_row(const float* logits, int64_t vocab, const int32_t* words, float* out) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  float top = ninf;
+  bool forbids = false;
+  for (int64_t j = 0; j < vocab; ++j) {
+    const bool allowed = bit(words, j);
+    forbids |= !allowed;
+    out[j] = allowed ? logits[j] : ninf;
+    if (!allowed) top = std::max(top, logits[j]);
+  }
+  if (!forbids) return false;
+  float end = ninf;
+  if (bit(words, vocab) && top != ninf) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < vocab; ++j)
+      if (!bit(words, j)) sum += std::exp(logits[j] - top);
+    end = top + std::log(sum);
+  }
+  out[vocab] = end;
+  return true;
+}
+
+// One row of sample_next with a mask: the id of "end" (vocab) where nothing may follow.
+int64_t sample_masked_row(const float* logits, int64_t vocab, const int32_t* words,
+                          float temperature, int64_t top_k, float top_p, double u, Scratch& s) {
+  float* out = s.outcomes.data();
+  if (!mask_row(logits, vocab, words, out))
+    return sample_row(logits, vocab, temperature, top_k, top_p, u, s);
+  if (std::all_of(out, out + vocab + 1, [](float x) { return std::isinf(x) && x < 0; }))
+    return vocab;
+  return sample_row(out, vocab + 1, temperature, top_k, top_p, u, s);
+}
+
 void check_rows(const Tensor& t, int64_t batch, at::ScalarType dtype, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
                   t.size(0) == batch,
@@ -165,33 +212,46 @@ void check_params(const Tensor& logits, const Tensor& temperature, const Tensor&
   check_rows(top_p, batch, at::kFloat, "top_p");
 }
 
-// ids [B] of rows [begin, end): the draw of row b is uniform_of(b).
+// ids [B] of rows [begin, end): the draw of row b is uniform_of(b). With ``mask`` (int32
+// [B, words], words >= (V + 32) / 32), row b is masked by the first V + 1 bits of its words.
 template <typename Uniform>
 void sample_rows(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
-                 const Tensor& top_p, Uniform uniform_of, int64_t* ids) {
+                 const Tensor& top_p, Uniform uniform_of, int64_t* ids,
+                 const int32_t* mask = nullptr, int64_t words = 0) {
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const float* x = logits.data_ptr<float>();
   const float* t = temperature.data_ptr<float>();
   const int64_t* k = top_k.data_ptr<int64_t>();
   const float* q = top_p.data_ptr<float>();
   at::parallel_for(0, batch, 32, [&](int64_t begin, int64_t end) {
-    Scratch s(vocab);
+    Scratch s(vocab, mask != nullptr);
     for (int64_t b = begin; b < end; ++b)
-      ids[b] = sample_row(x + b * vocab, vocab, t[b], k[b], q[b], uniform_of(b), s);
+      ids[b] = mask ? sample_masked_row(x + b * vocab, vocab, mask + b * words, t[b], k[b], q[b],
+                                        uniform_of(b), s)
+                    : sample_row(x + b * vocab, vocab, t[b], k[b], q[b], uniform_of(b), s);
   });
 }
 
-// sample_next's signature: u [B] float64 uniforms.
+// sample_next's signature: u [B] float64 uniforms; mask an optional int32 [B, W] with
+// W >= (V + 32) / 32 (llguidance's masks are wider: the bits past V are its own).
 Tensor sample(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
-              const Tensor& top_p, const Tensor& u) {
+              const Tensor& top_p, const Tensor& u, const std::optional<Tensor>& mask) {
   check_params(logits, temperature, top_k, top_p);
-  const int64_t batch = logits.size(0);
+  const int64_t batch = logits.size(0), least = (logits.size(1) + 32) / 32;
   check_rows(u, batch, at::kDouble, "u");
+  if (mask.has_value())
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kInt && mask->dim() == 2 &&
+                    mask->size(0) == batch && mask->size(1) >= least,
+                "mask must be an int32 CPU [B, W] with W >= (V + 32) / 32 = ", least,
+                " and B = ", batch, ", got ", mask->scalar_type(), " ", mask->sizes());
+  const int64_t words = mask.has_value() ? mask->size(1) : 0;
   const Tensor x = logits.contiguous(), t = temperature.contiguous(), k = top_k.contiguous(),
                p = top_p.contiguous(), draws = u.contiguous();
+  const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
   Tensor ids = at::empty({batch}, at::kLong);
   const double* d = draws.data_ptr<double>();
-  sample_rows(x, t, k, p, [d](int64_t b) { return d[b]; }, ids.data_ptr<int64_t>());
+  sample_rows(x, t, k, p, [d](int64_t b) { return d[b]; }, ids.data_ptr<int64_t>(),
+              m.defined() ? m.data_ptr<int32_t>() : nullptr, words);
   return ids;
 }
 
@@ -243,7 +303,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(charrnn, m) {
-  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor u) -> Tensor");
+  m.def(
+      "sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor u, "
+      "Tensor? mask=None) -> Tensor");
   m.def(
       "lstm_decode(Tensor logits, Tensor h_all, Tensor c_all, Tensor table0, Tensor[] weights, "
       "Tensor[] scales, Tensor[] biases, Tensor temperature, Tensor top_k, Tensor top_p, "
