@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from charrnn.checkpoint import CheckpointError, load_checkpoint
+from charrnn.model import resolve_device
 
 
 class Server(uvicorn.Server):
@@ -102,14 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Refuse bad checkpoints with one line before any server starts.
+    # Refuse bad checkpoints with one line before any server starts; the app serves these,
+    # read once.
     try:
-        for path in settings.model_paths.values():
-            load_checkpoint(path)
+        device = resolve_device(settings.device)
+        checkpoints = {n: load_checkpoint(p, device) for n, p in settings.model_paths.items()}
     except (CheckpointError, ValueError) as e:
         print(f"error: cannot start: {e}", file=sys.stderr)
         return 1
-    app = create_app(settings)
+    app = create_app(settings, checkpoints)
     config = uvicorn.Config(
         app,
         host=settings.host,

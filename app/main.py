@@ -25,6 +25,7 @@ from app.config import Settings
 from app.engine import Engine
 from app.metrics import Metrics
 from app.routes import native, openai, ops, scoring
+from charrnn.checkpoint import Checkpoint
 
 log = logging.getLogger("charrnn")
 
@@ -43,7 +44,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # as time to first character and health-check latency. 0.5 ms keeps HTTP responsive.
     sys.setswitchinterval(0.0005)
     try:
-        engine = await asyncio.to_thread(Engine.load, settings, app.state.metrics)
+        engine = await asyncio.to_thread(
+            Engine.load, settings, app.state.metrics, app.state.checkpoints
+        )
+        app.state.checkpoints = None  # the runners hold them now
     except Exception as e:
         log.error("cannot start: %s", e)
         raise
@@ -73,7 +77,10 @@ def _stop_if_failed(app: FastAPI, warm: asyncio.Task[None]) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, checkpoints: dict[str, Checkpoint] | None = None
+) -> FastAPI:
+    """The app; ``checkpoints`` already read (by ``python -m app``) are not read again."""
     settings = settings or Settings()
     app = FastAPI(
         title="CharRNN",
@@ -82,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.checkpoints = checkpoints
     app.state.fatal = None  # why the server stopped itself, if it did
     app.state.metrics = Metrics()
     app.state.engine = Engine()  # empty until the lifespan has loaded the models

@@ -20,7 +20,7 @@ from app.engine.scheduler import Scheduler, ShuttingDown
 from app.metrics import Metrics
 from app.runner import ModelRunner, decode_precision
 from app.runner.graphs import prepare
-from charrnn.checkpoint import load_checkpoint
+from charrnn.checkpoint import Checkpoint, load_checkpoint
 from charrnn.model import resolve_device
 from charrnn.sampling import SamplingParams
 
@@ -91,7 +91,12 @@ class Engine:
         return model.scheduler.submit(request, self.backlog)
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics) -> Engine:
+    def load(
+        cls,
+        settings: Settings,
+        metrics: Metrics,
+        checkpoints: dict[str, Checkpoint] | None = None,
+    ) -> Engine:
         """Load every configured checkpoint onto the device. Raises CheckpointError (naming
         the path) for the first one that cannot be used."""
         # torch's CPU threads belong to the decode threads (ModelRunner.worker). Any other
@@ -103,7 +108,7 @@ class Engine:
         for name, path in settings.model_paths.items():
             weights, why = decode_precision(settings.decode_weights, device)
             runner = ModelRunner(
-                load_checkpoint(path, device),
+                (checkpoints or {}).get(name) or load_checkpoint(path, device),
                 device,
                 cache_size=settings.prime_cache_size,
                 weights=weights,
