@@ -39,6 +39,8 @@ PICKED = ("dropout", "embed_dropout", "weight_decay", "epochs", "batch_size", "l
 
 def fit(data: Path, out: Path, minutes: float, flags: list[str]) -> dict[str, Any]:
     """One budgeted run; its summary, or the reason it failed."""
+    for old in out.parent.glob(f"{out.stem}.*"):  # a fresh run: no metrics to append to
+        old.unlink()
     cmd = [sys.executable, "-m", "training", "fit", "--data", str(data), "--out", str(out)]
     cmd += ["--max-minutes", str(minutes), "--quiet", *flags]
     t0 = time.perf_counter()
