@@ -46,7 +46,7 @@ def _advance(runner: ModelRunner, batch: Batch, positions: np.ndarray, steps: in
 
 
 # Characters per row in one call of the multi-step native decode (the service sizes its
-# calls to a few milliseconds: app/engine.py).
+# calls to a few milliseconds: app/engine/policy.py).
 CALL_STEPS = 16
 
 

@@ -1,6 +1,6 @@
 """The decode step's arithmetic as plain functions over tensors: the reference
 implementation, and what runs wherever the native kernels (``charrnn/csrc``) do not: a GRU,
-a machine without a C++ compiler, and CUDA, whose graphs replay these ops (app/graphs.py).
+a machine without a C++ compiler, and CUDA, whose graphs replay these ops (app/runner/graphs.py).
 
 Op by op from Python a step costs some 90 dispatches holding the GIL: several times the
 native step's time on the CPU (bench/decode_step.py, ``int8_eager_step_us``). TorchScript,

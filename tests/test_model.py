@@ -129,7 +129,7 @@ def test_int8_prime_pass_equals_stepping_bit_for_bit(cell, native_kernels):
 )
 def test_a_prime_in_parts_equals_the_whole_prime_bit_for_bit(weights, cell, native_kernels):
     """The service primes long prompts in parts, each continued from the state the last left
-    (app/engine.py): the logits and state must be exactly those of one pass, wherever the
+    (app/engine/loop.py): the logits and state must be exactly those of one pass, wherever the
     cuts fall, or a request's text would depend on how busy the server was."""
     vocab = Vocabulary("abcdefgh")
     model = tiny_model(vocab, cell, seed=5, hidden=40)

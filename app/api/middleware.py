@@ -33,7 +33,7 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         # uvicorn's send is a method of its connection; its transport lets a stream whose
-        # reader stalled be closed (see app/streaming.py). Absent under other servers.
+        # reader stalled be closed (see app/api/sse.py). Absent under other servers.
         transport = getattr(getattr(send, "__self__", None), "transport", None)
         state["abort_connection"] = getattr(transport, "abort", None)
         status = 500

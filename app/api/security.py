@@ -8,7 +8,7 @@ from fastapi import HTTPException, Request
 
 
 async def check_api_key(request: Request) -> None:
-    """FastAPI dependency (async: see app/deps.py): 401 unless ``Authorization: Bearer <key>``
+    """FastAPI dependency (async: see app/api/deps.py): 401 unless ``Authorization: Bearer <key>``
     names a configured key.
 
     Every key is compared in constant time, and all of them are compared, so the time taken
