@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,9 +68,43 @@ def bodies(n: int, rep: int) -> list[dict]:
     ]
 
 
+def server_pid(port: int) -> int | None:
+    """The process id of this process's child serving ``port`` (None off Linux)."""
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == os.getpid() and f"CHARRNN_PORT={port}\0" in (
+                    (entry / "environ").read_bytes().decode(errors="replace")
+                ):
+                    return int(entry.name)
+    return None
+
+
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of the server's event loop (its main thread) and of its other
+    threads, the decode thread's (with torch's), from /proc ({} where it cannot be read)."""
+    out: dict[str, float] = {}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                stat = (task / "stat").read_text()
+                fields = stat.rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / tick
+                kind = "event_loop" if task.name == str(pid) else "decode"
+                out[kind] = out.get(kind, 0.0) + seconds
+    return out
+
+
 def level(port: int, n: int, rep: int) -> dict[str, float]:
     """One level: n streams at once, from ceil(n / 32) client processes started beforehand
-    and released together."""
+    and released together. With the rates, the share of a core each of the server's threads
+    was busy meanwhile (``busy_*``)."""
     all_bodies = bodies(n, rep)
     groups = [all_bodies[i : i + STREAMS_PER_CLIENT] for i in range(0, n, STREAMS_PER_CLIENT)]
     procs = [
@@ -81,14 +117,17 @@ def level(port: int, n: int, rep: int) -> dict[str, float]:
         )
         for g in groups
     ]
+    pid = server_pid(port)
     try:
         for p in procs:
             if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
                 raise RuntimeError("a client process did not start")
+        cpu0, t0 = thread_cpu(pid), time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")  # type: ignore[union-attr]
             p.stdin.flush()  # type: ignore[union-attr]
         streams = [s for p in procs for s in json.loads(p.stdout.readline())]  # type: ignore[union-attr]
+        cpu1, elapsed = thread_cpu(pid), time.perf_counter() - t0
     finally:
         for p in procs:
             p.wait(timeout=60)
@@ -102,6 +141,7 @@ def level(port: int, n: int, rep: int) -> dict[str, float]:
     return {
         "aggregate": sum(s["tokens"] for s in streams) / (end - start),
         "per_stream": statistics.median(own),
+        **{f"busy_{k}": (v - cpu0.get(k, 0.0)) / elapsed for k, v in cpu1.items()},
     }
 
 
@@ -127,10 +167,16 @@ def checkout(ref: str) -> Iterator[Path]:
 def summarise(runs: dict[int, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
     agg = {n: statistics.median(r["aggregate"] for r in rs) for n, rs in runs.items()}
     own = {n: statistics.median(r["per_stream"] for r in rs) for n, rs in runs.items()}
+    busy = {
+        key: {str(n): round(statistics.median(r[key] for r in rs), 2) for n, rs in runs.items()}
+        for key in runs[1][0]
+        if key.startswith("busy_")
+    }
     return {
         "aggregate_chars_per_s": {str(n): round(v) for n, v in agg.items()},
         "per_stream_chars_per_s": {str(n): round(v) for n, v in own.items()},
         "aggregate_vs_one_stream": {str(n): round(v / agg[1], 2) for n, v in agg.items()},
+        **busy,
     }
 
 
