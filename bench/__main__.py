@@ -12,7 +12,15 @@ import re
 import time
 from pathlib import Path
 
-from bench import burst, decode_step, scoring, serve_throughput, train_corpus, train_throughput
+from bench import (
+    burst,
+    concurrency,
+    decode_step,
+    scoring,
+    serve_throughput,
+    train_corpus,
+    train_throughput,
+)
 from bench.common import DEFAULT_MODEL, ROOT
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -182,6 +190,7 @@ def main() -> None:
             "train_throughput",
             "scoring",
             "train_corpus",
+            "concurrency",
         ],
     )
     p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
@@ -194,6 +203,7 @@ def main() -> None:
         "train_throughput": lambda: train_throughput.run(),
         "scoring": lambda: scoring.run(args.checkpoint),
         "train_corpus": lambda: train_corpus.run(),
+        "concurrency": lambda: concurrency.run(Path(args.checkpoint)),
     }
     for name, fn in runs.items():
         if args.only and name != args.only:
@@ -203,6 +213,9 @@ def main() -> None:
         print(json.dumps(results[name], indent=2), flush=True)
     results["date"] = time.strftime("%Y-%m-%d")
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    if "concurrency" in results:
+        for path in (BENCH_README, README):
+            update_markers(path, "concurrency", concurrency.table(results["concurrency"]))
     if all(k in results for k in runs):
         update_markers(BENCH_README, "bench", table(results))
         update_markers(README, "bench:summary", summary(results))

@@ -100,17 +100,18 @@ def emit(result: dict[str, object]) -> None:
 
 
 @contextlib.contextmanager
-def served(checkpoint: Path, port: int, **settings: str) -> Iterator[str]:
-    """``python -m app`` serving ``checkpoint`` on a loopback port, ready; yields its URL.
-    ``settings`` are ``CHARRNN_*`` variables without the prefix."""
+def served(checkpoint: Path, port: int, root: Path = ROOT, **settings: str) -> Iterator[str]:
+    """``python -m app`` of the checkout at ``root`` serving ``checkpoint`` on a loopback port,
+    ready; yields its URL. ``settings`` are ``CHARRNN_*`` variables without the prefix."""
     env = {
         **os.environ,
+        "PYTHONPATH": str(root),
         "CHARRNN_MODELS": f"bench={checkpoint}",
         "CHARRNN_PORT": str(port),
         "CHARRNN_LOG_LEVEL": "warning",
         **{f"CHARRNN_{k.upper()}": v for k, v in settings.items()},
     }
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=root, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

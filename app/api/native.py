@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from app.api import logprobs
-from app.api.sse import Encode, HandleStream, pump, sse
+from app.api.sse import NATIVE_TOKENS, Encode, HandleStream, pump, sse
 from app.api.validation import validate_generation
 from app.config import Settings
 from app.engine import Done, Event, Failed, GenerationRequest, Handle, LoadedModel, TextRun
@@ -71,10 +71,7 @@ def _encoder(handle: Handle) -> Encode:
                         strict=True,
                     )
                 )
-            return b"".join(
-                sse("token", logprobs.token_event(i, ch, None, None))
-                for i, ch in enumerate(event.text, event.index)
-            )
+            return NATIVE_TOKENS.run(event.index, event.text)
         if isinstance(event, Done):
             payload = _result(handle, event, with_logprobs=False)  # the token events had them
             payload["usage"] = payload["usage"].model_dump()

@@ -15,7 +15,7 @@ from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
 from app.api import logprobs as lp
-from app.api.sse import HandleStream, pump, sse
+from app.api.sse import CharEvents, HandleStream, pump, sse
 from app.api.validation import validate_generation
 from app.config import Settings
 from app.engine import (
@@ -158,8 +158,12 @@ class _Chunks:
     ):
         self.name, self.handles, self.req, self.cid, self.created = name, handles, req, cid, created
         self.generated = 0
+        self._chars: dict[int, CharEvents] = {}  # per choice: its chunks without logprobs
 
     def chunk(self, choices: list[dict[str, Any]], usage: CompletionUsage | None = None) -> bytes:
+        return sse(None, self._body(choices, usage))
+
+    def _body(self, choices: list[dict[str, Any]], usage: CompletionUsage | None = None) -> str:
         body = {
             "id": self.cid,
             "object": "text_completion",
@@ -168,7 +172,17 @@ class _Chunks:
             "choices": choices,
             "usage": usage.model_dump() if usage else None,
         }
-        return sse(None, json.dumps(body))
+        return json.dumps(body)
+
+    def _char_events(self, i: int) -> CharEvents:
+        """Choice ``i``'s one-character chunks, cut once around the character's place."""
+        events = self._chars.get(i)
+        if events is None:
+            mark = json.dumps("\0")
+            choice = {"index": i, "text": "\0", "finish_reason": None, "logprobs": None}
+            before, after = self._body([choice]).split(mark)
+            events = self._chars[i] = CharEvents(f"data: {before}", "", f"{after}\n\n", False)
+        return events
 
     def _text(self, i: int, text: str, logprobs: Any = None, finish: str | None = None) -> bytes:
         return self.chunk(
@@ -185,13 +199,13 @@ class _Chunks:
         if isinstance(event, Scored):
             return self._text(i, event.logprobs.tokens, lp.openai([event.logprobs]))
         if isinstance(event, TextRun):  # one chunk per character
+            if event.logprobs is None:
+                return self._char_events(i).run(event.index, event.text)
             offset = (len(self.handles[i].request.prime) if self.req.echo else 0) + event.index
             out = []
             for k, ch in enumerate(event.text):
-                logprobs = None
-                if event.logprobs is not None:
-                    top = [event.top[k]] if event.top is not None else None
-                    logprobs = lp.openai([Logprobs(ch, [event.logprobs[k]], top)], offset + k)
+                top = [event.top[k]] if event.top is not None else None
+                logprobs = lp.openai([Logprobs(ch, [event.logprobs[k]], top)], offset + k)
                 out.append(self._text(i, ch, logprobs))
             return b"".join(out)
         if isinstance(event, Done):

@@ -2,7 +2,9 @@
 
 Results are handed over in batches: each hand-over costs the event loop a wake-up and a
 socket write per stream, so a few milliseconds of characters go together (a request's first
-character and every final event go at once). A failed unit of work fails the generations it
+character and every final event go at once). A row's runs of characters from the calls of one
+hand-over are joined into one run: the event loop then queues, takes and encodes one object
+per stream per hand-over, not one per decode call. A failed unit of work fails the generations it
 touched; ``FAILING_AFTER`` failures in a row mark the model failing (``/ready`` 503) until a
 unit succeeds."""
 
@@ -13,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from app.engine.request import Event, Failed
+from app.engine.request import Event, Failed, TextRun
 
 if TYPE_CHECKING:
     from app.engine.handle import Generation
@@ -36,14 +38,20 @@ class Outbox:
     def __init__(self, name: str, hand_over: HandOver):
         self.name = name
         self._hand_over = hand_over
-        self._pending: Results = []
+        self._pending: dict[Generation, list[Event]] = {}  # in the order rows came
         self._last = 0.0
         self._calls = 0
         self._failures = 0
         self.failing: str | None = None  # why the model is failing, once it is
 
     def add(self, gen: Generation, events: list[Event]) -> None:
-        self._pending.append((gen, events))
+        queued = self._pending.setdefault(gen, [])
+        for event in events:
+            joined = _joined(queued[-1], event) if queued else None
+            if joined is not None:
+                queued[-1] = joined
+            else:
+                queued.append(event)
 
     def after_call(self, urgent: bool, priming: bool) -> None:
         """A decode call's results are in: hand them over if they are ``urgent`` (a first
@@ -57,7 +65,7 @@ class Outbox:
     def flush(self, force: bool = False) -> None:
         if not self._pending and not force:
             return
-        results, self._pending = self._pending, []
+        results, self._pending = list(self._pending.items()), {}
         self._last = time.perf_counter()
         self._calls = 0
         self._hand_over(results, self.failing)
@@ -69,7 +77,8 @@ class Outbox:
             self.failing = f"decode failed {self._failures} times in a row; last: {reason}"
             log.error("model %s is failing: %s", self.name, self.failing)
         failed = Failed(f"generation failed inside the model ({reason})", "internal")
-        self._pending.extend((g, [failed]) for g in gens)
+        for g in gens:
+            self._pending.setdefault(g, []).append(failed)
         self.flush()
 
     def succeeded(self) -> None:
@@ -79,3 +88,13 @@ class Outbox:
                 log.info("model %s decodes again", self.name)
                 self.failing = None
                 self.flush(force=True)
+
+
+def _joined(a: Event, b: Event) -> TextRun | None:
+    """``a`` then ``b`` as one run, if both are plain runs of characters and ``b`` goes on
+    where ``a`` ends (runs with logprobs keep theirs apart: they are rarer, and longer)."""
+    if not (isinstance(a, TextRun) and isinstance(b, TextRun)):
+        return None
+    if a.logprobs is not None or b.logprobs is not None or b.index != a.index + len(a.text):
+        return None
+    return TextRun(a.index, a.text + b.text)
