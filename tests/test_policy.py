@@ -102,7 +102,7 @@ class FakeRunner:
         self.primed.append(len(ids))
         return torch.tensor([[0.0, 5.0]]), (torch.zeros(1, 1, 1),)
 
-    def new_row(self, logits, state, sampling, logprobs=None, processors=()):  # type: ignore[no-untyped-def]
+    def new_row(self, logits, state, sampling, logprobs=None, processors=(), constraint=None):  # type: ignore[no-untyped-def]
         return Batch(
             logits, state, SamplingBatch.of([sampling], 2, self.device), np.array([-1]), [None]
         )
