@@ -28,7 +28,7 @@ class RowConstraints:
 
     @classmethod
     def of(cls, matcher: Matcher, words: int) -> RowConstraints:
-        return cls([matcher], torch.full((1, words), -1, dtype=torch.int32))
+        return cls([matcher], _allow_all(1, words))
 
     @property
     def end(self) -> int:
@@ -53,7 +53,7 @@ class RowConstraints:
         masks = []
         for c, n in parts:
             matchers += c.matchers if c is not None else [None] * n
-            masks.append(c.masks if c is not None else torch.full((n, words), -1, torch.int32))
+            masks.append(c.masks if c is not None else _allow_all(n, words))
         return RowConstraints(matchers, torch.cat(masks))
 
     def fill(self) -> torch.Tensor:
@@ -64,3 +64,7 @@ class RowConstraints:
     def advance(self, ids: Sequence[int]) -> None:
         """Each constrained row's matcher consumes the id it drew ("end" leaves it)."""
         advance([(m, i) for m, i in zip(self.matchers, ids, strict=True) if m is not None])
+
+
+def _allow_all(rows: int, words: int) -> torch.Tensor:
+    return torch.full((rows, words), -1, dtype=torch.int32)
