@@ -12,7 +12,15 @@ import re
 import time
 from pathlib import Path
 
-from bench import burst, decode_step, scoring, serve_throughput, train_corpus, train_throughput
+from bench import (
+    burst,
+    decode_step,
+    scoring,
+    serve_throughput,
+    structured,
+    train_corpus,
+    train_throughput,
+)
 from bench.common import DEFAULT_MODEL, ROOT
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -182,6 +190,7 @@ def main() -> None:
             "train_throughput",
             "scoring",
             "train_corpus",
+            "structured",
         ],
     )
     p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
@@ -194,6 +203,7 @@ def main() -> None:
         "train_throughput": lambda: train_throughput.run(),
         "scoring": lambda: scoring.run(args.checkpoint),
         "train_corpus": lambda: train_corpus.run(),
+        "structured": lambda: structured.run(args.checkpoint),
     }
     for name, fn in runs.items():
         if args.only and name != args.only:
