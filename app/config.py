@@ -55,6 +55,13 @@ class Settings(BaseSettings):
         description="and at most about this long per decode iteration, however many positions "
         "the budget allows (a slower or busier CPU takes longer per position)",
     )
+    constraint_compile_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="longest a request's constraint may take to compile (beyond it: 422); "
+        "compiled constraints are cached",
+    )
     api_keys: str = Field("", description="comma-separated bearer keys; empty = no auth")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS")
     threads: int = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -13,6 +14,16 @@ def _no_bool(value: Any) -> Any:
     # JSON true/false are not numbers, whatever Python thinks of bool.
     if isinstance(value, bool):
         raise ValueError("must be a number, not a boolean")
+    return value
+
+
+def _json_text(value: Any) -> Any:
+    # A GET query carries the constraint as JSON text.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"must be a JSON object ({exc})") from None
     return value
 
 
@@ -61,6 +72,16 @@ class GenerateRequest(BaseModel):
         description="give each generated character's logprob and this many likeliest "
         "alternatives (null: no logprobs)",
     )
+    constraint: Annotated[dict[str, Any] | None, BeforeValidator(_json_text)] = Field(
+        None,
+        description="hold the generated text to a form: exactly one of regex, choice, "
+        "json_schema or grammar (on GET: JSON text); null: free text",
+        examples=[{"regex": "[A-Z][a-z]{3,9}(ia|or|wen)"}, {"choice": ["yes", "no"]}],
+    )
+
+
+class ConstraintResult(BaseModel):
+    matched: bool = Field(description="whether the generated text is a complete match")
 
 
 class Usage(BaseModel):
@@ -99,6 +120,9 @@ class GenerateResponse(BaseModel):
     usage: Usage
     timings: Timings
     logprobs: LogprobsOut | None = Field(None, description="present when the request asked")
+    constraint: ConstraintResult | None = Field(
+        None, description="present when the request had a constraint"
+    )
 
 
 # -- scoring and the tokenizer ------------------------------------------------------------
@@ -210,6 +234,18 @@ class ModelInfo(BaseModel):
     batch_invariance: str = Field(description="why it is or is not")
 
 
+class ConstraintLimits(BaseModel):
+    """What a generation's ``constraint`` may be (API.md, "Structured generation")."""
+
+    kinds: list[str] = Field(description="the keys a constraint may have, one at a time")
+    max_regex_chars: int
+    max_choices: int
+    max_schema_bytes: int = Field(description="a json_schema's size as JSON")
+    max_schema_depth: int = Field(description="how deep a json_schema may nest")
+    max_grammar_bytes: int
+    compile_s: float = Field(description="longest a constraint may take to compile")
+
+
 class Limits(BaseModel):
     max_prime_chars: int
     max_new_chars_limit: int
@@ -218,6 +254,7 @@ class Limits(BaseModel):
     max_body_bytes: int
     max_score_chars: int = Field(description="longest text POST /score takes")
     auth_required: bool
+    constraint: ConstraintLimits
 
 
 class Info(BaseModel):
@@ -279,6 +316,15 @@ class CompletionRequest(BaseModel):
     echo: bool = Field(False, description="prepend the prompt to the text (scored with logprobs)")
     logprobs: Int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="logprobs and this many alternatives"
+    )
+    response_format: Any = Field(
+        None,
+        description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+        '"json_schema": {"name": ..., "schema": {...}}}: the text is compact JSON for it',
+    )
+    structured_outputs: Any = Field(
+        None,
+        description="vLLM's: exactly one of regex, choice, json (a schema) or grammar (Lark)",
     )
     # OpenAI fields this server does not implement: only their defaults are accepted.
     suffix: Any = None

@@ -18,6 +18,7 @@ from bench import (
     decode_step,
     scoring,
     serve_throughput,
+    structured,
     train_corpus,
     train_throughput,
 )
@@ -191,6 +192,7 @@ def main() -> None:
             "scoring",
             "train_corpus",
             "concurrency",
+            "structured",
         ],
     )
     p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
@@ -204,6 +206,7 @@ def main() -> None:
         "scoring": lambda: scoring.run(args.checkpoint),
         "train_corpus": lambda: train_corpus.run(),
         "concurrency": lambda: concurrency.run(Path(args.checkpoint)),
+        "structured": lambda: structured.run(args.checkpoint),
     }
     for name, fn in runs.items():
         if args.only and name != args.only:

@@ -350,6 +350,11 @@ class _LRU:
 cache = _LRU(CACHE_SIZE)
 
 
+def cached(vocab: Vocabulary, constraint: Constraint) -> Grammar | None:
+    """``constraint`` for ``vocab`` if it is in the cache: no thread, no wait."""
+    return cache.get((vocab.chars, constraint))
+
+
 def compile_constraint(
     vocab: Vocabulary, constraint: Constraint, timeout_s: float = COMPILE_S
 ) -> Grammar:

@@ -4,13 +4,16 @@ Tests never read ../shared: users' clones do not have it."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import string
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +148,49 @@ def primed_row(backend, prime: str, temperature: float, top_k, top_p: float, see
 
     logits, state = backend.prime(backend.encode(prime), None)
     return backend.new_row(logits, state, SamplingParams(temperature, top_k, top_p, seed))
+
+
+def json_text(n_lines: int, seed: int = 0) -> str:
+    """JSON lines of people and number lists, for a model that must write JSON."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        tags = [rng.choice(WORDS)[:6] for _ in range(rng.randint(0, 3))]
+        person = {"name": rng.choice(WORDS), "age": rng.randint(0, 99), "tags": tags}
+        lines.append(json.dumps(person, separators=(",", ":")))
+        numbers = [str(rng.randint(1, 99)) for _ in range(rng.randint(1, 4))]
+        lines.append("[" + ",".join(numbers) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def train_structured() -> tuple[CharRNN, Vocabulary]:
+    """A tiny LSTM fitted for a second or two on prose and JSON lines (braces, quotes and
+    digits in its vocabulary): it has learnt where words end, which is what a constraint's
+    "end" outcome draws on."""
+    text = make_text(4000) + json_text(150)
+    vocab = Vocabulary.from_text(text + string.ascii_letters + "'")
+    model = tiny_model(vocab, hidden=64).train()
+    ids = torch.tensor(vocab.encode(text))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 33, (16,), generator=g)
+        batch = torch.stack([ids[s : s + 33] for s in starts.tolist()])
+        logits, _ = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0  # it learnt something
+    return model.eval(), vocab
+
+
+@pytest.fixture(scope="session")
+def structured_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``train_structured``'s model as a checkpoint, for the service."""
+    model, vocab = train_structured()
+    path = tmp_path_factory.mktemp("ckpt") / "structured.pt"
+    save_checkpoint(path, model, vocab, {"metrics": {"epochs": 1}})
+    return path

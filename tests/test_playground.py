@@ -7,6 +7,7 @@ the browser tests skip and say why; the static-file check still runs."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -444,3 +445,25 @@ def test_loading_the_page_requests_nothing_missing(browser, server: Server):
         assert not failed, failed
     finally:
         context.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+def test_a_constraint_holds_the_text_and_its_compile_error_shows_inline(page):
+    page.select_option("#constraint-example", "name")  # fills the kind, the pattern, a prime
+    assert page.input_value("#constraint-kind") == "regex"
+    assert page.input_value("#constraint") == "[A-Z][a-z]{3,9}(ia|or|wen)"
+    page.select_option("#constraint-kind", "regex")
+    page.fill("#constraint", "[a-")
+    page.click("#generate")
+    page.wait_for_selector("#constraint-error:not([hidden])")
+    assert "does not compile" in page.text_content("#constraint-error")
+    page.fill("#constraint", "[a-z]+( [a-z]+)?")
+    set_params(page, "the ", 80, seed=3)
+    page.click("#generate")
+    page.wait_for_selector("#state[data-state='done']")
+    assert page.is_hidden("#constraint-error")
+    text = page.text_content("#generated")
+    assert re.fullmatch("[a-z]+( [a-z]+)?", text), text
+    assert page.text_content("#stat-finish") == "stop"
+    assert page.text_content("#stat-match") == "complete"

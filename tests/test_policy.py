@@ -16,6 +16,7 @@ from app.runner.runner import Batch, Sampled
 from charrnn import SamplingParams, Vocabulary
 from charrnn.checkpoint import Checkpoint
 from charrnn.sampling import SamplingBatch
+from charrnn.structured import Constraint, compile_constraint, generate_constrained
 from tests.conftest import make_text, tiny_model
 
 POLICY = Policy(max_concurrent=8, prime_budget=512, prime_slice_s=0.012)
@@ -102,7 +103,7 @@ class FakeRunner:
         self.primed.append(len(ids))
         return torch.tensor([[0.0, 5.0]]), (torch.zeros(1, 1, 1),)
 
-    def new_row(self, logits, state, sampling, logprobs=None, processors=()):  # type: ignore[no-untyped-def]
+    def new_row(self, logits, state, sampling, logprobs=None, processors=(), constraint=None):  # type: ignore[no-untyped-def]
         return Batch(
             logits, state, SamplingBatch.of([sampling], 2, self.device), np.array([-1]), [None]
         )
@@ -218,3 +219,40 @@ def test_a_batch_without_processors_takes_the_fused_call_bit_for_bit():
             one.append(sampled.ids[0])
             b = runner.forward(b, sampled)
     assert torch.equal(fused.ids, torch.stack(one))
+
+
+def test_a_constrained_row_carries_its_matcher_through_concat_and_select():
+    """Free rows around a constrained one: ``concat`` and ``select`` keep each row's matcher
+    and mask with it; the constrained row gets ``generate_constrained``'s text, the free ones
+    the fused call's ids; a batch whose constrained rows left pays nothing (fusable again)."""
+    runner = _runner()
+    grammar = compile_constraint(runner.vocab, Constraint.parse({"regex": "[a-z]+ [a-z]+"}))
+    primed = runner.prime(runner.encode("the "), None)
+    params = [SamplingParams(0.9, None, 1.0, i) for i in range(3)]
+    matcher = grammar.matcher()
+    rows = [
+        runner.new_row(*primed, params[0]),
+        runner.new_row(*primed, params[1], None, (), matcher),
+    ]
+    batch = Batch.concat([Batch.concat(rows), runner.new_row(*primed, params[2])])
+    assert not runner.fusable(batch)
+    free = Batch.concat([runner.new_row(*primed, p) for p in (params[0], params[2])])
+    out: list[list[int]] = [[], [], []]
+    with runner.worker():
+        fused, _ = runner.decode(free, np.zeros(2, dtype=np.uint64), 40)
+        live = [0, 1, 2]
+        for pos in range(40):
+            sampled = runner.sample(batch, np.full(len(live), pos, dtype=np.uint64))
+            batch = runner.forward(batch, sampled)
+            for b, i in zip(live, sampled.runs(), strict=True):
+                out[b] += i
+            if 1 in live and (out[1][-1] == len(runner.vocab) or matcher.done):
+                batch = batch.select([0, 2])
+                live = [0, 2]
+                assert runner.fusable(batch)
+    ref = generate_constrained(
+        runner.model, runner.vocab, "the ", 40, params[1], grammar, runner.decoder
+    )
+    assert runner.vocab.decode([i for i in out[1] if i < len(runner.vocab)]) == ref.text
+    assert ref.matched and matcher.matched
+    assert out[0] == fused.ids[:, 0].tolist() and out[2] == fused.ids[:, 1].tolist()

@@ -4,7 +4,6 @@ reference loop, on a tiny model trained here on a text with braces, quotes and d
 from __future__ import annotations
 
 import json
-import random
 import re
 import string
 import time
@@ -32,7 +31,7 @@ from charrnn.structured import (
     generate_constrained,
     new_masks,
 )
-from tests.conftest import WORDS, make_text, tiny_model
+from tests.conftest import WORDS, make_text, train_structured
 
 NAME = r"[A-Z][a-z]{3,9}(ia|or|wen)"
 TEMPLATE = r"Alice (said|cried|whispered) '[a-z ,]{10,60}'\."
@@ -49,41 +48,9 @@ PERSON = {
 LIST_GRAMMAR = 'start: "[" NUM ("," NUM)* "]"\nNUM: /[1-9][0-9]?/'
 
 
-def json_text(n_lines: int, seed: int = 0) -> str:
-    """JSON lines like the schema PERSON's, with a few more shapes."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        tags = [rng.choice(WORDS)[:6] for _ in range(rng.randint(0, 3))]
-        person = {"name": rng.choice(WORDS), "age": rng.randint(0, 99), "tags": tags}
-        lines.append(json.dumps(person, separators=(",", ":")))
-        numbers = [str(rng.randint(1, 99)) for _ in range(rng.randint(1, 4))]
-        lines.append("[" + ",".join(numbers) + "]")
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def trained() -> tuple[CharRNN, Vocabulary]:
-    """A tiny LSTM fitted for a second or two on prose and JSON lines: it has learnt where
-    words end, which is what the "end" outcome draws on."""
-    text = make_text(4000) + json_text(150)
-    vocab = Vocabulary.from_text(text + string.ascii_letters + "'")
-    model = tiny_model(vocab, hidden=64).train()
-    ids = torch.tensor(vocab.encode(text))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(150):
-        starts = torch.randint(0, len(ids) - 33, (16,), generator=g)
-        batch = torch.stack([ids[s : s + 33] for s in starts.tolist()])
-        logits, _ = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0  # it learnt something
-    return model.eval(), vocab
+    return train_structured()
 
 
 def _compile(vocab: Vocabulary, spec: dict) -> Grammar:

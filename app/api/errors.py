@@ -142,6 +142,20 @@ async def http_handler(request: Request, exc: Exception) -> AsciiJSONResponse:
             ]
         )
         return await validation_handler(request, invalid)
+    if isinstance(exc.__cause__, RecursionError):
+        # JSON nested deeper than Python's parser recurses (a constraint's schema may nest
+        # at most 64 levels): FastAPI's bare 400 would not say so.
+        too_deep = RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body",),
+                    "msg": "the body's JSON nests too deep to read; objects and lists may nest "
+                    "a few hundred levels (a constraint's json_schema at most 64)",
+                }
+            ]
+        )
+        return await validation_handler(request, too_deep)
     headers = dict(exc.headers or {})
     if _is_openai(request):
         message = str(exc.detail)

@@ -3,10 +3,11 @@ engine's events into the native JSON response and server-sent events."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-from app.api import logprobs
+from app.api import constraints, logprobs
 from app.api.sse import NATIVE_TOKENS, Encode, HandleStream, pump, sse
 from app.api.validation import validate_generation
 from app.config import Settings
@@ -14,10 +15,21 @@ from app.engine import Done, Event, Failed, GenerationRequest, Handle, LoadedMod
 from app.schemas import GenerateRequest, GenerateResponse, StreamError, Usage
 
 
-def to_request(
+async def to_request(
     req: GenerateRequest, model: LoadedModel, settings: Settings, source: str, stream: bool
 ) -> GenerationRequest:
-    """The engine's request, or a 422 naming every problem (``source``: body or query)."""
+    """The engine's request, or a 422 naming every problem (``source``: body or query); a
+    constraint is compiled after the other fields pass."""
+    request = _validated(req, model, settings, source, stream)
+    constraint = await constraints.compile_for(
+        model, settings, req.constraint, (source, "constraint")
+    )
+    return dataclasses.replace(request, constraint=constraint) if constraint else request
+
+
+def _validated(
+    req: GenerateRequest, model: LoadedModel, settings: Settings, source: str, stream: bool
+) -> GenerationRequest:
     return validate_generation(
         model,
         settings,
@@ -36,9 +48,11 @@ def to_request(
 
 def _result(handle: Handle, done: Done, with_logprobs: bool) -> dict[str, Any]:
     """The fields the JSON response and the ``done`` event share."""
-    extra = {}
+    extra: dict[str, Any] = {}
     if with_logprobs and done.logprobs is not None:
         extra["logprobs"] = logprobs.native(done.logprobs)
+    if done.matched is not None:
+        extra["constraint"] = {"matched": done.matched}
     request = handle.request
     return {
         **extra,

@@ -8,12 +8,14 @@ logprobs of the distributions they were drawn from."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
+from app.api import constraints
 from app.api import logprobs as lp
 from app.api.sse import CharEvents, HandleStream, pump, sse
 from app.api.validation import validate_generation
@@ -74,10 +76,22 @@ def _prompts(req: CompletionRequest, model: LoadedModel) -> list[str]:
     return out
 
 
-def to_requests(
+async def to_requests(
     req: CompletionRequest, model: LoadedModel, settings: Settings
 ) -> list[GenerationRequest]:
-    """One engine request per prompt, or a 400 naming the field."""
+    """One engine request per prompt, or a 400 naming the field; ``response_format`` or
+    ``structured_outputs`` is compiled once, after the other fields pass, for them all."""
+    requests = _validated(req, model, settings)
+    spec, loc = constraints.openai_spec(req.response_format, req.structured_outputs)
+    grammar = await constraints.compile_for(model, settings, spec, loc, located=True)
+    if grammar is None:
+        return requests
+    return [dataclasses.replace(r, constraint=grammar) for r in requests]
+
+
+def _validated(
+    req: CompletionRequest, model: LoadedModel, settings: Settings
+) -> list[GenerationRequest]:
     _refuse_unsupported(req)
     prompts = _prompts(req, model)
     if any(not p for p in prompts):

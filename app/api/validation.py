@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from app.config import Settings
 from app.engine import GenerationRequest, LoadedModel
 from charrnn.sampling import MAX_SEED, SamplingParams
+from charrnn.structured import Grammar
 
 
 def _error(loc: tuple[str, ...], msg: str, kind: str = "value_error") -> dict[str, Any]:
@@ -90,9 +91,11 @@ def validate_generation(
     stream: bool = True,
     logprobs: int | None = None,
     echo_scored: bool = False,
+    constraint: Grammar | None = None,
 ) -> GenerationRequest:
     """The generation a request asks ``model`` for, or a 422 naming every problem.
-    ``echo_scored``: the prime is scored too (OpenAI's ``echo`` with ``logprobs``)."""
+    ``echo_scored``: the prime is scored too (OpenAI's ``echo`` with ``logprobs``);
+    ``constraint``: compiled already (app/api/constraints.py)."""
     names = {
         "prime": "prime",
         "max_new": "max_new_chars",
@@ -155,4 +158,5 @@ def validate_generation(
         logprobs,
         score_from=0 if echo_scored else None,
         score_top=(logprobs or 0) if echo_scored else 0,
+        constraint=constraint,
     )

@@ -168,7 +168,9 @@ class DecodeLoop:
     def _join_batch(self, gen: Generation, logits: torch.Tensor, state: State) -> None:
         gen.timings.warmed = time.perf_counter()
         r = gen.request
-        row = self.runner.new_row(logits, state, r.sampling, r.logprobs, r.processors)
+        row = self.runner.new_row(
+            logits, state, r.sampling, r.logprobs, r.processors, gen.matcher.constraint
+        )
         self.batch = row if self.batch is None else Batch.concat([self.batch, row])
         self.rows.append(gen)
 
@@ -274,6 +276,7 @@ class DecodeLoop:
         that finishes part-way through a run drops the rest."""
         now = time.perf_counter()
         decode = self.runner.vocab.decode
+        end = len(self.runner.vocab)  # "end": a constrained row's match is over
         logprobs = sampled.logprobs
         generated = 0
         urgent = False  # a first character or a final event: no reason to wait
@@ -284,10 +287,11 @@ class DecodeLoop:
             if not len(matcher):
                 self._ttfc.observe(now - gen.timings.submitted)
                 urgent = True
-            row = logprobs[b] if logprobs is not None else None
-            events = (
-                matcher.push(decode(ids), *row) if row is not None else matcher.push(decode(ids))
-            )
+            ended = bool(ids) and ids[-1] == end
+            if ended:
+                ids = ids[:-1]  # one step per call where a row is constrained
+            row = logprobs[b] if logprobs is not None else (None, None)
+            events = matcher.push(decode(ids), *row, ended=ended)
             self.outbox.add(gen, events)
             generated += len(ids)
             if matcher.finished:

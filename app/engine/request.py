@@ -17,6 +17,7 @@ from typing import Literal
 
 from app.runner import LogitsProcessor, Top
 from charrnn.sampling import SamplingParams
+from charrnn.structured import Grammar
 
 FinishReason = Literal["length", "stop"]
 
@@ -39,6 +40,8 @@ class GenerationRequest:
     score_top: int = 0
     # The row's logits stage (app/runner/logits.py): empty for plain sampling.
     processors: tuple[LogitsProcessor, ...] = ()
+    # The compiled constraint the generated text must match (None: free text).
+    constraint: Grammar | None = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Done:
     finish_reason: FinishReason
     logprobs: Logprobs | None = None  # of generated_text, when the request asked
     prime_scores: Scored | None = None  # when the request asked
+    matched: bool | None = None  # whether the text matches its constraint (None: none)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The generated text and when it ends: the decode thread's side of one generation."""
+"""The generated text and when it ends: the decode thread's side of one generation, with its
+constraint's matcher when it has one."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from app.runner import Top
 class StopMatcher:
     """The generated text and when it ends: at ``max_new`` characters, or where a stop string
     first ends (the stop string is not kept). Characters that may be the start of a stop
-    string are held back until that is clear, so a streamed text never contains one."""
+    string are held back until that is clear, so a streamed text never contains one.
+
+    A constrained generation also ends, with "stop", where its row drew "end" or its text is
+    a complete match that cannot go on; ``constraint`` is its matcher, which the runner
+    advances, and the final event says whether the text kept is a complete match."""
 
     def __init__(self, request: GenerationRequest):
         self.max_new = request.max_new
@@ -31,20 +36,31 @@ class StopMatcher:
         self.emitted = 0
         self.finished = False
         self._longest = max(map(len, self.stop), default=0)
+        grammar = request.constraint
+        self.constraint = grammar.matcher() if grammar is not None else None
+        self._pushed = 0  # characters given to ``push``: what the matcher has consumed
 
     def __len__(self) -> int:
         return len(self.chars)
 
     def push(
-        self, text: str, logprobs: list[float] | None = None, top: list[Top] | None = None
+        self,
+        text: str,
+        logprobs: list[float] | None = None,
+        top: list[Top] | None = None,
+        ended: bool = False,
     ) -> list[Event]:
-        """Add generated characters (with their logprobs and alternatives, when asked for);
-        returns the events they release: the released run as one ``TextRun``, then the
-        final event. Characters after the end are dropped."""
+        """Add generated characters (with their logprobs and alternatives, when asked for;
+        ``ended``: a constrained row drew "end" after them); returns the events they
+        release: the released run as one ``TextRun``, then the final event. Characters
+        after the end are dropped."""
         if self.finished:
             return []
         before = len(self.chars)
+        self._pushed += len(text)
         reason = self._append_until_stop(text) if self.stop else self._append(text)
+        if self.constraint is not None and (ended or self.constraint.done):
+            reason = "stop"  # the match is over, whatever else ended with it
         self._keep_logprobs(before, logprobs, top)
         upto = len(self.chars)
         if reason is None and self.stop:
@@ -62,8 +78,15 @@ class StopMatcher:
             if self.logprobs is not None and not self.stream:  # a stream's runs carried them
                 alts: list[Top | None] | None = list(self.top) if self.top is not None else None
                 lp = Logprobs(text, list(self.logprobs), alts)
-            out.append(Done(text, reason, lp, self.scored))
+            out.append(Done(text, reason, lp, self.scored, self._matched()))
         return out
+
+    def _matched(self) -> bool | None:
+        """Whether the text kept (without a stop string) is a complete match."""
+        if self.constraint is None:
+            return None
+        self.constraint.rollback(self._pushed - len(self.chars))
+        return self.constraint.matched
 
     def _keep_logprobs(
         self, before: int, logprobs: list[float] | None, top: list[Top] | None

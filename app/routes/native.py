@@ -19,7 +19,10 @@ _ERRORS = {
     401: {"description": "API keys are configured and none valid was sent"},
     404: {"description": "unknown model"},
     413: {"description": "request body too large"},
-    422: {"description": "invalid parameters, e.g. prime characters outside the vocabulary"},
+    422: {
+        "description": "invalid parameters, e.g. prime characters outside the vocabulary or a "
+        "constraint that does not compile"
+    },
     429: {"description": "the batch and the queue are full; see Retry-After"},
     503: {"description": "not ready yet, or shutting down"},
 }
@@ -43,7 +46,9 @@ async def generate(
 ) -> GenerateResponse | Response:
     """Generate text after a prime and return it whole."""
     model = engine.model(req.model)
-    handle = engine.submit(model, native.to_request(req, model, settings, "body", stream=False))
+    handle = engine.submit(
+        model, await native.to_request(req, model, settings, "body", stream=False)
+    )
     done = await handle.result(disconnected(request))
     if done is None:  # the client left; nobody reads this
         return Response(status_code=499)
@@ -52,7 +57,9 @@ async def generate(
 
 async def _stream(req: GenerateRequest, source: str, engine: EngineDep, settings: SettingsDep):
     model = engine.model(req.model)
-    handle = engine.submit(model, native.to_request(req, model, settings, source, stream=True))
+    handle = engine.submit(
+        model, await native.to_request(req, model, settings, source, stream=True)
+    )
     return native.stream(model, handle)
 
 

@@ -47,7 +47,7 @@ async def completions(
 ) -> Completion | HandleStream | Response:
     """OpenAI text completion; with `stream: true`, `data:` chunks ending in `[DONE]`."""
     model = engine.model(req.model)
-    jobs = openai.to_requests(req, model, settings)
+    jobs = await openai.to_requests(req, model, settings)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     async with contextlib.AsyncExitStack() as held:  # a refused or failed choice ends them all
         handles = [await held.enter_async_context(engine.submit(model, job)) for job in jobs]

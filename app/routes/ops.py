@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api import constraints
 from app.api.deps import EngineDep, SettingsDep
 from app.schemas import Architecture, Health, Info, Limits, ModelInfo, Ready
 
@@ -76,6 +77,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
         max_body_bytes=settings.max_body_bytes,
         max_score_chars=settings.max_score_chars,
         auth_required=bool(settings.api_key_list),
+        constraint=constraints.limits(settings),
     )
     return Info(models=models, limits=limits)
 

@@ -7,7 +7,8 @@ it, in explicit phases with no callbacks.
 - The decode step on a ``Batch`` of rows: ``sample`` draws one character per row (through the
   per-row logits stage, app/runner/logits.py) and ``forward`` runs the network on it; or
   ``decode`` does both for several characters per row in one fused call (the native kernels;
-  a CUDA graph) when no row has a logits processor. Each returns the ids per row, and the
+  a CUDA graph) when no row has a logits processor or a constraint (app/runner/constraints.py;
+  a constrained row may also draw "end", id V). Each returns the ids per row, and the
   logprobs the rows asked for.
 
 Everything here is synchronous torch code; the engine decides when it runs."""
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from app.runner import logits as stage
+from app.runner.constraints import RowConstraints
 from app.runner.graphs import PaddedStep
 from app.runner.logits import LogitsProcessor, RowStage
 from charrnn.checkpoint import Checkpoint
@@ -32,6 +35,7 @@ from charrnn.decode import Precision, StepDecoder
 from charrnn.model import State
 from charrnn.quantization import choose_precision
 from charrnn.sampling import SamplingBatch, SamplingParams
+from charrnn.structured import Matcher, new_masks
 
 # One character's likeliest alternatives, likeliest first: (character, logprob).
 Top = list[tuple[str, float]]
@@ -50,13 +54,15 @@ def decode_precision(setting: str, device: torch.device) -> tuple[Precision, str
 @dataclass
 class Batch:
     """The rows currently decoding: their next-character logits, recurrent state, sampling
-    parameters, the logprobs each wants (-1: none) and their logits stages (None: none)."""
+    parameters, the logprobs each wants (-1: none), their logits stages (None: none) and
+    the constrained rows' matchers and masks (None: no row has a constraint)."""
 
     logits: torch.Tensor  # [B, V]
     state: State  # each [L, B, H]
     sampling: SamplingBatch
     logprobs: np.ndarray  # [B]
     stages: list[RowStage | None]
+    constraints: RowConstraints | None = None
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -74,6 +80,7 @@ class Batch:
             self.sampling.select(keep),
             self.logprobs[keep],
             [self.stages[i] for i in keep],
+            self.constraints.select(keep) if self.constraints is not None else None,
         )
 
     def moved(self, logits: torch.Tensor, state: State) -> Batch:
@@ -90,6 +97,7 @@ class Batch:
             SamplingBatch.concat([p.sampling for p in parts]),
             np.concatenate([p.logprobs for p in parts]),
             [s for p in parts for s in p.stages],
+            RowConstraints.concat([(p.constraints, len(p)) for p in parts]),
         )
 
 
@@ -174,8 +182,12 @@ class ModelRunner:
 
     def fusable(self, batch: Batch) -> bool:
         """Whether ``decode`` can run ``batch``: a fused call (native kernels or a CUDA graph)
-        samples inside, so no row may need its logits stage."""
-        return (self.multi_step or self.graphed is not None) and not batch.staged
+        samples inside, so no row may need its logits stage or a constraint's mask."""
+        return (
+            (self.multi_step or self.graphed is not None)
+            and not batch.staged
+            and batch.constraints is None
+        )
 
     @property
     def splits_early(self) -> bool:
@@ -265,15 +277,23 @@ class ModelRunner:
         sampling: SamplingParams,
         logprobs: int | None = None,
         processors: Sequence[LogitsProcessor] = (),
+        constraint: Matcher | None = None,
     ) -> Batch:
-        """A one-row batch that starts from a primed state."""
+        """A one-row batch that starts from a primed state (``constraint``: the row's matcher,
+        which ``sample`` advances)."""
+        words = self._mask_words
         return Batch(
             logits,
             state,
             SamplingBatch.of([sampling], len(self.vocab), self.device),
             np.array([-1 if logprobs is None else logprobs]),
             [RowStage(tuple(processors)) if processors else None],
+            RowConstraints.of(constraint, words) if constraint is not None else None,
         )
+
+    @functools.cached_property
+    def _mask_words(self) -> int:
+        return new_masks(1, self.vocab).shape[1]
 
     def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
         """One character per row from the batch's logits, through each row's logits stage.
@@ -281,15 +301,31 @@ class ModelRunner:
         seed it keys the row's draw."""
         u = batch.sampling.uniforms(positions, self.device)
         logits = stage.apply(batch.logits, batch.stages) if batch.staged else batch.logits
-        ids = self.decoder.sample(logits, *batch.sampling.filters, u)
+        constraints = batch.constraints
+        if constraints is None:
+            ids = self.decoder.sample(logits, *batch.sampling.filters, u)
+        else:
+            masks = constraints.fill().to(self.device)
+            ids = self.decoder.sample(logits, *batch.sampling.filters, u, masks)
+            constraints.advance(ids.tolist())
         if batch.staged:
             stage.record(batch.stages, ids.tolist())
-        return Sampled(ids[None], self._row_logprobs(batch, batch.logits[None], ids[None]))
+        chars = self._chars(ids, constraints)
+        return Sampled(ids[None], self._row_logprobs(batch, batch.logits[None], chars[None]))
 
     def forward(self, batch: Batch, sampled: Sampled) -> Batch:
-        """The batch after the network has read the characters just sampled."""
-        logits, state = self.decoder.step(sampled.ids[-1], batch.state)
+        """The batch after the network has read the characters just sampled (a row that
+        drew "end" reads any character: its text is over)."""
+        ids = self._chars(sampled.ids[-1], batch.constraints)
+        logits, state = self.decoder.step(ids, batch.state)
         return batch.moved(logits, state)
+
+    @staticmethod
+    def _chars(ids: torch.Tensor, constraints: RowConstraints | None) -> torch.Tensor:
+        """``ids`` with "end" (a constrained row's id V) as character 0."""
+        if constraints is None:
+            return ids
+        return torch.where(ids == constraints.end, 0, ids)
 
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         """``steps`` characters per row sampled and run through the network in one fused call

@@ -36,6 +36,10 @@
     rate: $("stat-rate"),
     ttfc: $("stat-ttfc"),
     finish: $("stat-finish"),
+    match: $("stat-match"),
+    constraintKind: $("constraint-kind"),
+    constraintExample: $("constraint-example"),
+    constraint: $("constraint"),
     seedUsed: $("stat-seed"),
     reuseSeed: $("reuse-seed"),
     colour: $("colour"),
@@ -126,7 +130,7 @@
     seed: "Seed",
     max_new_chars: "Length",
   };
-  const ERROR_BOXES = ["model-error", "prime-error", "params-error"];
+  const ERROR_BOXES = ["model-error", "prime-error", "params-error", "constraint-error"];
 
   function clearErrors() {
     ui.error.hidden = true;
@@ -306,7 +310,53 @@
     const seed = ui.seed.value.trim();
     if (/^\d+$/.test(seed)) body.seed = seed;
     if (ui.colour.checked) body.logprobs = 5;
+    const constraint = constraintValue();
+    if (constraint !== undefined) body.constraint = constraint;
     return body;
+  }
+
+  // -- constraints ---------------------------------------------------------------------------
+
+  // Ready examples that the shipped prose model can write (a name, a line of a template, an
+  // answer), with the prime that suits each.
+  const CONSTRAINT_EXAMPLES = {
+    name: { kind: "regex", text: "[A-Z][a-z]{3,9}(ia|or|wen)", prime: "Her name was " },
+    template: { kind: "regex", text: "Alice (said|cried|whispered) [a-z ,]{10,60}\\.", prime: "\n" },
+    yesno: { kind: "choice", text: "Yes\nNo", prime: "Do you like cats? " },
+  };
+
+  /** The request's constraint object (undefined: none). Choices are one per line; a JSON
+   * schema that is not JSON is sent as typed, so that the server's message explains it. */
+  function constraintValue() {
+    const kind = ui.constraintKind.value;
+    const text = ui.constraint.value;
+    if (!kind) return undefined;
+    if (kind === "choice") return { choice: text.split("\n").filter((c) => c !== "") };
+    if (kind === "json_schema") {
+      try {
+        return { json_schema: JSON.parse(text) };
+      } catch {
+        return { json_schema: text };
+      }
+    }
+    return { [kind]: text };
+  }
+
+  function setUpConstraints() {
+    const sync = () => {
+      ui.constraint.disabled = !ui.constraintKind.value;
+    };
+    ui.constraintKind.addEventListener("change", sync);
+    ui.constraintExample.addEventListener("change", () => {
+      const example = CONSTRAINT_EXAMPLES[ui.constraintExample.value];
+      ui.constraintExample.value = "";
+      if (!example) return;
+      ui.constraintKind.value = example.kind;
+      ui.constraint.value = example.text;
+      ui.prime.value = example.prime;
+      sync();
+    });
+    sync();
   }
 
   // -- probabilities ------------------------------------------------------------------------
@@ -504,6 +554,7 @@
     ui.rate.title = "";
     ui.ttfc.textContent = "–";
     ui.finish.textContent = "–";
+    ui.match.textContent = "–";
     ui.seedUsed.textContent = "–";
     ui.reuseSeed.hidden = true;
   }
@@ -589,6 +640,11 @@
         `${fmtRate(seen)} chars/s arrived here`;
       ui.chars.textContent = fmtInt(data.usage?.generated_chars ?? this.count);
       ui.finish.textContent = data.finish_reason;
+      ui.match.textContent = data.constraint
+        ? data.constraint.matched
+          ? "complete"
+          : "incomplete"
+        : "–";
       ui.seedUsed.textContent = seedOf(raw) ?? String(data.seed);
       ui.reuseSeed.hidden = false;
       setState("done");
@@ -725,6 +781,7 @@
       generate();
     });
     ui.stop.addEventListener("click", () => run?.stop());
+    setUpConstraints();
     ui.model.addEventListener("change", onModelChange);
     ui.prime.addEventListener("input", checkPrime);
     ui.prime.addEventListener("keydown", (e) => {
