@@ -247,23 +247,22 @@ class DecodeLoop:
         assert batch is not None
         # A row waiting for its first character gets it before the network step runs.
         early = any(not len(g.matcher) for g in rows)
-        fusable = runner.fusable(batch)
         steps = self.policy.decode_steps(
             [g.request.max_new - len(g.matcher) for g in rows],
-            fused=fusable and runner.multi_step,
+            fused=runner.multi_step,
             first_pending=early,
             priming=bool(self.priming),
             costs=self.costs,
         )
         positions = np.fromiter((len(g.matcher) for g in rows), dtype=np.uint64, count=len(rows))
         t0 = time.perf_counter()
-        if fusable and not (early and runner.splits_early):
-            sampled, self.batch = runner.decode(batch, positions, steps)
-            self._emit(sampled)
-        else:
+        if early and runner.splits_early:
             sampled = runner.sample(batch, positions)
             self._emit(sampled)
             self.batch = runner.forward(batch, sampled)
+        else:
+            sampled, self.batch = runner.decode(batch, positions, steps)
+            self._emit(sampled)
         elapsed = time.perf_counter() - t0
         per_step = elapsed / steps
         self.costs.step_s[len(rows)] = per_step
@@ -287,9 +286,9 @@ class DecodeLoop:
             if not len(matcher):
                 self._ttfc.observe(now - gen.timings.submitted)
                 urgent = True
-            ended = bool(ids) and ids[-1] == end
+            ended = end in ids
             if ended:
-                ids = ids[:-1]  # one step per call where a row is constrained
+                ids = ids[: ids.index(end)]  # the match is over: what follows is not its text
             row = logprobs[b] if logprobs is not None else (None, None)
             events = matcher.push(decode(ids), *row, ended=ended)
             self.outbox.add(gen, events)

@@ -97,9 +97,9 @@ class Policy:
     ) -> int:
         """Characters per row for the next decode call over rows that still want ``left``
         characters each. One while a row waits for its first character or primes wait for
-        their turn (the call then ends soon), or where the call cannot be ``fused`` (several
-        characters per call need the native kernels and no row's logits stage); else as many
-        as fit in ``CALL_S`` at this batch size, once that size has been timed."""
+        their turn (the call then ends soon), or where the runner cannot make several
+        characters a call (``fused``: the native kernels); else as many as fit in ``CALL_S``
+        at this batch size, once that size has been timed."""
         if first_pending or priming or not fused:
             return 1
         per_step = costs.step_s.get(len(left))

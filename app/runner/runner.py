@@ -67,6 +67,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.stages)
 
+    def free(self, b: int) -> bool:
+        """Whether row ``b`` needs nothing between the network and the sampler."""
+        return self.stages[b] is None and (
+            self.constraints is None or self.constraints.matchers[b] is None
+        )
+
     @property
     def staged(self) -> bool:
         """Whether some row has logits processors."""
@@ -328,15 +334,27 @@ class ModelRunner:
         return torch.where(ids == constraints.end, 0, ids)
 
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
-        """``steps`` characters per row sampled and run through the network in one fused call
-        (``fusable`` batches; several steps need ``multi_step``). The same ids as ``sample``
-        then ``forward`` per character, however the characters are split into calls. Run it
-        in inference mode (``worker``)."""
-        if not self.fusable(batch) or (steps > 1 and not self.multi_step):
-            raise ValueError(
-                "several steps per call need the native kernels, and one fused step a CUDA "
-                "graph; a batch with logits processors runs sample and forward"
-            )
+        """``steps`` characters per row, sampled and run through the network in one call: the
+        same ids as ``sample`` then ``forward`` per character, however the characters are
+        split into calls. The rows that need nothing between the network and the sampler go
+        through one fused call (the native kernels; a CUDA graph); rows with a constraint or
+        logits processors are stepped here, one character at a time, beside them. Several
+        steps need ``multi_step``. Run it in inference mode (``worker``)."""
+        if steps > 1 and not self.multi_step:
+            raise ValueError("several steps per call need the native kernels")
+        if self.fusable(batch):
+            return self._fused(batch, positions, steps)
+        free = [b for b in range(len(batch)) if batch.free(b)]
+        if not free or not (self.multi_step or (self.graphed is not None and steps == 1)):
+            return self._stepwise(batch, positions, steps)
+        bound = [b for b in range(len(batch)) if not batch.free(b)]
+        parts = [
+            (free, *self._fused(batch.select(free), positions[free], steps)),
+            (bound, *self._stepwise(batch.select(bound), positions[bound], steps)),
+        ]
+        return self._merged(batch, steps, parts)
+
+    def _fused(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         if self.graphed is not None:
             if steps != 1:
                 raise ValueError("a CUDA graph runs one step per call")
@@ -353,6 +371,43 @@ class ModelRunner:
         logprobs = self._row_logprobs(batch, seen, ids) if seen is not None else None
         return Sampled(ids, logprobs), batch.moved(logits, state)
 
+    def _stepwise(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
+        """``sample`` then ``forward``, ``steps`` times, without leaving this call."""
+        drawn = []
+        for s in range(steps):
+            sampled = self.sample(batch, positions + np.uint64(s))
+            batch = self.forward(batch, sampled)
+            drawn.append(sampled)
+        if steps == 1:
+            return drawn[0], batch
+        ids = torch.cat([d.ids for d in drawn])
+        logprobs = None
+        if drawn[0].logprobs is not None:
+            logprobs = [_joined([d.logprobs[b] for d in drawn]) for b in range(len(batch))]  # type: ignore[index]
+        return Sampled(ids, logprobs), batch
+
+    @staticmethod
+    def _merged(
+        batch: Batch, steps: int, parts: list[tuple[list[int], Sampled, Batch]]
+    ) -> tuple[Sampled, Batch]:
+        """The parts of ``batch`` (their rows, what they drew, where they ended) back together
+        in its order."""
+        ids = torch.empty(steps, len(batch), dtype=torch.long)
+        logits = torch.empty_like(batch.logits)
+        state = tuple(torch.empty_like(s) for s in batch.state)
+        logprobs: RowLogprobs | None = None
+        for rows, sampled, part in parts:
+            idx = torch.tensor(rows)
+            ids[:, idx] = sampled.ids
+            logits[idx] = part.logits
+            for whole, piece in zip(state, part.state, strict=True):
+                whole[:, idx] = piece
+            if sampled.logprobs is not None:
+                logprobs = logprobs or [None] * len(batch)
+                for j, b in enumerate(rows):
+                    logprobs[b] = sampled.logprobs[j]
+        return Sampled(ids, logprobs), batch.moved(logits, state)
+
     def _row_logprobs(
         self, batch: Batch, seen: torch.Tensor, ids: torch.Tensor
     ) -> RowLogprobs | None:
@@ -365,3 +420,14 @@ class ModelRunner:
         for b in asking.tolist():
             out[b] = self.logprobs(seen[:, b], ids[:, b], int(batch.logprobs[b]))
         return out
+
+
+def _joined(
+    runs: list[tuple[list[float], list[Top] | None] | None],
+) -> tuple[list[float], list[Top] | None] | None:
+    """One row's logprobs of several steps as one run."""
+    if runs[0] is None:
+        return None
+    chosen = [p for run in runs if run is not None for p in run[0]]
+    tops = [run[1] for run in runs if run is not None]
+    return chosen, (None if tops[0] is None else [t for top in tops for t in top or []])
