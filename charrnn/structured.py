@@ -30,7 +30,6 @@ from typing import Literal, get_args
 import llguidance
 import numpy as np
 import torch
-from llguidance.numpy import fill_next_token_bitmask_par
 
 from charrnn.decode import StepDecoder
 from charrnn.generate import warm_up
@@ -292,16 +291,27 @@ def fill_masks(rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor) -> None
     tensor), all in one call that runs without the GIL, across llguidance's threads. A row
     that no character of the vocabulary continues gets a mask without any (the sampler then
     ends it)."""
-    if rows:
+    if not rows:
+        return
+    # Straight to the tensor's memory, as llguidance's numpy helpers do after their checks,
+    # which would cost more than a row's mask: an int32 CPU tensor, one row per mask.
+    assert masks.dtype == torch.int32 and masks.is_contiguous() and masks.device.type == "cpu"
+    row_bytes = masks.shape[1] * 4
+    if len(rows) == 1:  # the pool's hand-over would cost more than one row's mask
+        row, matcher = rows[0]
+        matcher._matcher.unsafe_compute_mask_ptr(masks.data_ptr() + row * row_bytes, row_bytes)
+    else:
         pairs = [(matcher._matcher, row) for row, matcher in rows]
-        fill_next_token_bitmask_par(_executor(), pairs, masks.numpy())
+        _executor().unsafe_compute_mask_ptr(pairs, masks.data_ptr(), row_bytes, masks.shape[0])
 
 
 def advance(rows: Sequence[tuple[Matcher, int]]) -> None:
     """Move each matcher on by the id its row drew: a character, or "end", which leaves the
     matcher where it is (the row is over). One call for all of them."""
     pairs = [(matcher._matcher, i) for matcher, i in rows if i != matcher.end]
-    if pairs:
+    if len(pairs) == 1:
+        pairs[0][0].consume_token(pairs[0][1])
+    elif pairs:
         # A character the mask allowed is always consumed; were one not, its matcher would
         # stop in an error state, and the row end unmatched at the next mask.
         _executor().consume_token_par(pairs)

@@ -34,7 +34,7 @@ from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
 from charrnn.model import State
 from charrnn.quantization import choose_precision
-from charrnn.sampling import SamplingBatch, SamplingParams
+from charrnn.sampling import SamplingBatch, SamplingParams, uniforms
 from charrnn.structured import Matcher, new_masks
 
 # One character's likeliest alternatives, likeliest first: (character, logprob).
@@ -302,21 +302,12 @@ class ModelRunner:
         return new_masks(1, self.vocab).shape[1]
 
     def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
-        """One character per row from the batch's logits, through each row's logits stage.
-        ``positions`` [B] is each row's count of characters generated so far; with the row's
-        seed it keys the row's draw."""
-        u = batch.sampling.uniforms(positions, self.device)
-        logits = stage.apply(batch.logits, batch.stages) if batch.staged else batch.logits
-        constraints = batch.constraints
-        if constraints is None:
-            ids = self.decoder.sample(logits, *batch.sampling.filters, u)
-        else:
-            masks = constraints.fill().to(self.device)
-            ids = self.decoder.sample(logits, *batch.sampling.filters, u, masks)
-            constraints.advance(ids.tolist())
-        if batch.staged:
-            stage.record(batch.stages, ids.tolist())
-        chars = self._chars(ids, constraints)
+        """One character per row from the batch's logits, through each row's logits stage and
+        constraint. ``positions`` [B] is each row's count of characters generated so far; with
+        the row's seed it keys the row's draw."""
+        ids, chars = self._draw(
+            batch, batch.logits, batch.sampling.uniforms(positions, self.device)
+        )
         return Sampled(ids[None], self._row_logprobs(batch, batch.logits[None], chars[None]))
 
     def forward(self, batch: Batch, sampled: Sampled) -> Batch:
@@ -325,6 +316,27 @@ class ModelRunner:
         ids = self._chars(sampled.ids[-1], batch.constraints)
         logits, state = self.decoder.step(ids, batch.state)
         return batch.moved(logits, state)
+
+    def _draw(
+        self, batch: Batch, logits: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids drawn from ``logits`` with the uniforms ``u`` (through the rows' logits
+        stage, and their constraints' masks, filled and then moved on, one call each), and the
+        characters the network reads next: a row that drew "end" reads character 0."""
+        x = stage.apply(logits, batch.stages) if batch.staged else logits
+        constraints = batch.constraints
+        if constraints is None:
+            ids = chars = self.decoder.sample(x, *batch.sampling.filters, u)
+        else:
+            masks = constraints.fill().to(self.device)
+            ids = chars = self.decoder.sample(x, *batch.sampling.filters, u, masks)
+            drawn = ids.tolist()
+            constraints.advance(drawn)
+            if constraints.end in drawn:
+                chars = torch.where(ids == constraints.end, 0, ids)
+        if batch.staged:
+            stage.record(batch.stages, ids.tolist())
+        return ids, chars
 
     @staticmethod
     def _chars(ids: torch.Tensor, constraints: RowConstraints | None) -> torch.Tensor:
@@ -372,19 +384,26 @@ class ModelRunner:
         return Sampled(ids, logprobs), batch.moved(logits, state)
 
     def _stepwise(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
-        """``sample`` then ``forward``, ``steps`` times, without leaving this call."""
-        drawn = []
+        """``sample`` then ``forward``, ``steps`` times, in one tight loop: every step's
+        uniforms drawn at once, the logprobs worked out at the end."""
+        rows = len(batch)
+        at = (positions[None, :] + np.arange(steps, dtype=np.uint64)[:, None]).reshape(-1)
+        u = torch.from_numpy(uniforms(np.tile(batch.sampling.seeds, steps), at)).view(steps, rows)
+        u = u.to(self.device)
+        logits, state = batch.logits, batch.state
+        drawn, read, seen = [], [], []
+        asking = batch.logprobs.max() >= 0
         for s in range(steps):
-            sampled = self.sample(batch, positions + np.uint64(s))
-            batch = self.forward(batch, sampled)
-            drawn.append(sampled)
-        if steps == 1:
-            return drawn[0], batch
-        ids = torch.cat([d.ids for d in drawn])
-        logprobs = None
-        if drawn[0].logprobs is not None:
-            logprobs = [_joined([d.logprobs[b] for d in drawn]) for b in range(len(batch))]  # type: ignore[index]
-        return Sampled(ids, logprobs), batch
+            ids, chars = self._draw(batch, logits, u[s])
+            if asking:
+                seen.append(logits)
+            drawn.append(ids)
+            read.append(chars)
+            logits, state = self.decoder.step(chars, state)
+        logprobs = (
+            self._row_logprobs(batch, torch.stack(seen), torch.stack(read)) if asking else None
+        )
+        return Sampled(torch.stack(drawn), logprobs), batch.moved(logits, state)
 
     @staticmethod
     def _merged(
@@ -420,14 +439,3 @@ class ModelRunner:
         for b in asking.tolist():
             out[b] = self.logprobs(seen[:, b], ids[:, b], int(batch.logprobs[b]))
         return out
-
-
-def _joined(
-    runs: list[tuple[list[float], list[Top] | None] | None],
-) -> tuple[list[float], list[Top] | None] | None:
-    """One row's logprobs of several steps as one run."""
-    if runs[0] is None:
-        return None
-    chosen = [p for run in runs if run is not None for p in run[0]]
-    tops = [run[1] for run in runs if run is not None]
-    return chosen, (None if tops[0] is None else [t for top in tops for t in top or []])
