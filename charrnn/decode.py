@@ -219,6 +219,7 @@ class StepDecoder:
         positions: torch.Tensor,
         steps: int,
         seen: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """``steps`` characters per row in one native call (``multi_step`` decoders): sample
         each from the logits as ``charrnn.sampling.sample_next`` does, with the uniform of
@@ -226,8 +227,10 @@ class StepDecoder:
         int64 [B] (the bits of the uint64 values). Returns ids [steps, B] and the logits and
         state after the last step. The same ids as one ``sample``-then-``step`` per character,
         however the characters are split into calls. With ``seen`` (float32 [steps, B, V]),
-        the logits each character was sampled from are written into it (for logprobs).
-        In inference mode, like ``step``."""
+        the logits each character was sampled from are written into it (for logprobs). With
+        ``mask`` (one step; ``charrnn.sampling.sample_next``'s), the rows draw through it and
+        one that draws "end" (id V) has the network read character 0. In inference mode, like
+        ``step``."""
         ids, logits, h, c = self._decode(
             logits,
             state[0],
@@ -240,6 +243,7 @@ class StepDecoder:
             positions,
             steps,
             seen,
+            mask,
         )
         return ids, logits, (h, c)
 
@@ -251,6 +255,7 @@ class StepDecoder:
         positions: np.ndarray,
         steps: int,
         seen: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """``decode`` for a batch's ``SamplingBatch`` and its rows' ``positions`` [B]
         (characters generated so far)."""
@@ -262,6 +267,7 @@ class StepDecoder:
             torch.from_numpy(positions.astype(np.uint64).view(np.int64)),
             steps,
             seen,
+            mask,
         )
 
     def sample_and_step(

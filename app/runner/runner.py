@@ -67,12 +67,6 @@ class Batch:
     def __len__(self) -> int:
         return len(self.stages)
 
-    def free(self, b: int) -> bool:
-        """Whether row ``b`` needs nothing between the network and the sampler."""
-        return self.stages[b] is None and (
-            self.constraints is None or self.constraints.matchers[b] is None
-        )
-
     @property
     def staged(self) -> bool:
         """Whether some row has logits processors."""
@@ -348,23 +342,16 @@ class ModelRunner:
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         """``steps`` characters per row, sampled and run through the network in one call: the
         same ids as ``sample`` then ``forward`` per character, however the characters are
-        split into calls. The rows that need nothing between the network and the sampler go
-        through one fused call (the native kernels; a CUDA graph); rows with a constraint or
-        logits processors are stepped here, one character at a time, beside them. Several
-        steps need ``multi_step``. Run it in inference mode (``worker``)."""
+        split into calls. One fused call (the native kernels; a CUDA graph) where no row needs
+        anything between the network and the sampler; else every row is stepped here, one
+        character at a time (a constrained row among free ones costs the batch that loop,
+        not a second read of the weights). Several steps need ``multi_step``. Run it in
+        inference mode (``worker``)."""
         if steps > 1 and not self.multi_step:
             raise ValueError("several steps per call need the native kernels")
         if self.fusable(batch):
             return self._fused(batch, positions, steps)
-        free = [b for b in range(len(batch)) if batch.free(b)]
-        if not free or not (self.multi_step or (self.graphed is not None and steps == 1)):
-            return self._stepwise(batch, positions, steps)
-        bound = [b for b in range(len(batch)) if not batch.free(b)]
-        parts = [
-            (free, *self._fused(batch.select(free), positions[free], steps)),
-            (bound, *self._stepwise(batch.select(bound), positions[bound], steps)),
-        ]
-        return self._merged(batch, steps, parts)
+        return self._stepwise(batch, positions, steps)
 
     def _fused(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         if self.graphed is not None:
@@ -384,8 +371,12 @@ class ModelRunner:
         return Sampled(ids, logprobs), batch.moved(logits, state)
 
     def _stepwise(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
-        """``sample`` then ``forward``, ``steps`` times, in one tight loop: every step's
-        uniforms drawn at once, the logprobs worked out at the end."""
+        """``sample`` then ``forward``, ``steps`` times, in one tight loop; where only
+        constraints stand between the network and the sampler, each step is one native call
+        (masked draw and network step) between filling the masks and moving the matchers."""
+        constraints = batch.constraints
+        if self.multi_step and constraints is not None and not batch.staged:
+            return self._masked_steps(batch, constraints, positions, steps)
         rows = len(batch)
         at = (positions[None, :] + np.arange(steps, dtype=np.uint64)[:, None]).reshape(-1)
         u = torch.from_numpy(uniforms(np.tile(batch.sampling.seeds, steps), at)).view(steps, rows)
@@ -405,26 +396,26 @@ class ModelRunner:
         )
         return Sampled(torch.stack(drawn), logprobs), batch.moved(logits, state)
 
-    @staticmethod
-    def _merged(
-        batch: Batch, steps: int, parts: list[tuple[list[int], Sampled, Batch]]
+    def _masked_steps(
+        self, batch: Batch, constraints: RowConstraints, positions: np.ndarray, steps: int
     ) -> tuple[Sampled, Batch]:
-        """The parts of ``batch`` (their rows, what they drew, where they ended) back together
-        in its order."""
-        ids = torch.empty(steps, len(batch), dtype=torch.long)
-        logits = torch.empty_like(batch.logits)
-        state = tuple(torch.empty_like(s) for s in batch.state)
-        logprobs: RowLogprobs | None = None
-        for rows, sampled, part in parts:
-            idx = torch.tensor(rows)
-            ids[:, idx] = sampled.ids
-            logits[idx] = part.logits
-            for whole, piece in zip(state, part.state, strict=True):
-                whole[:, idx] = piece
-            if sampled.logprobs is not None:
-                logprobs = logprobs or [None] * len(batch)
-                for j, b in enumerate(rows):
-                    logprobs[b] = sampled.logprobs[j]
+        asking = batch.logprobs.max() >= 0
+        logits, state = batch.logits, batch.state
+        drawn, seen = [], []
+        for s in range(steps):
+            masks = constraints.fill()
+            if asking:
+                seen.append(logits)
+            ids, logits, state = self.decoder.decode_batch(
+                logits, state, batch.sampling, positions + np.uint64(s), 1, mask=masks
+            )
+            constraints.advance(ids[0].tolist())
+            drawn.append(ids[0])
+        ids = torch.stack(drawn)
+        logprobs = None
+        if asking:
+            chars = torch.where(ids == constraints.end, 0, ids)
+            logprobs = self._row_logprobs(batch, torch.stack(seen), chars)
         return Sampled(ids, logprobs), batch.moved(logits, state)
 
     def _row_logprobs(

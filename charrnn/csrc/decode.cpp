@@ -263,12 +263,15 @@ using StepFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, 
 // again. Row b's draw for its s-th character here is uniform(seeds[b], positions[b] + s).
 // ids [steps, B], and the logits and state after the last step. With ``seen`` (a float32
 // [steps, B, V]), the logits each character was sampled from are copied into it (for
-// logprobs; the caller passes it only when a row asked for them).
+// logprobs; the caller passes it only when a row asked for them). With ``mask`` (as for
+// ``sample``; one step only, since the next step's mask depends on this step's draw) the
+// rows draw through it, and a row that draws "end" (id V) has the network read character 0.
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
     const Tensor& logits, const Tensor& h_all, const Tensor& c_all, const Tensor& table0,
     at::TensorList weights, at::TensorList scales, at::TensorList biases,
     const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& seeds,
-    const Tensor& positions, int64_t steps, const std::optional<Tensor>& seen) {
+    const Tensor& positions, int64_t steps, const std::optional<Tensor>& seen,
+    const std::optional<Tensor>& mask) {
   check_params(logits, temperature, top_k, top_p);
   const int64_t batch = logits.size(0);
   check_rows(seeds, batch, at::kLong, "seeds");
@@ -278,6 +281,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
     TORCH_CHECK(seen->scalar_type() == at::kFloat && seen->dim() == 3 && seen->size(0) == steps &&
                     seen->size(1) == batch && seen->size(2) == logits.size(1),
                 "seen must be a float32 [steps, B, V]");
+  const int64_t vocab = logits.size(1);
+  if (mask.has_value()) {
+    TORCH_CHECK(steps == 1, "a mask serves one step, got steps = ", steps);
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kInt && mask->dim() == 2 &&
+                    mask->size(0) == batch && mask->size(1) >= (vocab + 32) / 32,
+                "mask must be an int32 CPU [B, W] with W >= (V + 32) / 32 and B = ", batch);
+  }
+  const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
   static const auto step = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("charrnn::lstm_step", "")
                                .typed<StepFn>();
@@ -292,8 +303,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
     if (seen.has_value()) (*seen)[s].copy_(x);
     const uint64_t offset = static_cast<uint64_t>(s);
     sample_rows(x, t, k, p, [&](int64_t b) { return uniform(sd[b], ps[b] + offset); },
-                row_ids.data_ptr<int64_t>());
-    std::tie(x, h, c) = step.call(row_ids, h, c, table0, weights, scales, biases);
+                row_ids.data_ptr<int64_t>(), m.defined() ? m.data_ptr<int32_t>() : nullptr,
+                m.defined() ? m.size(1) : 0);
+    Tensor read = row_ids;
+    if (m.defined()) {
+      read = row_ids.clone();
+      int64_t* r = read.data_ptr<int64_t>();
+      for (int64_t b = 0; b < batch; ++b)
+        if (r[b] == vocab) r[b] = 0;  // "end": the row's text is over, any character will do
+    }
+    std::tie(x, h, c) = step.call(read, h, c, table0, weights, scales, biases);
     TORCH_CHECK(x.dim() == 2 && x.size(0) == batch && x.size(1) == logits.size(1),
                 "the step's logits must be [B, V] like the input logits");
   }
@@ -309,7 +328,8 @@ TORCH_LIBRARY_FRAGMENT(charrnn, m) {
   m.def(
       "lstm_decode(Tensor logits, Tensor h_all, Tensor c_all, Tensor table0, Tensor[] weights, "
       "Tensor[] scales, Tensor[] biases, Tensor temperature, Tensor top_k, Tensor top_p, "
-      "Tensor seeds, Tensor positions, int steps, Tensor(a!)? seen=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor seeds, Tensor positions, int steps, Tensor(a!)? seen=None, Tensor? mask=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(charrnn, CPU, m) {
