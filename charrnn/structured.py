@@ -286,29 +286,51 @@ class Matcher:
         return self._matcher.get_error()
 
 
+class MaskStepper:
+    """A batch's constrained rows made ready for many steps: each step fills their masks
+    (row ``b``'s into row ``b`` of ``masks``, an int32 CPU tensor from ``new_masks``) and moves
+    their matchers on by the ids drawn, with as little as possible around llguidance's own
+    calls, which run without the GIL. A row that no character of the vocabulary continues
+    gets a mask without any (the sampler then ends it)."""
+
+    def __init__(self, rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor):
+        # Straight to the tensor's memory, as llguidance's numpy helpers do after checks that
+        # would cost more than a row's mask.
+        assert masks.dtype == torch.int32 and masks.is_contiguous() and masks.device.type == "cpu"
+        self.masks = masks
+        self.end = rows[0][1].end if rows else -1
+        self._rows = [(b, m._matcher) for b, m in rows]
+        self._pairs = [(m._matcher, b) for b, m in rows]
+        self._bytes = masks.shape[1] * 4
+        self._base = masks.data_ptr()
+
+    def fill(self) -> None:
+        if len(self._rows) == 1:  # the pool's hand-over would cost more than one row's mask
+            b, matcher = self._rows[0]
+            matcher.unsafe_compute_mask_ptr(self._base + b * self._bytes, self._bytes)
+        elif self._rows:
+            _executor().unsafe_compute_mask_ptr(
+                self._pairs, self._base, self._bytes, self.masks.shape[0]
+            )
+
+    def advance(self, ids: Sequence[int]) -> None:
+        """``ids[b]``: what row ``b`` drew (its matcher stays where it is on "end")."""
+        end = self.end
+        _consume([(m, ids[b]) for b, m in self._rows if ids[b] != end])
+
+
 def fill_masks(rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor) -> None:
-    """Write each constrained row's mask into its row of ``masks`` (``new_masks``; a CPU
-    tensor), all in one call that runs without the GIL, across llguidance's threads. A row
-    that no character of the vocabulary continues gets a mask without any (the sampler then
-    ends it)."""
-    if not rows:
-        return
-    # Straight to the tensor's memory, as llguidance's numpy helpers do after their checks,
-    # which would cost more than a row's mask: an int32 CPU tensor, one row per mask.
-    assert masks.dtype == torch.int32 and masks.is_contiguous() and masks.device.type == "cpu"
-    row_bytes = masks.shape[1] * 4
-    if len(rows) == 1:  # the pool's hand-over would cost more than one row's mask
-        row, matcher = rows[0]
-        matcher._matcher.unsafe_compute_mask_ptr(masks.data_ptr() + row * row_bytes, row_bytes)
-    else:
-        pairs = [(matcher._matcher, row) for row, matcher in rows]
-        _executor().unsafe_compute_mask_ptr(pairs, masks.data_ptr(), row_bytes, masks.shape[0])
+    """Write each constrained row's mask into its row of ``masks`` (``MaskStepper``)."""
+    MaskStepper(rows, masks).fill()
 
 
 def advance(rows: Sequence[tuple[Matcher, int]]) -> None:
     """Move each matcher on by the id its row drew: a character, or "end", which leaves the
     matcher where it is (the row is over). One call for all of them."""
-    pairs = [(matcher._matcher, i) for matcher, i in rows if i != matcher.end]
+    _consume([(matcher._matcher, i) for matcher, i in rows if i != matcher.end])
+
+
+def _consume(pairs: list[tuple[llguidance.LLMatcher, int]]) -> None:
     if len(pairs) == 1:
         pairs[0][0].consume_token(pairs[0][1])
     elif pairs:

@@ -10,12 +10,13 @@ constraint keep a mask that allows everything, so they draw exactly as without o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from charrnn.structured import Matcher, advance, fill_masks
+from charrnn.structured import MaskStepper, Matcher
 
 
 @dataclass
@@ -56,14 +57,19 @@ class RowConstraints:
             masks.append(c.masks if c is not None else _allow_all(n, words))
         return RowConstraints(matchers, torch.cat(masks))
 
+    @functools.cached_property
+    def stepper(self) -> MaskStepper:
+        """Fills every constrained row's mask for its next character, and moves each matcher
+        on by the id its row drew ("end" leaves it), one call each."""
+        rows = [(b, m) for b, m in enumerate(self.matchers) if m is not None]
+        return MaskStepper(rows, self.masks)
+
     def fill(self) -> torch.Tensor:
-        """Every constrained row's mask for its next character, in one call."""
-        fill_masks([(b, m) for b, m in enumerate(self.matchers) if m is not None], self.masks)
+        self.stepper.fill()
         return self.masks
 
     def advance(self, ids: Sequence[int]) -> None:
-        """Each constrained row's matcher consumes the id it drew ("end" leaves it)."""
-        advance([(m, i) for m, i in zip(self.matchers, ids, strict=True) if m is not None])
+        self.stepper.advance(ids)
 
 
 def _allow_all(rows: int, words: int) -> torch.Tensor:

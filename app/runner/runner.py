@@ -400,16 +400,21 @@ class ModelRunner:
         self, batch: Batch, constraints: RowConstraints, positions: np.ndarray, steps: int
     ) -> tuple[Sampled, Batch]:
         asking = batch.logprobs.max() >= 0
+        stepper = constraints.stepper
+        filters = batch.sampling.filters
+        seeds = torch.from_numpy(batch.sampling.seeds.view(np.int64))
+        at = positions[None, :] + np.arange(steps, dtype=np.uint64)[:, None]
+        at = torch.from_numpy(at.view(np.int64))
         logits, state = batch.logits, batch.state
         drawn, seen = [], []
         for s in range(steps):
-            masks = constraints.fill()
+            stepper.fill()
             if asking:
                 seen.append(logits)
-            ids, logits, state = self.decoder.decode_batch(
-                logits, state, batch.sampling, positions + np.uint64(s), 1, mask=masks
+            ids, logits, state = self.decoder.decode(
+                logits, state, *filters, seeds, at[s], 1, None, stepper.masks
             )
-            constraints.advance(ids[0].tolist())
+            stepper.advance(ids[0].tolist())
             drawn.append(ids[0])
         ids = torch.stack(drawn)
         logprobs = None
