@@ -248,7 +248,8 @@ def test_disconnect_frees_its_row(server):
     """A client that hangs up mid-stream stops its generation (of a million characters)
     within a decode call or two: its row is freed and nothing decodes for it any more."""
     generated = lambda: server.metric("charrnn_generated_characters_total", model="tiny")  # noqa: E731
-    before = generated()
+    cutoffs = lambda: server.metric("charrnn_slow_client_cutoffs_total", model="tiny")  # noqa: E731
+    before, cut_before = generated(), cutoffs()
 
     async def run() -> None:
         async with (
@@ -277,6 +278,8 @@ def test_disconnect_frees_its_row(server):
     time.sleep(0.3)
     assert generated() == stopped_at  # nothing decodes for the client that left
     assert stopped_at - before < 1_000_000  # stopped long before its end
+    # ... by the client leaving, not by the backlog of a reader that stopped reading.
+    assert cutoffs() == cut_before
 
 
 @pytest.mark.e2e
