@@ -264,6 +264,12 @@ def test_api_key_field_when_keys_are_configured(browser, tiny_checkpoint: Path, 
 # -- probabilities ----------------------------------------------------------------------------
 
 
+def _alice_was(server: Server) -> dict:
+    """The reference answer for the colouring tests' run (seed 11), with its logprobs."""
+    body = {"prime": "Alice was", "max_new_chars": 120, "seed": 11, "temperature": 0.8}
+    return httpx.post(f"{server.url}/generate", json={**body, "logprobs": 5}, timeout=30).json()
+
+
 @pytest.mark.e2e
 def test_colouring_by_probability_with_alternatives_by_keyboard(page, server: Server):
     """With the toggle on, every generated character is a shaded span; its logprob is the
@@ -275,17 +281,7 @@ def test_colouring_by_probability_with_alternatives_by_keyboard(page, server: Se
     page.wait_for_selector("#legend:not([hidden])")
     text = page.evaluate("document.querySelector('#generated').textContent")
     assert page.locator("#generated .tok").count() == len(text) == 120
-    want = httpx.post(
-        f"{server.url}/generate",
-        json={
-            "prime": "Alice was",
-            "max_new_chars": 120,
-            "seed": 11,
-            "temperature": 0.8,
-            "logprobs": 5,
-        },
-        timeout=30,
-    ).json()
+    want = _alice_was(server)
     assert text == want["generated_text"]
     shades = page.evaluate(
         "[...document.querySelectorAll('#generated .tok')].map(s => s.className)"
@@ -343,17 +339,7 @@ def test_colouring_after_a_plain_run_colours_the_text_there(page, server: Server
     page.wait_for_selector("#state[data-state='done']")  # back to where it was
     assert page.text_content("#generated") == text
     assert page.locator("#generated .tok").count() == 120
-    want = httpx.post(
-        f"{server.url}/generate",
-        json={
-            "prime": "Alice was",
-            "max_new_chars": 120,
-            "seed": 11,
-            "temperature": 0.8,
-            "logprobs": 5,
-        },
-        timeout=30,
-    ).json()
+    want = _alice_was(server)
     assert want["generated_text"] == text
     logprobs = want["logprobs"]["token_logprobs"]
     shades = page.evaluate(

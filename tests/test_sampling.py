@@ -128,20 +128,26 @@ def _reference_interval(logits, temperature, top_k, top_p, u, pick) -> float:
     return max(float(edges[rank]) - target, target - float(edges[rank + 1]), 0.0) / float(edges[-1])
 
 
-def test_native_sampler_agrees_with_sample_next():
-    """The same ids but where the draw lies within float32 rounding of the edge between two
-    characters (the two compute the softmax with different exp and sum code); both then pick
-    a character whose float64 share of the CDF the draw touches."""
-    if not native.load():
-        pytest.skip("the native kernels are not available here (no C++ compiler)")
-    g = torch.Generator().manual_seed(0)
-    n, v = 20000, 65
+def _random_rows(g: torch.Generator, n: int, v: int) -> tuple[torch.Tensor, ...]:
+    """``n`` rows of logits over ``v`` characters with every kind of sampling setting, and
+    their uniforms: (logits, temperature, top_k, top_p, u)."""
     logits = torch.randn(n, v, generator=g) * 4
     temperature = torch.rand(n, generator=g) * 1.5 + 0.2
     top_k = torch.randint(1, v + 5, (n,), generator=g)
     top_p = torch.rand(n, generator=g) * 0.9 + 0.1
     top_p[::3] = 1.0
     u = torch.rand(n, generator=g, dtype=torch.float64)
+    return logits, temperature, top_k, top_p, u
+
+
+def test_native_sampler_agrees_with_sample_next():
+    """The same ids but where the draw lies within float32 rounding of the edge between two
+    characters (the two compute the softmax with different exp and sum code); both then pick
+    a character whose float64 share of the CDF the draw touches."""
+    if not native.load():
+        pytest.skip("the native kernels are not available here (no C++ compiler)")
+    g, n, v = torch.Generator().manual_seed(0), 20000, 65
+    logits, temperature, top_k, top_p, u = _random_rows(g, n, v)
     want = sample_next(logits, temperature, top_k, top_p, u)
     got = torch.ops.charrnn.sample(logits, temperature, top_k, top_p, u)
     differ = (want != got).nonzero().flatten().tolist()
@@ -281,14 +287,8 @@ def test_native_masked_sampler_agrees_with_sample_next():
     """As unmasked: the same ids but where the draw lies within float32 rounding of an edge."""
     if not native.load():
         pytest.skip("the native kernels are not available here (no C++ compiler)")
-    g = torch.Generator().manual_seed(0)
-    n, v = 20000, 65
-    logits = torch.randn(n, v, generator=g) * 4
-    temperature = torch.rand(n, generator=g) * 1.5 + 0.2
-    top_k = torch.randint(1, v + 5, (n,), generator=g)
-    top_p = torch.rand(n, generator=g) * 0.9 + 0.1
-    top_p[::3] = 1.0
-    u = torch.rand(n, generator=g, dtype=torch.float64)
+    g, n, v = torch.Generator().manual_seed(0), 20000, 65
+    logits, temperature, top_k, top_p, u = _random_rows(g, n, v)
     allowed = torch.rand(n, v + 1, generator=g) < torch.rand(n, 1, generator=g)
     allowed[::11] = True
     allowed[1::13, :v] = False

@@ -25,20 +25,9 @@ from charrnn import SamplingParams, load_checkpoint
 from charrnn.structured import Constraint, compile_constraint, generate_constrained
 from tests.server import run_server
 from tests.test_routes import Client, run
+from tests.test_structured import LIST_GRAMMAR, NAME, PERSON
 
-NAME = r"[A-Z][a-z]{3,9}(ia|or|wen)"
 WORDS = r"[a-z]+( [a-z]+)*"
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "enum": ["alice", "queen", "hatter"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "tags"],
-    "additionalProperties": False,
-}
-LIST_GRAMMAR = 'start: "[" NUM ("," NUM)* "]"\nNUM: /[1-9][0-9]?/'
 LIST_RE = r"\[[1-9][0-9]?(,[1-9][0-9]?)*\]"
 JSON = {"content-type": "application/json"}
 
