@@ -327,7 +327,7 @@ class ModelRunner:
             drawn = ids.tolist()
             constraints.advance(drawn)
             if constraints.end in drawn:
-                chars = torch.where(ids == constraints.end, 0, ids)
+                chars = self._chars(ids, constraints)
         if batch.staged:
             stage.record(batch.stages, ids.tolist())
         return ids, chars
@@ -419,7 +419,7 @@ class ModelRunner:
         ids = torch.stack(drawn)
         logprobs = None
         if asking:
-            chars = torch.where(ids == constraints.end, 0, ids)
+            chars = self._chars(ids, constraints)
             logprobs = self._row_logprobs(batch, torch.stack(seen), chars)
         return Sampled(ids, logprobs), batch.moved(logits, state)
 
