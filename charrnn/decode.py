@@ -228,9 +228,9 @@ class StepDecoder:
         state after the last step. The same ids as one ``sample``-then-``step`` per character,
         however the characters are split into calls. With ``seen`` (float32 [steps, B, V]),
         the logits each character was sampled from are written into it (for logprobs). With
-        ``mask`` (one step; ``charrnn.sampling.sample_next``'s), the rows draw through it and
-        one that draws "end" (id V) has the network read character 0. In inference mode, like
-        ``step``."""
+        ``mask`` (``charrnn.sampling.sample_next``'s: [B, W] for every step, or [steps, B, W]),
+        the rows draw through it and one that draws "end" (id V) has the network read
+        character 0. In inference mode, like ``step``."""
         ids, logits, h, c = self._decode(
             logits,
             state[0],

@@ -10,7 +10,7 @@ that may continue a match is exact. The pieces, in the order a request meets the
   time bound, into a ``Grammar`` kept in a small LRU cache; each failure is a
   ``ConstraintError`` that says what to fix;
 * ``Grammar.matcher`` gives each constrained row a ``Matcher``; per decode step, ``fill_masks``
-  fills every constrained row's mask in one GIL-free call, the sampler draws with it
+  fills every constrained row's mask (a microsecond a row), the sampler draws with it
   (``charrnn.sampling.sample_next``'s ``mask``: "end", id ``V``, is one more outcome), and
   ``advance`` moves the matchers on by the characters drawn;
 * ``generate_constrained`` is the single-request loop: the reference the service agrees with.
@@ -232,11 +232,6 @@ def tokenizer(chars: str) -> llguidance.LLTokenizer:
 
 
 @functools.cache
-def _executor() -> llguidance.LLExecutor:
-    return llguidance.LLExecutor()
-
-
-@functools.cache
 def _compile_pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(COMPILE_WORKERS, "constraint-compile")
 
@@ -291,7 +286,11 @@ class MaskStepper:
     (row ``b``'s into row ``b`` of ``masks``, an int32 CPU tensor from ``new_masks``) and moves
     their matchers on by the ids drawn, with as little as possible around llguidance's own
     calls, which run without the GIL. A row that no character of the vocabulary continues
-    gets a mask without any (the sampler then ends it)."""
+    gets a mask without any (the sampler then ends it).
+
+    ``walk`` checks a guess that the masks will hold for several steps (the sampler then
+    draws them all in one native call): it moves the matchers along the draws for as long as
+    their masks stay the ones the draws were made with."""
 
     def __init__(self, rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor):
         # Straight to the tensor's memory, as llguidance's numpy helpers do after checks that
@@ -300,23 +299,65 @@ class MaskStepper:
         self.masks = masks
         self.end = rows[0][1].end if rows else -1
         self._rows = [(b, m._matcher) for b, m in rows]
-        self._pairs = [(m._matcher, b) for b, m in rows]
         self._bytes = masks.shape[1] * 4
-        self._base = masks.data_ptr()
+        # The bits the sampler reads (characters and "end"): a guess held where these agree.
+        words = masks.shape[1]
+        bits = np.zeros(words * 32, dtype=bool)
+        bits[: self.end + 1] = True
+        self._read = np.packbits(bits, bitorder="little").view(np.int32)
+        # walk's masks: rows without a constraint keep their mask (every character) here.
+        self._true = masks.clone()
+        self._live: list[tuple[int, llguidance.LLMatcher]] = []  # where the last walk stopped
 
     def fill(self) -> None:
-        if len(self._rows) == 1:  # the pool's hand-over would cost more than one row's mask
-            b, matcher = self._rows[0]
-            matcher.unsafe_compute_mask_ptr(self._base + b * self._bytes, self._bytes)
-        elif self._rows:
-            _executor().unsafe_compute_mask_ptr(
-                self._pairs, self._base, self._bytes, self.masks.shape[0]
-            )
+        self._fill(self._rows, self.masks)
+
+    def _fill(self, rows: Sequence[tuple[int, llguidance.LLMatcher]], into: torch.Tensor) -> None:
+        base, size = into.data_ptr(), self._bytes
+        for b, matcher in rows:
+            matcher.unsafe_compute_mask_ptr(base + b * size, size)
 
     def advance(self, ids: Sequence[int]) -> None:
         """``ids[b]``: what row ``b`` drew (its matcher stays where it is on "end")."""
         end = self.end
         _consume([(m, ids[b]) for b, m in self._rows if ids[b] != end])
+
+    def walk(self, drawn: Sequence[Sequence[int]]) -> tuple[int, torch.Tensor | None]:
+        """``drawn[s][b]``: row b's draw at step s, every step drawn through ``masks`` (filled
+        before step 0). Moves each row's matcher along its draws while its mask for the next
+        step is still its row of ``masks``. Returns the number of steps whose masks were right
+        and None where that is all of them (every matcher then moved on by every draw); else
+        the first step s whose mask was wrong for some row, with the masks step s should have
+        had (the matchers then moved on by the draws before s: ``settle`` moves them by the
+        draws of step s made again with those masks). A row that drew "end" is over: its
+        matcher stops there and its later draws are not its text."""
+        end, read, size = self.end, self._read, self._bytes
+        held, true = self.masks.numpy(), self._true.numpy()
+        true[:] = held  # rows that are over (or free) agree with the guess from here on
+        base = self._true.data_ptr()
+        live = self._rows
+        last = len(drawn)
+        for s in range(1, last + 1):
+            before = drawn[s - 1]
+            live = [(b, m) for b, m in live if before[b] != end]
+            # One loop, one call per row and step: each costs llguidance about a microsecond.
+            for b, m in live:
+                m.consume_token(before[b])
+                if s < last:
+                    m.unsafe_compute_mask_ptr(base + b * size, size)
+            if s == last or not live:
+                return last, None
+            # Every row compared: one that is over keeps the last mask it had, which agreed.
+            if ((held ^ true) & read).any():
+                self._live = live
+                return s, self._true
+        return last, None
+
+    def settle(self, ids: Sequence[int]) -> None:
+        """After a ``walk`` that stopped at step s: moves the rows still live there by
+        ``ids[b]``, their draws at s made with the true masks."""
+        end = self.end
+        _consume([(m, ids[b]) for b, m in self._live if ids[b] != end])
 
 
 def fill_masks(rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor) -> None:
@@ -326,17 +367,18 @@ def fill_masks(rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor) -> None
 
 def advance(rows: Sequence[tuple[Matcher, int]]) -> None:
     """Move each matcher on by the id its row drew: a character, or "end", which leaves the
-    matcher where it is (the row is over). One call for all of them."""
+    matcher where it is (the row is over)."""
     _consume([(matcher._matcher, i) for matcher, i in rows if i != matcher.end])
 
 
 def _consume(pairs: list[tuple[llguidance.LLMatcher, int]]) -> None:
-    if len(pairs) == 1:
-        pairs[0][0].consume_token(pairs[0][1])
-    elif pairs:
-        # A character the mask allowed is always consumed; were one not, its matcher would
-        # stop in an error state, and the row end unmatched at the next mask.
-        _executor().consume_token_par(pairs)
+    # One call per row on this thread: a character vocabulary's mask or step costs llguidance
+    # about a microsecond, and its thread pool's hand-over costs more (32 rows: 1.6 against
+    # 6.4 us a row and character, bench/README.md), the more so on cores the event loop and
+    # the decode thread already share. A character the mask allowed is always consumed; were
+    # one not, its matcher would stop in an error state, and the row end unmatched.
+    for matcher, i in pairs:
+        matcher.consume_token(i)
 
 
 @dataclass(frozen=True)

@@ -432,3 +432,77 @@ def test_masks_allow_exactly_the_characters_that_continue(trained):
 def test_choice_limit_matches_the_contract():
     assert MAX_CHOICES == 1000
     Constraint.parse({"choice": [f"w{i}" for i in range(MAX_CHOICES)]})
+
+
+def _runner_rows(trained, weights: str):
+    from app.runner import Batch, ModelRunner
+    from charrnn.checkpoint import Checkpoint
+    from charrnn.native import load
+
+    model, vocab = trained
+    if not load():
+        pytest.skip("the native kernels are not available here (no C++ compiler)")
+    runner = ModelRunner(Checkpoint(model, vocab), torch.device("cpu"), weights=weights)
+    specs = [
+        ("The ", 1, {"regex": r"[a-z ]+"}),  # one character class: the masks hold
+        ("Alice ", 2, None),
+        ("\n", 3, {"json_schema": PERSON}),  # masks change at most characters
+        ("The ", 4, {"regex": TEMPLATE}),
+        ("The ", 5, {"choice": ["yes", "no"]}),  # over within a few characters
+        ("The ", 6, None),
+    ]
+    with runner.worker():
+        rows = []
+        for prime, seed, spec in specs:
+            logits, state = runner.prime(runner.encode(prime), None)
+            matcher = _compile(vocab, spec).matcher() if spec else None
+            rows.append(runner.new_row(logits, state, SamplingParams(seed=seed), 3, (), matcher))
+    return runner, Batch.concat(rows), len(vocab)
+
+
+def _drawn(runner, batch, steps: int, length: int) -> tuple[list[list[int]], list]:
+    """Each row's ids and logprobs up to its "end", from calls of ``steps`` characters."""
+    rows = len(batch)
+    ids: list[list[int]] = [[] for _ in range(rows)]
+    lps: list[list] = [[] for _ in range(rows)]
+    with runner.worker():
+        while len(ids[0]) < length:  # a call may give fewer than ``steps``
+            positions = np.full(rows, len(ids[0]), dtype=np.uint64)
+            sampled, batch = runner.decode(batch, positions, steps)
+            for b, run in enumerate(sampled.runs()):
+                ids[b] += run
+                lps[b] += list(zip(*sampled.logprobs[b][:2], strict=True))
+    end = len(runner.vocab)
+    cut = [i.index(end) + 1 if end in i[:length] else length for i in ids]
+    return [i[:n] for i, n in zip(ids, cut, strict=True)], [
+        lp[:n] for lp, n in zip(lps, cut, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_guessed_masks_give_the_ids_of_one_step_a_call(trained, weights, monkeypatch):
+    """The native runner draws a run of characters with each row's masks held and checks the
+    guess along the draws, replaying from where a mask changed: calls of 32 characters give
+    the ids and logprobs of calls of one, for rows whose masks hold, rows whose masks change,
+    a row that ends early, and free rows. Both outcomes of the check happen."""
+    from charrnn.structured import MaskStepper
+
+    outcomes = []
+    walk = MaskStepper.walk
+
+    def spy(self, drawn):
+        held, true = walk(self, drawn)
+        outcomes.append((len(drawn), held, true is None))
+        return held, true
+
+    monkeypatch.setattr(MaskStepper, "walk", spy)
+    runner, batch, end = _runner_rows(trained, weights)
+    one = _drawn(runner, batch, 1, 96)
+    runner, batch, end = _runner_rows(trained, weights)  # fresh matchers
+    runs = _drawn(runner, batch, 32, 96)
+    assert runs == one
+    ids, _ = one
+    assert end not in ids[1] and end not in ids[5] and len(ids[1]) == 96  # the free rows
+    assert ids[4][-1] == end and len(ids[4]) < 8  # "yes" or "no", then "end"
+    assert any(n > 1 and whole for n, _, whole in outcomes)  # a run of guesses that held
+    assert any(not whole for _, _, whole in outcomes)  # and one replayed

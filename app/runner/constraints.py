@@ -1,11 +1,12 @@
 """The batch's constrained rows: one matcher per row that has a constraint, and the masks the
 sampler reads (charrnn/structured.py), kept with the batch so that its rows' order is theirs.
 
-A batch without a constrained row has none of this (``Batch.constraints`` is None) and keeps
-its fused multi-character call. With one, every call is one step: ``fill`` writes every
-constrained row's mask in one GIL-free call, the sampler draws with them (rows without a
+A batch without a constrained row has none of this (``Batch.constraints`` is None). With one,
+``fill`` writes every constrained row's mask, the sampler draws with them (rows without a
 constraint keep a mask that allows everything, so they draw exactly as without one), and
-``advance`` moves the matchers on by the ids drawn, also in one call.
+``advance`` moves the matchers on by the ids drawn. The native
+runner draws several steps with one set of masks and checks afterwards that they held
+(``MaskStepper.walk``; ``run`` is how many it guesses).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from charrnn.structured import MaskStepper, Matcher
 
+MAX_RUN = 32
+
 
 @dataclass
 class RowConstraints:
@@ -26,6 +29,11 @@ class RowConstraints:
 
     matchers: list[Matcher | None]
     masks: torch.Tensor
+    # How many steps the next call guesses the masks hold for (ModelRunner._masked_steps):
+    # it doubles while guesses hold, up to MAX_RUN, and drops to what held when one fails. A
+    # row that joins starts it again (its first masks often change: "end" once a match is
+    # complete); rows that leave keep it.
+    run: int = 4
 
     @classmethod
     def of(cls, matcher: Matcher, words: int) -> RowConstraints:
@@ -41,7 +49,7 @@ class RowConstraints:
         matchers = [self.matchers[i] for i in keep]
         if all(m is None for m in matchers):
             return None
-        return RowConstraints(matchers, self.masks[keep])
+        return RowConstraints(matchers, self.masks[keep], self.run)  # their guesses still hold
 
     @staticmethod
     def concat(parts: Sequence[tuple[RowConstraints | None, int]]) -> RowConstraints | None:
@@ -60,7 +68,7 @@ class RowConstraints:
     @functools.cached_property
     def stepper(self) -> MaskStepper:
         """Fills every constrained row's mask for its next character, and moves each matcher
-        on by the id its row drew ("end" leaves it), one call each."""
+        on by the id its row drew ("end" leaves it)."""
         rows = [(b, m) for b, m in enumerate(self.matchers) if m is not None]
         return MaskStepper(rows, self.masks)
 

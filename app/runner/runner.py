@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from app.runner import logits as stage
-from app.runner.constraints import RowConstraints
+from app.runner.constraints import MAX_RUN, RowConstraints
 from app.runner.graphs import PaddedStep
 from app.runner.logits import LogitsProcessor, RowStage
 from charrnn.checkpoint import Checkpoint
@@ -372,8 +372,8 @@ class ModelRunner:
 
     def _stepwise(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         """``sample`` then ``forward``, ``steps`` times, in one tight loop; where only
-        constraints stand between the network and the sampler, each step is one native call
-        (masked draw and network step) between filling the masks and moving the matchers."""
+        constraints stand between the network and the sampler, runs of masked steps in one
+        native call each (``_masked_steps``)."""
         constraints = batch.constraints
         if self.multi_step and constraints is not None and not batch.staged:
             return self._masked_steps(batch, constraints, positions, steps)
@@ -399,29 +399,43 @@ class ModelRunner:
     def _masked_steps(
         self, batch: Batch, constraints: RowConstraints, positions: np.ndarray, steps: int
     ) -> tuple[Sampled, Batch]:
-        asking = batch.logprobs.max() >= 0
+        """Up to ``steps`` characters per row in one native call, on a guess that each row's
+        mask for its next character holds for a run of them (a regex's character class often
+        does): the matchers then check the guess along the draws. Where a mask changed at step
+        s, the draws before s stand (they were made with their true masks) and the call is
+        made again for s + 1 steps, step s with its true masks: the same ids, bit for bit, as
+        one step at a time. The run grows while guesses hold and shrinks to what held when
+        one does not, so a grammar whose masks change at every character costs about one
+        step per call, as without the guess."""
         stepper = constraints.stepper
-        filters = batch.sampling.filters
-        seeds = torch.from_numpy(batch.sampling.seeds.view(np.int64))
-        at = positions[None, :] + np.arange(steps, dtype=np.uint64)[:, None]
-        at = torch.from_numpy(at.view(np.int64))
-        logits, state = batch.logits, batch.state
-        drawn, seen = [], []
-        for s in range(steps):
-            stepper.fill()
-            if asking:
-                seen.append(logits)
-            ids, logits, state = self.decoder.decode(
-                logits, state, *filters, seeds, at[s], 1, None, stepper.masks
-            )
-            stepper.advance(ids[0].tolist())
-            drawn.append(ids[0])
-        ids = torch.stack(drawn)
+        stepper.fill()
+        run = min(steps, constraints.run)
+        asking = batch.logprobs.max() >= 0
+        ids, logits, state, seen = self._masked_call(batch, positions, run, stepper.masks, asking)
+        held, true = stepper.walk(ids.tolist())
+        if true is None:
+            constraints.run = min(2 * run, MAX_RUN)
+        else:
+            masks = stepper.masks.expand(held + 1, *stepper.masks.shape).clone()
+            masks[held] = true
+            ids, logits, state, seen = self._masked_call(batch, positions, held + 1, masks, asking)
+            stepper.settle(ids[held].tolist())
+            constraints.run = held + 1
         logprobs = None
-        if asking:
-            chars = self._chars(ids, constraints)
-            logprobs = self._row_logprobs(batch, torch.stack(seen), chars)
+        if seen is not None:
+            logprobs = self._row_logprobs(batch, seen, self._chars(ids, constraints))
         return Sampled(ids, logprobs), batch.moved(logits, state)
+
+    def _masked_call(
+        self, batch: Batch, positions: np.ndarray, steps: int, masks: torch.Tensor, asking: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, State, torch.Tensor | None]:
+        seen = torch.empty(steps, *batch.logits.shape) if asking else None
+        seeds = torch.from_numpy(batch.sampling.seeds.view(np.int64))
+        at = torch.from_numpy(positions.view(np.int64))
+        ids, logits, state = self.decoder.decode(
+            batch.logits, batch.state, *batch.sampling.filters, seeds, at, steps, seen, masks
+        )
+        return ids, logits, state, seen
 
     def _row_logprobs(
         self, batch: Batch, seen: torch.Tensor, ids: torch.Tensor

@@ -263,9 +263,12 @@ using StepFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, 
 // again. Row b's draw for its s-th character here is uniform(seeds[b], positions[b] + s).
 // ids [steps, B], and the logits and state after the last step. With ``seen`` (a float32
 // [steps, B, V]), the logits each character was sampled from are copied into it (for
-// logprobs; the caller passes it only when a row asked for them). With ``mask`` (as for
-// ``sample``; one step only, since the next step's mask depends on this step's draw) the
-// rows draw through it, and a row that draws "end" (id V) has the network read character 0.
+// logprobs; the caller passes it only when a row asked for them). With ``mask`` the rows draw
+// through it, and a row that draws "end" (id V) has the network read character 0: an int32
+// [B, W] as for ``sample`` holds for every step, an [S, B, W] gives step s its own. A mask
+// depends on the draws before it, so the caller holds one for several steps only on a guess
+// that it will not change, checks the guess against the matchers afterwards, and replays the
+// steps with the masks they had where it was wrong (app/runner/runner.py).
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
     const Tensor& logits, const Tensor& h_all, const Tensor& c_all, const Tensor& table0,
     at::TensorList weights, at::TensorList scales, at::TensorList biases,
@@ -283,12 +286,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
                 "seen must be a float32 [steps, B, V]");
   const int64_t vocab = logits.size(1);
   if (mask.has_value()) {
-    TORCH_CHECK(steps == 1, "a mask serves one step, got steps = ", steps);
-    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kInt && mask->dim() == 2 &&
-                    mask->size(0) == batch && mask->size(1) >= (vocab + 32) / 32,
-                "mask must be an int32 CPU [B, W] with W >= (V + 32) / 32 and B = ", batch);
+    const bool per_step = mask->dim() == 3;
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kInt &&
+                    (mask->dim() == 2 || (per_step && mask->size(0) == steps)) &&
+                    mask->size(-2) == batch && mask->size(-1) >= (vocab + 32) / 32,
+                "mask must be an int32 CPU [B, W] or [steps, B, W] with W >= (V + 32) / 32, B = ",
+                batch, " and steps = ", steps, ", got ", mask->scalar_type(), " ", mask->sizes());
   }
   const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
+  const int64_t words = m.defined() ? m.size(-1) : 0;
+  const int64_t mask_stride = m.defined() && m.dim() == 3 ? batch * words : 0;
   static const auto step = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("charrnn::lstm_step", "")
                                .typed<StepFn>();
@@ -303,8 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_decode(
     if (seen.has_value()) (*seen)[s].copy_(x);
     const uint64_t offset = static_cast<uint64_t>(s);
     sample_rows(x, t, k, p, [&](int64_t b) { return uniform(sd[b], ps[b] + offset); },
-                row_ids.data_ptr<int64_t>(), m.defined() ? m.data_ptr<int32_t>() : nullptr,
-                m.defined() ? m.size(1) : 0);
+                row_ids.data_ptr<int64_t>(),
+                m.defined() ? m.data_ptr<int32_t>() + s * mask_stride : nullptr, words);
     Tensor read = row_ids;
     if (m.defined()) {
       read = row_ids.clone();
