@@ -48,9 +48,11 @@ bench: install-dev
 # The shipped model's recipe (models/README.md). The run goes to runs/alice/ and its best
 # checkpoint, metrics and curve are copied over models/ only when it finishes.
 ALICE ?= ../shared/data/alice.txt
-MODEL_RECIPE ?= --batch-size 32 --seq-len 100 --hidden 512 --layers 2 --embed 64 \
-	--dropout 0.55 --embed-dropout 0.2 --weight-decay 0.3 \
-	--schedule onecycle --lr 2e-3 --clip 5 --epochs 25 --val-frac 0.1 --seed 0 --threads 1
+MODEL_RECIPE ?= --batch-size 64 --seq-len 100 --hidden 512 --layers 2 --embed 64 \
+	--dropout 0.45 --embed-dropout 0.2 --weight-decay 0.3 \
+	--weight-drop 0.3 --locked-dropout --ar 2 --tar 1 \
+	--schedule onecycle --lr 4e-3 --clip 5 --precision bf16 --epochs 40 --val-frac 0.1 \
+	--seed 0 --threads 1
 
 model: install
 	@test -f "$(ALICE)" || { echo "make model: $(ALICE) not found; download Project \
