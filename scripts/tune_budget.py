@@ -34,7 +34,17 @@ VARIANTS = {
     "awd": "--weight-drop 0.3 --locked-dropout --ar 2 --tar 1",
 }
 # What the grid records from each checkpoint's settings: what the recipe picked.
-PICKED = ("dropout", "embed_dropout", "weight_decay", "epochs", "batch_size", "lr", "precision")
+PICKED = (
+    "dropout",
+    "embed_dropout",
+    "weight_decay",
+    "weight_drop",
+    "locked_dropout",
+    "epochs",
+    "batch_size",
+    "lr",
+    "precision",
+)
 
 
 def fit(data: Path, out: Path, minutes: float, flags: list[str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from charrnn import Vocabulary, load_checkpoint
 from tests.conftest import make_text, tiny_fit_args, tiny_model
 from tests.test_training import StopAfter, tiny_cfg
 from training.__main__ import main
+from training.config import AWD_FROM_EPOCHS, AWD_RECIPE
 from training.data import encode
 from training.evaluate import BURN_IN, eval_windows, nll, windows_nll
 from training.fit import REG_HEAVY_EPOCHS, REG_LIGHT_EPOCHS, Trainer, fit
@@ -148,6 +149,29 @@ def test_budgeted_cli_takes_the_budget_recipe_and_picks_regularisation(corpus_fi
     main([*args, "--max-minutes", "0.02", "--dropout", "0.1", "--out", str(tmp_path / "d.pt")])
     train = load_checkpoint(last_path(tmp_path / "d.pt")).meta["train"]
     assert train["dropout"] == 0.1 and train["auto_regularization"] is False
+
+
+@pytest.mark.e2e
+def test_a_budget_that_buys_many_epochs_takes_the_awd_recipe(tmp_path):
+    """Without --epochs, --dropout and the AWD flags, a budget that buys AWD_FROM_EPOCHS
+    epochs or more takes the shipped model's recipe, AWD-LSTM's regularisers included, and a
+    resumed run keeps it; with --epochs given, the regularisers stay off."""
+    data = tmp_path / "small.txt"
+    data.write_text(make_text(3000), encoding="utf-8")  # a tiny model sees it 50+ times in 3 s
+    out = tmp_path / "m.pt"
+    args = tiny_fit_args(data, out, 1)
+    i = args.index("--epochs")
+    args = [*args[:i], *args[i + 2 :], "--max-minutes", "0.05"]
+    assert main(args) == 0
+    meta = load_checkpoint(last_path(out)).meta
+    train = meta["train"]
+    assert train["auto_awd"] is True and {k: train[k] for k in AWD_RECIPE} == AWD_RECIPE
+    assert meta["metrics"]["budget_epochs_planned"] >= AWD_FROM_EPOCHS
+    assert main([*args, "--resume"]) == 0  # the budget is spent: it stops at once
+    assert load_checkpoint(last_path(out)).meta["train"]["weight_drop"] == 0.3
+    main([*args, "--epochs", "50", "--out", str(tmp_path / "e.pt")])
+    train = load_checkpoint(last_path(tmp_path / "e.pt")).meta["train"]
+    assert train["auto_awd"] is False and train["weight_drop"] == 0 and train["epochs"] == 50
 
 
 @pytest.mark.e2e

@@ -200,6 +200,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     recipe = BUDGET_RECIPE if args.max_minutes is not None else {}
     given = {k: getattr(args, k) for k in RECIPE if getattr(args, k) is not None}
+    auto = args.max_minutes is not None and all(
+        getattr(args, k) is None for k in ("dropout", "embed_dropout", "weight_decay")
+    )
+    awd_given = args.locked_dropout or any((args.weight_drop, args.ar, args.tar))  # off: 0
     cfg = FitConfig(
         data=args.data,
         out=args.out,
@@ -229,10 +233,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         threads=args.threads,
         resume=args.resume,
         progress=not args.quiet,
-        auto_regularization=args.max_minutes is not None
-        and args.dropout is None
-        and args.embed_dropout is None
-        and args.weight_decay is None,
+        auto_regularization=auto,
+        auto_awd=auto and args.epochs is None and not awd_given,
         **{**recipe, **given},
     )
     stop = StopFlag()

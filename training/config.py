@@ -26,6 +26,22 @@ BUDGET_RECIPE: dict[str, Any] = {
     "precision": "bf16",
     "epochs": 30,
 }
+# What a budgeted run takes instead where its budget buys AWD_FROM_EPOCHS epochs or more (a
+# small text, a long budget), with none of these settings given: the shipped Alice model's
+# recipe (models/README.md). AWD-LSTM's regularisers keep it improving to epoch 40, where
+# dropout alone overfits from about 27. Where a budget buys a few epochs (the larger texts)
+# they cost more than they save, so they stay off there (README, "Budgeted training").
+AWD_FROM_EPOCHS = 30
+AWD_RECIPE: dict[str, Any] = {
+    "epochs": 40,
+    "dropout": 0.45,
+    "embed_dropout": 0.2,
+    "weight_decay": 0.3,
+    "weight_drop": 0.3,
+    "locked_dropout": True,
+    "ar": 2.0,
+    "tar": 1.0,
+}
 
 
 @dataclass
@@ -70,6 +86,9 @@ class FitConfig:
     # With max_minutes: pick dropout, embedding dropout and weight decay from the number of
     # epochs the budget buys (measured), instead of the values above.
     auto_regularization: bool = False
+    # With auto_regularization, and --epochs and the AWD flags not given either: take
+    # AWD_RECIPE where the budget buys AWD_FROM_EPOCHS epochs or more.
+    auto_awd: bool = False
     cache_dir: Path | None = None  # the id cache; None: training.data.default_cache_dir()
     threads: int | None = None
     resume: bool = False

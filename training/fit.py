@@ -22,7 +22,7 @@ from tqdm import tqdm
 from charrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from charrnn.model import CharRNN, ModelConfig, State, resolve_device
 from training import distributed, outputs, precision
-from training.config import FitConfig
+from training.config import AWD_FROM_EPOCHS, AWD_RECIPE, FitConfig
 from training.data import Batches, Corpus, default_cache_dir, load_corpus
 from training.errors import TrainingError
 from training.evaluate import Window, bpc, eval_windows, sharded_nll
@@ -228,12 +228,19 @@ class Trainer:
 
     def _pick_regularization(self) -> None:
         """A budgeted run's dropout and weight decay, from how many epochs its budget buys:
-        light where it sees the text a few times (underfitting is the risk), the shipped Alice
-        recipe's where it sees it 20 times or more (overfitting is)."""
+        light where it sees the text a few times (underfitting is the risk), heavy where it
+        sees it 20 times or more (overfitting is), and the shipped Alice model's recipe, with
+        AWD-LSTM's regularisers and more epochs, where it could see it 30 times or more."""
         cfg = self.cfg
         step_s = distributed.broadcast_object(self.dist, self._probe_step_s())
         steps = (cfg.max_minutes or 0) * 60 / step_s
-        epochs = min(steps * cfg.batch_size * cfg.seq_len / self.train_chars, cfg.epochs)
+        afford = steps * cfg.batch_size * cfg.seq_len / self.train_chars
+        if cfg.auto_awd and afford >= AWD_FROM_EPOCHS:
+            for key, value in AWD_RECIPE.items():
+                setattr(cfg, key, value)
+            self.planned_epochs = round(min(afford, cfg.epochs), 1)
+            return
+        epochs = min(afford, cfg.epochs)
         x = min(max((epochs - REG_LIGHT_EPOCHS) / (REG_HEAVY_EPOCHS - REG_LIGHT_EPOCHS), 0), 1)
         cfg.dropout = round(0.2 + 0.35 * x, 3)
         cfg.embed_dropout = round(0.2 * x, 3)
@@ -249,7 +256,7 @@ class Trainer:
         except CheckpointError as e:
             raise TrainingError(f"cannot resume: {e}") from None
         train = meta.get("train", {})
-        for key in ("dropout", "embed_dropout", "weight_decay"):
+        for key in ("dropout", "embed_dropout", "weight_decay", *AWD_RECIPE):
             if key in train:
                 setattr(self.cfg, key, train[key])
         self.planned_epochs = meta.get("metrics", {}).get("budget_epochs_planned")
