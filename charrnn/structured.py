@@ -372,10 +372,9 @@ def advance(rows: Sequence[tuple[Matcher, int]]) -> None:
 
 
 def _consume(pairs: list[tuple[llguidance.LLMatcher, int]]) -> None:
-    # One call per row on this thread: a character vocabulary's mask or step costs llguidance
-    # about a microsecond, and its thread pool's hand-over costs more (32 rows: 1.6 against
-    # 6.4 us a row and character, bench/README.md), the more so on cores the event loop and
-    # the decode thread already share. A character the mask allowed is always consumed; were
+    # One call per row on this thread: a character vocabulary's mask and step cost llguidance
+    # ~1.4 us a row, and its thread pool, woken again after each network step, ~7 us in the
+    # decode loop (bench/README.md). A character the mask allowed is always consumed; were
     # one not, its matcher would stop in an error state, and the row end unmatched.
     for matcher, i in pairs:
         matcher.consume_token(i)
