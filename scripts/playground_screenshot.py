@@ -97,6 +97,7 @@ def main() -> int:
         ap.error(f"no checkpoint at {args.model}")
     if not Path(args.chromium).exists():
         ap.error(f"no Chromium at {args.chromium} (apt-get install chromium)")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,10 @@ def main() -> int:
             page.screenshot(path=str(args.out), animations="disabled", clip=clip)
             state = page.get_attribute("#state", "data-state")
             if state == "streaming":
-                page.click("#stop")
+                try:
+                    page.click("#stop", timeout=2000)
+                except PlaywrightTimeout:  # it ended between the picture and the click
+                    print("note: the generation ended before Stop could be pressed")
             else:
                 print(f"note: the generation was already '{state}' when the picture was taken")
             browser.close()
