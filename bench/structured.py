@@ -6,8 +6,8 @@
 - Compile time of each of the README's examples and of a 50-property JSON schema, from a
   cold cache, on the model's vocabulary with JSON's punctuation added (a prose model has no
   braces or quotes; the compile time depends on the grammar, not on which characters).
-- llguidance's own cost per row and character under the regex (a mask and a step), 32 rows
-  called one after another, as the decode thread calls them.
+- llguidance's cost per row and character under the regex (a mask and a step), 32 rows
+  through the decode thread's ``MaskStepper``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import httpx
 
 from bench.common import DEFAULT_MODEL, emit, machine, served, stream_tokens
 from charrnn.checkpoint import load_checkpoint
-from charrnn.structured import Constraint, cache, compile_constraint, new_masks
+from charrnn.structured import Constraint, MaskStepper, cache, compile_constraint, new_masks
 from charrnn.vocab import Vocabulary
 
 # Any character but the corpus's rarest (digits, brackets, the underscore and asterisk of its
@@ -99,21 +99,17 @@ def compile_ms(chars: str, reps: int = 5) -> dict[str, float]:
 
 def llguidance_us(vocab: Vocabulary, rows: int = 32, steps: int = 200) -> float:
     """llguidance's own cost, µs per row and character: a mask and a step of ``rows``
-    matchers under the regex, called one after another as the decode thread calls them
-    (best of 3)."""
+    matchers under the regex, through the decode thread's ``MaskStepper`` (best of 3)."""
     grammar = compile_constraint(vocab, Constraint.parse({"regex": PROSE}))
     text = vocab.encode("Alice was beginning to get very tired of sitting by her sister " * 4)
     text = text[:steps]
-    masks = new_masks(rows, vocab)
-    size = masks.shape[1] * 4
     best = float("inf")
     for _ in range(3):
-        matchers = [grammar.matcher()._matcher for _ in range(rows)]
+        stepper = MaskStepper([(b, grammar.matcher()) for b in range(rows)], new_masks(rows, vocab))
         t0 = time.perf_counter()
         for i in text:
-            for b, m in enumerate(matchers):
-                m.unsafe_compute_mask_ptr(masks.data_ptr() + b * size, size)
-                m.consume_token(i)
+            stepper.fill()
+            stepper.advance([i] * rows)
         best = min(best, time.perf_counter() - t0)
     return round(best / (rows * len(text)) * 1e6, 2)
 

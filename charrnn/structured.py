@@ -319,8 +319,10 @@ class MaskStepper:
 
     def advance(self, ids: Sequence[int]) -> None:
         """``ids[b]``: what row ``b`` drew (its matcher stays where it is on "end")."""
-        end = self.end
-        _consume([(m, ids[b]) for b, m in self._rows if ids[b] != end])
+        self._move(self._rows, ids)
+
+    def _move(self, rows: Sequence[tuple[int, llguidance.LLMatcher]], ids: Sequence[int]) -> None:
+        _consume([(m, ids[b]) for b, m in rows if ids[b] != self.end])
 
     def walk(self, drawn: Sequence[Sequence[int]]) -> tuple[int, torch.Tensor | None]:
         """``drawn[s][b]``: row b's draw at step s, every step drawn through ``masks`` (filled
@@ -331,24 +333,19 @@ class MaskStepper:
         had (the matchers then moved on by the draws before s: ``settle`` moves them by the
         draws of step s made again with those masks). A row that drew "end" is over: its
         matcher stops there and its later draws are not its text."""
-        end, read, size = self.end, self._read, self._bytes
         held, true = self.masks.numpy(), self._true.numpy()
         true[:] = held  # rows that are over (or free) agree with the guess from here on
-        base = self._true.data_ptr()
         live = self._rows
         last = len(drawn)
         for s in range(1, last + 1):
             before = drawn[s - 1]
-            live = [(b, m) for b, m in live if before[b] != end]
-            # One loop, one call per row and step: each costs llguidance about a microsecond.
-            for b, m in live:
-                m.consume_token(before[b])
-                if s < last:
-                    m.unsafe_compute_mask_ptr(base + b * size, size)
+            live = [(b, m) for b, m in live if before[b] != self.end]
+            self._move(live, before)
             if s == last or not live:
                 return last, None
+            self._fill(live, self._true)
             # Every row compared: one that is over keeps the last mask it had, which agreed.
-            if ((held ^ true) & read).any():
+            if ((held ^ true) & self._read).any():
                 self._live = live
                 return s, self._true
         return last, None
@@ -356,8 +353,7 @@ class MaskStepper:
     def settle(self, ids: Sequence[int]) -> None:
         """After a ``walk`` that stopped at step s: moves the rows still live there by
         ``ids[b]``, their draws at s made with the true masks."""
-        end = self.end
-        _consume([(m, ids[b]) for b, m in self._live if ids[b] != end])
+        self._move(self._live, ids)
 
 
 def fill_masks(rows: Sequence[tuple[int, Matcher]], masks: torch.Tensor) -> None:
