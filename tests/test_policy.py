@@ -12,7 +12,7 @@ from app.engine.policy import MAX_STEPS, MIN_PRIME_PART, Costs, Policy
 from app.engine.request import Done, GenerationRequest
 from app.metrics import Metrics
 from app.runner import ModelRunner
-from app.runner.runner import Batch, Sampled
+from app.runner.runner import NO_LOGPROBS, Batch, Sampled
 from charrnn import SamplingParams, Vocabulary
 from charrnn.checkpoint import Checkpoint
 from charrnn.sampling import SamplingBatch
@@ -113,7 +113,8 @@ class FakeRunner:
 
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         self.calls += 1
-        return Sampled(torch.ones(steps, len(batch), dtype=torch.long)), batch
+        ids = torch.ones(steps, len(batch), dtype=torch.long)
+        return Sampled(ids, [NO_LOGPROBS] * len(batch)), batch
 
     def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
         return self.decode(batch, positions, 1)[0]

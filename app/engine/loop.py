@@ -24,7 +24,7 @@ from app.engine.policy import MIN_PRIME_PART, Costs, Policy
 from app.engine.priming import Priming
 from app.engine.request import Done, Logprobs
 from app.metrics import Metrics
-from app.runner import Batch, ModelRunner, Sampled
+from app.runner import Batch, ModelRunner, RowLogprobs, Sampled
 from charrnn.model import State
 
 if TYPE_CHECKING:
@@ -145,6 +145,18 @@ class DecodeLoop:
         else:
             self.outbox.succeeded()
 
+    def _row_guarded(self, gen: Generation, work: Callable[..., int | None], *args: object) -> int:
+        """Run one row's own work (no network call; it returns a count, or None): if it
+        raises, that row ends with an error, is dropped from the batch after this call, and
+        nothing else changes."""
+        try:
+            return work(*args) or 0
+        except Exception as exc:
+            log.exception("a row's work failed for model %s", self.name)
+            gen.matcher.finished = True
+            self.outbox.row_failed(gen, exc)
+            return 0
+
     # -- admission and primes ------------------------------------------------------------------
 
     def _admit(self) -> None:
@@ -185,7 +197,7 @@ class DecodeLoop:
         if finished:
             self.priming = [p for p in self.priming if p.left > 0]
             for p in finished:
-                self._primed(p)
+                self._row_guarded(p.gen, self._primed, p)
             self._set_gauges()
             if any(p.scored for p in finished):
                 self.outbox.flush()
@@ -272,32 +284,34 @@ class DecodeLoop:
 
     def _emit(self, sampled: Sampled) -> None:
         """Characters just sampled: each row's run into its text, and its events on. A row
-        that finishes part-way through a run drops the rest."""
+        that finishes part-way through a run drops the rest. A failure in one row's events
+        ends that row alone (an ``error`` event); the others go on."""
         now = time.perf_counter()
-        decode = self.runner.vocab.decode
-        end = len(self.runner.vocab)  # "end": a constrained row's match is over
-        logprobs = sampled.logprobs
         generated = 0
         urgent = False  # a first character or a final event: no reason to wait
-        for b, (gen, ids) in enumerate(zip(self.rows, sampled.runs(), strict=True)):
-            matcher = gen.matcher
-            if matcher.finished:
+        for gen, ids, logprobs in zip(self.rows, sampled.runs(), sampled.logprobs, strict=True):
+            if gen.matcher.finished:
                 continue
-            if not len(matcher):
+            if not len(gen.matcher):
                 self._ttfc.observe(now - gen.timings.submitted)
                 urgent = True
-            ended = end in ids
-            if ended:
-                ids = ids[: ids.index(end)]  # the match is over: what follows is not its text
-            row = logprobs[b] if logprobs is not None else (None, None)
-            events = matcher.push(decode(ids), *row, ended=ended)
-            self.outbox.add(gen, events)
-            generated += len(ids)
-            if matcher.finished:
+            generated += self._row_guarded(gen, self._emit_row, gen, ids, logprobs)
+            if gen.matcher.finished:
                 gen.timings.ended = now
                 urgent = True
         self._generated.inc(generated)
         self.outbox.after_call(urgent, bool(self.priming))
+
+    def _emit_row(self, gen: Generation, ids: list[int], logprobs: RowLogprobs) -> int:
+        """One row's run into its text and events; the characters it kept."""
+        end = len(self.runner.vocab)  # "end": a constrained row's match is over
+        ended = end in ids
+        if ended:
+            ids = ids[: ids.index(end)]  # the match is over: what follows is not its text
+        self.outbox.add(
+            gen, gen.matcher.push(self.runner.vocab.decode(ids), *logprobs, ended=ended)
+        )
+        return len(ids)
 
     def _drop_finished(self) -> None:
         keep = [i for i, g in enumerate(self.rows) if not g.matcher.finished]

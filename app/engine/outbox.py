@@ -71,15 +71,21 @@ class Outbox:
         self._hand_over(results, self.failing)
 
     def failed(self, gens: list[Generation], exc: Exception) -> None:
+        """A unit of work failed: its generations end with an error, and the model counts
+        towards failing."""
         self._failures += 1
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        reason = _reason(exc)
         if self._failures >= FAILING_AFTER and self.failing is None:
             self.failing = f"decode failed {self._failures} times in a row; last: {reason}"
             log.error("model %s is failing: %s", self.name, self.failing)
-        failed = Failed(f"generation failed inside the model ({reason})", "internal")
         for g in gens:
-            self._pending.setdefault(g, []).append(failed)
+            self._pending.setdefault(g, []).append(_failed(reason))
         self.flush()
+
+    def row_failed(self, gen: Generation, exc: Exception) -> None:
+        """One row's own work failed (its events, not the network call): it ends with an
+        error; the model is not failing for it, and the others of its call go on."""
+        self._pending.setdefault(gen, []).append(_failed(_reason(exc)))
 
     def succeeded(self) -> None:
         if self._failures:
@@ -88,6 +94,14 @@ class Outbox:
                 log.info("model %s decodes again", self.name)
                 self.failing = None
                 self.flush(force=True)
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+
+
+def _failed(reason: str) -> Failed:
+    return Failed(f"generation failed inside the model ({reason})", "internal")
 
 
 def _joined(a: Event, b: Event) -> TextRun | None:

@@ -3,9 +3,18 @@
 ``charrnn``; the engine (app/engine) imports it, never the other way round."""
 
 from app.runner.logits import LogitsProcessor
-from app.runner.runner import Batch, ModelRunner, RowLogprobs, Sampled, Top, decode_precision
+from app.runner.runner import (
+    NO_LOGPROBS,
+    Batch,
+    ModelRunner,
+    RowLogprobs,
+    Sampled,
+    Top,
+    decode_precision,
+)
 
 __all__ = [
+    "NO_LOGPROBS",
     "Batch",
     "LogitsProcessor",
     "ModelRunner",

@@ -39,9 +39,11 @@ from charrnn.structured import Matcher, new_masks
 
 # One character's likeliest alternatives, likeliest first: (character, logprob).
 Top = list[tuple[str, float]]
-# Per row of a call, the sampled characters' logprobs and alternatives (None for a row that
-# did not ask for them).
-RowLogprobs = list[tuple[list[float], list[Top] | None] | None]
+# One row's part of a call: its characters' logprobs and their alternatives (None where the
+# row asked for none); a row that asked for no logprobs has NO_LOGPROBS, so every reader
+# takes every row the same way, whatever the other rows of the call asked for.
+RowLogprobs = tuple[list[float] | None, list[Top] | None]
+NO_LOGPROBS: RowLogprobs = (None, None)
 
 
 def decode_precision(setting: str, device: torch.device) -> tuple[Precision, str]:
@@ -103,11 +105,11 @@ class Batch:
 
 @dataclass
 class Sampled:
-    """What one call drew: ``ids`` [S, B] (S characters for each of B rows) and the logprobs
-    of the rows that asked for them."""
+    """What one call drew: ``ids`` [S, B] (S characters for each of B rows) and each row's
+    logprobs (``NO_LOGPROBS`` for a row that did not ask)."""
 
     ids: torch.Tensor
-    logprobs: RowLogprobs | None = None
+    logprobs: list[RowLogprobs]
 
     def runs(self) -> list[list[int]]:
         """Each row's characters, in order."""
@@ -367,8 +369,7 @@ class ModelRunner:
         ids, logits, state = self.decoder.decode_batch(
             batch.logits, batch.state, batch.sampling, positions, steps, seen
         )
-        logprobs = self._row_logprobs(batch, seen, ids) if seen is not None else None
-        return Sampled(ids, logprobs), batch.moved(logits, state)
+        return Sampled(ids, self._row_logprobs(batch, seen, ids)), batch.moved(logits, state)
 
     def _stepwise(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         """``sample`` then ``forward``, ``steps`` times, in one tight loop; where only
@@ -391,8 +392,8 @@ class ModelRunner:
             drawn.append(ids)
             read.append(chars)
             logits, state = self.decoder.step(chars, state)
-        logprobs = (
-            self._row_logprobs(batch, torch.stack(seen), torch.stack(read)) if asking else None
+        logprobs = self._row_logprobs(
+            batch, torch.stack(seen) if asking else None, torch.stack(read)
         )
         return Sampled(torch.stack(drawn), logprobs), batch.moved(logits, state)
 
@@ -421,9 +422,7 @@ class ModelRunner:
             ids, logits, state, seen = self._masked_call(batch, positions, held + 1, masks, asking)
             stepper.settle(ids[held].tolist())
             constraints.run = held + 1
-        logprobs = None
-        if seen is not None:
-            logprobs = self._row_logprobs(batch, seen, self._chars(ids, constraints))
+        logprobs = self._row_logprobs(batch, seen, self._chars(ids, constraints))
         return Sampled(ids, logprobs), batch.moved(logits, state)
 
     def _masked_call(
@@ -438,14 +437,14 @@ class ModelRunner:
         return ids, logits, state, seen
 
     def _row_logprobs(
-        self, batch: Batch, seen: torch.Tensor, ids: torch.Tensor
-    ) -> RowLogprobs | None:
-        """The logprobs of the rows that asked for them (None when none did): ``seen``
-        [S, B, V] the logits each of the ``ids`` [S, B] was sampled from."""
-        asking = np.flatnonzero(batch.logprobs >= 0)
-        if not asking.size:
-            return None
-        out: RowLogprobs = [None] * len(batch)
-        for b in asking.tolist():
+        self, batch: Batch, seen: torch.Tensor | None, ids: torch.Tensor
+    ) -> list[RowLogprobs]:
+        """Each row's logprobs, ``NO_LOGPROBS`` for the rows that did not ask: ``seen``
+        [S, B, V] the logits each of the ``ids`` [S, B] was sampled from (None when no row
+        asked)."""
+        out = [NO_LOGPROBS] * len(batch)
+        if seen is None:
+            return out
+        for b in np.flatnonzero(batch.logprobs >= 0).tolist():
             out[b] = self.logprobs(seen[:, b], ids[:, b], int(batch.logprobs[b]))
         return out
