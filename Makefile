@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev serve test test-fast lint bench model docker-smoke clean
+.PHONY: install install-dev serve test test-fast lint bench soak model docker-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test-fast: install-dev
 
 bench: install-dev
 	$(PY) -m bench
+
+# 60 s of mixed traffic (JSON, SSE hang-ups, OpenAI, /score, hostile inputs) against a real
+# server: fails on any 5xx, a stream without `done`, or memory growth (scripts/soak.py).
+SOAK_SECONDS ?= 60
+soak: install-dev
+	$(PY) scripts/soak.py --seconds $(SOAK_SECONDS)
 
 # The shipped model's recipe (models/README.md). The run goes to runs/alice/ and its best
 # checkpoint, metrics and curve are copied over models/ only when it finishes.
