@@ -307,8 +307,8 @@ def test_cancel_frees_the_place_wherever_the_request_is(int8_backend, monkeypatc
         gen = gone._gen
         where = {
             "queued": lambda: gen not in batcher.waiting,
-            "priming": lambda: all(p.gen is not gen for p in batcher.priming),
-            "batch": lambda: gen not in batcher.rows,
+            "priming": lambda: gen.key not in batcher.priming,
+            "batch": lambda: gen.key not in batcher.rows,
         }[place]
         await _until(where, timeout=0.5)  # well before the prime is done
         assert batcher.priming or place == "priming"

@@ -3,6 +3,8 @@ per-row logits stage: microseconds each, no model beyond a tiny one."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -11,8 +13,8 @@ from app.engine.loop import DecodeLoop
 from app.engine.policy import MAX_STEPS, MIN_PRIME_PART, Costs, Policy
 from app.engine.request import Done, GenerationRequest
 from app.metrics import Metrics
-from app.runner import ModelRunner
-from app.runner.runner import NO_LOGPROBS, Batch, Sampled
+from app.runner import NO_LOGPROBS, Batch, ModelRunner, Output, Plan, Sampled
+from app.runner.execute import Executor
 from charrnn import SamplingParams, Vocabulary
 from charrnn.checkpoint import Checkpoint
 from charrnn.sampling import SamplingBatch
@@ -86,6 +88,7 @@ class FakeRunner:
     def __init__(self) -> None:
         self.primed: list[int] = []
         self.calls = 0
+        self._executor = Executor(self)  # the real one, over this fake device
 
     def worker(self):  # type: ignore[no-untyped-def]
         return torch.inference_mode()
@@ -103,13 +106,8 @@ class FakeRunner:
         self.primed.append(len(ids))
         return torch.tensor([[0.0, 5.0]]), (torch.zeros(1, 1, 1),)
 
-    def new_row(self, logits, state, sampling, logprobs=None, processors=(), constraint=None):  # type: ignore[no-untyped-def]
-        return Batch(
-            logits, state, SamplingBatch.of([sampling], 2, self.device), np.array([-1]), [None]
-        )
-
-    def fusable(self, batch: Batch) -> bool:
-        return True
+    def new_row(self, logits, state, sampling, logprobs=None, constraint=None):  # type: ignore[no-untyped-def]
+        return Batch(logits, state, SamplingBatch.of([sampling], 2, self.device), np.array([-1]))
 
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         self.calls += 1
@@ -119,8 +117,11 @@ class FakeRunner:
     def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
         return self.decode(batch, positions, 1)[0]
 
-    def forward(self, batch: Batch, sampled: Sampled) -> Batch:
+    def read(self, batch: Batch, chars: torch.Tensor) -> Batch:
         return batch
+
+    def execute(self, plan: Plan) -> Output:
+        return self._executor.execute(plan)
 
 
 def _loop(runner: FakeRunner, results: list) -> DecodeLoop:
@@ -147,16 +148,43 @@ def test_the_loop_runs_the_plan_and_finishes_rows_against_a_fake_runner():
     assert not (loop.rows or loop.priming or loop.waiting)
 
 
+class ShortRunner(FakeRunner):
+    """A runner whose decode call runs at most two steps, however many were planned (as a
+    masked call whose guess failed does), each taking at least ``STEP_S``."""
+
+    STEP_S = 0.0004
+
+    def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
+        ran = min(steps, 2)
+        time.sleep(self.STEP_S * ran)
+        self.planned.append(steps)
+        return super().decode(batch, positions, ran)
+
+
+def test_the_per_step_cost_is_learned_from_the_steps_that_ran():
+    """The policy sizes calls from the measured time per step: a call that ran fewer steps
+    than planned must count the steps it ran, or a short call would look fast and the next
+    ones be planned ever longer."""
+    runner, results = ShortRunner(), []
+    runner.planned = []
+    loop = _loop(runner, results)
+    loop.submit(_gen(max_new=10**6))
+    for _ in range(30):
+        loop._iterate()
+    assert max(runner.planned) > 2  # calls were planned longer than they ran
+    assert loop.costs.step_s[1] >= ShortRunner.STEP_S
+
+
 def test_a_cancelled_generation_leaves_wherever_it_is():
     runner, results = FakeRunner(), []
     loop = _loop(runner, results)
     queued, priming, running = _gen(max_new=10**6), _gen("a" * 10_000), _gen(max_new=10**6)
     loop.submit(running)
     loop._iterate()
-    assert loop.rows == [running]
+    assert list(loop.rows.values()) == [running]
     loop.submit(priming)
     loop._iterate()
-    assert [p.gen for p in loop.priming] == [priming]
+    assert [p.gen for p in loop.priming.values()] == [priming]
     for g in (_gen(max_new=10**6), _gen(max_new=10**6), queued):
         loop.submit(g)
     loop._iterate()
@@ -164,8 +192,8 @@ def test_a_cancelled_generation_leaves_wherever_it_is():
     for g in (queued, priming, running):
         loop.cancel(g)
     loop._iterate()
-    assert queued not in loop.waiting and running not in loop.rows
-    assert all(p.gen is not priming for p in loop.priming)
+    assert queued not in loop.waiting and running.key not in loop.rows
+    assert priming.key not in loop.priming
 
 
 def _runner() -> ModelRunner:
@@ -173,39 +201,8 @@ def _runner() -> ModelRunner:
     return ModelRunner(Checkpoint(tiny_model(vocab, seed=4), vocab), torch.device("cpu"))
 
 
-def test_a_row_processor_masks_its_row_only_and_sees_its_history():
-    runner = _runner()
-    vowels = [runner.vocab.encode(ch)[0] for ch in "aeiou"]
-    seen: list[list[int]] = []
-
-    def only_vowels(history: list[int], logits: torch.Tensor) -> torch.Tensor:
-        seen.append(list(history))
-        keep = torch.full_like(logits, float("-inf"))
-        keep[vowels] = 0
-        return logits + keep
-
-    primed = runner.prime(runner.encode("the "), None)
-    plain = Batch.concat([runner.new_row(*primed, SamplingParams(seed=i)) for i in range(2)])
-    rows = [runner.new_row(*primed, SamplingParams(seed=0), processors=[only_vowels])]
-    staged = Batch.concat([*rows, runner.new_row(*primed, SamplingParams(seed=1))])
-    assert runner.fusable(plain) and not runner.fusable(staged)
-    out_plain, out_staged = [], []
-    with runner.worker():
-        for pos in range(30):
-            at = np.full(2, pos, dtype=np.uint64)
-            s1, s2 = runner.sample(plain, at), runner.sample(staged, at)
-            out_plain.append(s1.runs())
-            out_staged.append(s2.runs())
-            plain, staged = runner.forward(plain, s1), runner.forward(staged, s2)
-    masked = [r[0][0] for r in out_staged]
-    assert set(masked) <= set(vowels)
-    assert seen[-1] == masked[:-1]  # its history: what the row generated before this step
-    # The row without a processor is untouched by its neighbour's.
-    assert [r[1][0] for r in out_staged] == [r[1][0] for r in out_plain]
-
-
-def test_a_batch_without_processors_takes_the_fused_call_bit_for_bit():
-    """No processor anywhere: the fused multi-character call, with the same ids as stepping
+def test_a_batch_without_per_row_work_takes_the_fused_call_bit_for_bit():
+    """No per-row work anywhere: the fused multi-character call, with the same ids as stepping
     one character at a time."""
     runner = _runner()
     primed = runner.prime(runner.encode("the "), None)
@@ -233,7 +230,7 @@ def test_a_constrained_row_carries_its_matcher_through_concat_and_select():
     matcher = grammar.matcher()
     rows = [
         runner.new_row(*primed, params[0]),
-        runner.new_row(*primed, params[1], None, (), matcher),
+        runner.new_row(*primed, params[1], None, matcher),
     ]
     batch = Batch.concat([Batch.concat(rows), runner.new_row(*primed, params[2])])
     assert not runner.fusable(batch)

@@ -456,7 +456,7 @@ def _runner_rows(trained, weights: str):
         for prime, seed, spec in specs:
             logits, state = runner.prime(runner.encode(prime), None)
             matcher = _compile(vocab, spec).matcher() if spec else None
-            rows.append(runner.new_row(logits, state, SamplingParams(seed=seed), 3, (), matcher))
+            rows.append(runner.new_row(logits, state, SamplingParams(seed=seed), 3, matcher))
     return runner, Batch.concat(rows), len(vocab)
 
 

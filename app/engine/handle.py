@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
@@ -29,10 +30,15 @@ class GenerationFailed(Exception):
         self.failed = failed
 
 
+# Keys that name a generation to the model runner: never reused, unlike ``id()``.
+_keys = itertools.count()
+
+
 class Generation:
-    __slots__ = ("channel", "matcher", "request", "timings")
+    __slots__ = ("channel", "key", "matcher", "request", "timings")
 
     def __init__(self, request: GenerationRequest, backlog: int):
+        self.key = next(_keys)
         self.request = request
         self.channel = EventChannel(backlog)  # the event loop's
         self.matcher = StopMatcher(request)  # the decode thread's

@@ -1,11 +1,13 @@
 """The decode thread: one per model. It alone owns the waiting queue, the primes in progress
-and the batch; the event loop reaches it only by messages (``submit``, ``cancel``) and hears
-back only through the outbox's hand-over (app/engine/scheduler.py holds the other side).
+and the running rows; the event loop reaches it only by messages (``submit``, ``cancel``) and
+hears back only through the outbox's hand-over (app/engine/scheduler.py holds the other side).
 
-Each iteration reads its messages, then carries out the policy's plan (app/engine/policy.py)
-with the model runner (app/runner): admit, prime, one decode call for every running row.
-Each unit of work runs guarded: an exception fails the generations it touched, is logged
-with its traceback, and the loop goes on for everyone else (app/engine/outbox.py)."""
+Each iteration reads its messages, asks the policy (app/engine/policy.py) for a plan (what to
+admit, the prime work, the characters per row) and makes the one call of the model runner,
+``execute(plan)`` (app/runner/plan.py); then it turns the output into each generation's
+events. A unit of work that failed (the decode call, a prime part) fails the generations it
+touched, is logged with its traceback, and the loop goes on for everyone else
+(app/engine/outbox.py); a failure in one row's own events ends that row alone."""
 
 from __future__ import annotations
 
@@ -14,18 +16,14 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
-
-import numpy as np
-import torch
 
 from app.engine.outbox import HandOver, Outbox
 from app.engine.policy import MIN_PRIME_PART, Costs, Policy
-from app.engine.priming import Priming
-from app.engine.request import Done, Logprobs
+from app.engine.request import Done, Logprobs, Scored
 from app.metrics import Metrics
-from app.runner import Batch, ModelRunner, RowLogprobs, Sampled
-from charrnn.model import State
+from app.runner import ModelRunner, NewRow, Output, Plan, PrimeScores, RowKey, RowRun
 
 if TYPE_CHECKING:
     from app.engine.handle import Generation
@@ -33,6 +31,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("charrnn.engine")
 
 Message = tuple[Literal["submit", "cancel", "stop"], "Generation | None"]
+
+
+@dataclass
+class Priming:
+    """A generation whose prime is in progress, and the positions it has left to run."""
+
+    gen: Generation
+    left: int
 
 
 class DecodeLoop:
@@ -52,9 +58,9 @@ class DecodeLoop:
         self.outbox = Outbox(name, hand_over)
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.waiting: deque[Generation] = deque()
-        self.priming: list[Priming] = []
-        self.rows: list[Generation] = []
-        self.batch: Batch | None = None
+        self.priming: dict[RowKey, Priming] = {}  # in arrival order
+        self.rows: dict[RowKey, Generation] = {}  # the running rows
+        self._forget: set[RowKey] = set()  # for the runner to drop at the next call
         self._stopped = False
         # The per-step series, looked up once: ``labels()`` costs more than ``observe()``.
         self._inter_char = metrics.inter_char_seconds.labels(name)
@@ -63,6 +69,9 @@ class DecodeLoop:
         self._decode_seconds = metrics.decode_seconds.labels(name)
         self._ttfc = metrics.ttfc_seconds.labels(name)
         self._prime_chars = metrics.prime_chars.labels(name)
+        self._cache = {
+            hit: metrics.prime_cache.labels(name, "hit" if hit else "miss") for hit in (1, 0)
+        }
 
     # -- messages (called on the event loop; the only entry points from other threads) ------
 
@@ -82,10 +91,11 @@ class DecodeLoop:
             while not self._stopped:
                 try:
                     self._iterate()
-                except Exception as exc:  # a bug outside the guarded units: still never die
+                except Exception as exc:  # a bug outside the units of work: still never die
                     log.exception("decode iteration failed for model %s", self.name)
-                    held = [p.gen for p in self.priming] + self.rows
-                    self.priming, self.rows, self.batch = [], [], None
+                    held = [p.gen for p in self.priming.values()] + list(self.rows.values())
+                    self._forget.update(self.priming, self.rows)
+                    self.priming, self.rows = {}, {}
                     self.outbox.failed(held, exc)
                     self._set_gauges()
 
@@ -94,13 +104,10 @@ class DecodeLoop:
         if idle:
             self.outbox.flush()
         self._read_inbox(block=idle)
-        self._admit()
-        if self.priming:
-            self._prime()
-            self._read_inbox(block=False)  # cancels that came in during the prime work
-        if self.rows:
-            self._guarded(list(self.rows), self._decode_call)
-            self._drop_finished()
+        admitted = self._admit()
+        plan = self._plan(admitted)
+        if plan is not None:
+            self._take(admitted, self.runner.execute(plan))
 
     def _read_inbox(self, block: bool) -> None:
         try:
@@ -118,104 +125,149 @@ class DecodeLoop:
             self.waiting.append(gen)
             self._set_gauges()
         elif kind == "cancel" and gen is not None:
-            self._drop({id(gen)})
+            self._drop(gen)
 
-    def _drop(self, gens: set[int]) -> None:
-        """Take generations (by id) out wherever they are."""
-        self.waiting = deque(g for g in self.waiting if id(g) not in gens)
-        self.priming = [p for p in self.priming if id(p.gen) not in gens]
-        keep = [i for i, g in enumerate(self.rows) if id(g) not in gens]
-        if len(keep) < len(self.rows):
-            self._keep_rows(keep)
+    def _drop(self, gen: Generation) -> None:
+        """Take a generation out wherever it is (the runner forgets it at the next call)."""
+        if gen in self.waiting:
+            self.waiting.remove(gen)
+        elif self.priming.pop(gen.key, None) is not None or self.rows.pop(gen.key, None):
+            self._forget.add(gen.key)
         self._set_gauges()
 
-    def _keep_rows(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        self.batch = self.batch.select(keep) if keep and self.batch is not None else None
+    # -- the plan ------------------------------------------------------------------------------
 
-    def _guarded(self, gens: list[Generation], work: Callable[..., None], *args: object) -> None:
-        """Run one unit of work; if it raises, fail the generations it touched (and only
-        them), log it, and go on."""
-        try:
-            work(*args)
-        except Exception as exc:
-            log.exception("decode work failed for model %s", self.name)
-            self._drop(set(map(id, gens)))
-            self.outbox.failed(gens, exc)
-        else:
-            self.outbox.succeeded()
-
-    def _row_guarded(self, gen: Generation, work: Callable[..., int | None], *args: object) -> int:
-        """Run one row's own work (no network call; it returns a count, or None): if it
-        raises, that row ends with an error, is dropped from the batch after this call, and
-        nothing else changes."""
-        try:
-            return work(*args) or 0
-        except Exception as exc:
-            log.exception("a row's work failed for model %s", self.name)
-            gen.matcher.finished = True
-            self.outbox.row_failed(gen, exc)
-            return 0
-
-    # -- admission and primes ------------------------------------------------------------------
-
-    def _admit(self) -> None:
+    def _admit(self) -> list[NewRow]:
+        """Waiting generations the policy admits: each becomes a prime to run (or a row at
+        once, where the runner has its prime cached)."""
+        admitted = []
         active = len(self.rows) + len(self.priming)
         for _ in range(self.policy.admissions(len(self.waiting), active)):
             gen = self.waiting.popleft()
             gen.timings.started = time.perf_counter()
-            request = gen.request
-            scored = request.score_from is not None  # its pass is what it asks for
-            if request.max_new == 0 and not scored:  # nothing to compute (OpenAI echo)
+            r = gen.request
+            if r.max_new == 0 and r.score_from is None:  # nothing to compute (OpenAI echo)
                 self._score_only_done(gen)
                 continue
-            cached = None if scored else self.runner.cached_prime(request.prime)
-            self.metrics.prime_cache.labels(self.name, "hit" if cached else "miss").inc()
-            if cached is not None:
-                self._join_batch(gen, *cached)
-            else:
-                self.priming.append(Priming(gen, self.runner.encode(request.prime)))
+            self.priming[gen.key] = Priming(gen, len(r.prime))
+            admitted.append(
+                NewRow(
+                    gen.key,
+                    r.prime,
+                    r.sampling,
+                    r.logprobs,
+                    r.score_from,
+                    r.score_top,
+                    gen.matcher.constraint,
+                    generates=r.max_new > 0,
+                )
+            )
+        self._set_gauges()
+        return admitted
+
+    def _plan(self, admitted: list[NewRow]) -> Plan | None:
+        work = self.policy.prime_work([p.left for p in self.priming.values()], self.costs)
+        keys = list(self.priming)
+        wanted = [g.request.max_new - len(g.matcher) for g in self.rows.values()]
+        # An admitted prime that the runner has cached joins this call's rows.
+        maybe = [n.key for n in admitted if n.generates and n.score_from is None]
+        wanted += [self.priming[k].gen.request.max_new for k in maybe]
+        steps = 0
+        if wanted:
+            steps = self.policy.decode_steps(
+                wanted,
+                fused=self.runner.multi_step,
+                first_pending=bool(maybe) or any(not len(g.matcher) for g in self.rows.values()),
+                priming=bool(self.priming),
+                costs=self.costs,
+            )
+        forget, self._forget = frozenset(self._forget), set()
+        parts = tuple((keys[i], n) for i, n in work.parts)
+        if not (admitted or forget or steps or work.side_by_side or parts):
+            return None
+        return Plan(tuple(admitted), forget, steps, work.side_by_side, parts)
+
+    # -- the output ----------------------------------------------------------------------------
+
+    def _take(self, admitted: list[NewRow], out: Output) -> None:
+        now = time.perf_counter()
+        cached = {p.key for p in out.primed if p.cached}
+        for new in admitted:
+            self._cache[new.key in cached].inc()
+            if new.key in cached:
+                self._joined(self.priming.pop(new.key).gen, now)
+        if out.decode_error is not None:
+            self._failed([r.key for r in out.rows], out.decode_error)
+        elif out.rows:
+            self._emit(out.rows, now)
+            self._decode_costs(out)
+            self.outbox.succeeded()
+        self._primes(out)
+        self._drop_finished()
+        self.outbox.after_call(self._urgent, bool(self.priming))
+        self._urgent = False
+
+    def _failed(self, keys: list[RowKey], exc: Exception) -> None:
+        """A unit of work failed: its generations end with an error (the runner has
+        forgotten them)."""
+        log.error("decode work failed for model %s", self.name, exc_info=exc)
+        gens = [g for k in keys if (g := self.rows.pop(k, None) or self._unprime(k))]
+        self.outbox.failed(gens, exc)
         self._set_gauges()
 
-    def _join_batch(self, gen: Generation, logits: torch.Tensor, state: State) -> None:
-        gen.timings.warmed = time.perf_counter()
-        r = gen.request
-        row = self.runner.new_row(
-            logits, state, r.sampling, r.logprobs, r.processors, gen.matcher.constraint
-        )
-        self.batch = row if self.batch is None else Batch.concat([self.batch, row])
-        self.rows.append(gen)
+    def _unprime(self, key: RowKey) -> Generation | None:
+        p = self.priming.pop(key, None)
+        return p.gen if p is not None else None
 
-    def _prime(self) -> None:
-        work = self.policy.prime_work([p.left for p in self.priming], self.costs)
-        if work.side_by_side:
-            group = self.priming
-            self._guarded([p.gen for p in group], self._side_by_side, group, work.side_by_side)
-        for p, n in [(self.priming[i], n) for i, n in work.parts]:  # a failed part drops its own
-            self._guarded([p.gen], self._prime_part, p, n)
-        finished = [p for p in self.priming if p.left == 0]
-        if finished:
-            self.priming = [p for p in self.priming if p.left > 0]
-            for p in finished:
-                self._row_guarded(p.gen, self._primed, p)
-            self._set_gauges()
-            if any(p.scored for p in finished):
-                self.outbox.flush()
+    def _decode_costs(self, out: Output) -> None:
+        """What the policy learns from the call: the time of the steps that ran."""
+        self._decode_seconds.inc(out.decode_s)
+        self._batch_size.observe(len(out.rows))
+        if out.timed and out.steps:
+            per_step = out.decode_s / out.steps
+            self.costs.step_s[len(out.rows)] = per_step
+            self._inter_char.observe(per_step)
 
-    def _primed(self, p: Priming) -> None:
-        """A finished prime: its scores go out, and it joins the batch unless it only scores."""
-        gen = p.gen
-        assert p.logits is not None and p.state is not None
-        if p.scored:
-            scored = p.scores()
+    def _primes(self, out: Output) -> None:
+        errors: dict[int, tuple[Exception, list[RowKey]]] = {}
+        for p in out.primed:
+            if p.cached or p.key not in self.priming:
+                continue
+            if p.error is not None:  # one failure of a group fails the group once
+                errors.setdefault(id(p.error), (p.error, []))[1].append(p.key)
+                continue
+            self.outbox.succeeded()
+            self._prime_chars.inc(p.positions)
+            if p.positions >= MIN_PRIME_PART and p.seconds:  # short parts: mostly fixed cost
+                self.costs.part_s = p.seconds / p.positions
+            self.priming[p.key].left = p.left
+            if p.left == 0:
+                self._primed(self.priming.pop(p.key).gen, p.scores)
+        for exc, keys in errors.values():
+            self._failed(keys, exc)
+        if out.side is not None:
+            rows, n, seconds = out.side
+            self.costs.side_s[rows] = seconds / n
+        self._set_gauges()
+
+    def _primed(self, gen: Generation, scores: PrimeScores | None) -> None:
+        """A finished prime: its scores go out, and its row runs from the next call on."""
+        if scores is not None:
+            start = gen.request.score_from or 0
+            tokens = gen.request.prime[start:]
+            scored = Scored(start, Logprobs(tokens, scores.logprobs, scores.top))
             gen.matcher.scored = scored  # its final event carries it
             if gen.request.stream:
                 self.outbox.add(gen, [scored])
+            self._urgent = True
         if gen.request.max_new == 0:
             self._score_only_done(gen)
-            return
-        self.runner.cache_prime(gen.request.prime, p.logits, p.state)
-        self._join_batch(gen, p.logits, p.state)
+        else:
+            self._joined(gen, time.perf_counter())
+
+    def _joined(self, gen: Generation, now: float) -> None:
+        gen.timings.warmed = now
+        self.rows[gen.key] = gen
 
     def _score_only_done(self, gen: Generation) -> None:
         now = time.perf_counter()
@@ -224,99 +276,51 @@ class DecodeLoop:
         lp = Logprobs("", [], [] if gen.request.logprobs else None) if asked else None
         gen.matcher.finished = True
         self.outbox.add(gen, [Done("", "length", lp, gen.matcher.scored)])
+        self._urgent = True
 
-    def _prime_part(self, p: Priming, n: int) -> None:
-        ids = p.ids[p.done : p.done + n]
-        t0 = time.perf_counter()
-        if p.scored:
-            every, state = self.runner.prime_all(ids, p.state)
-            p.collect(self.runner, p.done, every)
-            p.advanced(n, every[-1:], state)
-        else:
-            p.advanced(n, *self.runner.prime(ids, p.state))
-        if n >= MIN_PRIME_PART:  # short parts are mostly the call's fixed cost
-            self.costs.part_s = (time.perf_counter() - t0) / n
-        self._prime_chars.inc(n)
+    # -- events ------------------------------------------------------------------------------
 
-    def _side_by_side(self, group: list[Priming], n: int) -> None:
-        """Advance every prime of ``group`` by ``n`` positions as batched steps."""
-        ids = torch.stack([p.ids[p.done : p.done + n] for p in group])
-        every = any(p.scored for p in group)
-        t0 = time.perf_counter()
-        logits, state = self.runner.prime_batched(ids, [p.state for p in group], every)
-        self.costs.side_s[len(group)] = (time.perf_counter() - t0) / n
-        for i, p in enumerate(group):
-            if every and p.scored:
-                p.collect(self.runner, p.done, logits[i])
-            last = logits[i, -1:] if every else logits[i : i + 1]
-            p.advanced(n, last, tuple(s[:, i : i + 1] for s in state))
-        self._prime_chars.inc(n * len(group))
+    _urgent = False  # a first character or a final event this iteration: hand over at once
 
-    # -- decode ------------------------------------------------------------------------------
-
-    def _decode_call(self) -> None:
-        batch, rows, runner = self.batch, self.rows, self.runner
-        assert batch is not None
-        # A row waiting for its first character gets it before the network step runs.
-        early = any(not len(g.matcher) for g in rows)
-        steps = self.policy.decode_steps(
-            [g.request.max_new - len(g.matcher) for g in rows],
-            fused=runner.multi_step,
-            first_pending=early,
-            priming=bool(self.priming),
-            costs=self.costs,
-        )
-        positions = np.fromiter((len(g.matcher) for g in rows), dtype=np.uint64, count=len(rows))
-        t0 = time.perf_counter()
-        if early and runner.splits_early:
-            sampled = runner.sample(batch, positions)
-            self._emit(sampled)
-            self.batch = runner.forward(batch, sampled)
-        else:
-            sampled, self.batch = runner.decode(batch, positions, steps)
-            self._emit(sampled)
-        elapsed = time.perf_counter() - t0
-        per_step = elapsed / steps
-        self.costs.step_s[len(rows)] = per_step
-        self._decode_seconds.inc(elapsed)
-        self._inter_char.observe(per_step)
-        self._batch_size.observe(len(rows))
-
-    def _emit(self, sampled: Sampled) -> None:
-        """Characters just sampled: each row's run into its text, and its events on. A row
-        that finishes part-way through a run drops the rest. A failure in one row's events
-        ends that row alone (an ``error`` event); the others go on."""
-        now = time.perf_counter()
+    def _emit(self, runs: list[RowRun], now: float) -> None:
+        """Each row's run into its text, and its events on. A row that finishes part-way
+        through a run drops the rest. A failure in one row's events ends that row alone."""
         generated = 0
-        urgent = False  # a first character or a final event: no reason to wait
-        for gen, ids, logprobs in zip(self.rows, sampled.runs(), sampled.logprobs, strict=True):
-            if gen.matcher.finished:
+        for run in runs:
+            gen = self.rows.get(run.key)
+            if gen is None or gen.matcher.finished:
                 continue
             if not len(gen.matcher):
                 self._ttfc.observe(now - gen.timings.submitted)
-                urgent = True
-            generated += self._row_guarded(gen, self._emit_row, gen, ids, logprobs)
+                self._urgent = True
+            generated += self._row_guarded(gen, self._emit_row, gen, run)
             if gen.matcher.finished:
                 gen.timings.ended = now
-                urgent = True
+                self._urgent = True
         self._generated.inc(generated)
-        self.outbox.after_call(urgent, bool(self.priming))
 
-    def _emit_row(self, gen: Generation, ids: list[int], logprobs: RowLogprobs) -> int:
-        """One row's run into its text and events; the characters it kept."""
-        end = len(self.runner.vocab)  # "end": a constrained row's match is over
-        ended = end in ids
-        if ended:
-            ids = ids[: ids.index(end)]  # the match is over: what follows is not its text
-        self.outbox.add(
-            gen, gen.matcher.push(self.runner.vocab.decode(ids), *logprobs, ended=ended)
-        )
-        return len(ids)
+    def _emit_row(self, gen: Generation, run: RowRun) -> int:
+        """One row's run into its text and events; the characters it drew."""
+        self.outbox.add(gen, gen.matcher.push(run.text, run.logprobs, run.top, ended=run.ended))
+        return len(run.text)
+
+    def _row_guarded(self, gen: Generation, work: Callable[..., int], *args: object) -> int:
+        """Run one row's own work (no network call): if it raises, that row ends with an
+        error, the runner forgets it at the next call, and nothing else changes."""
+        try:
+            return work(*args)
+        except Exception as exc:
+            log.exception("a row's work failed for model %s", self.name)
+            gen.matcher.finished = True
+            self.outbox.row_failed(gen, exc)
+            return 0
 
     def _drop_finished(self) -> None:
-        keep = [i for i, g in enumerate(self.rows) if not g.matcher.finished]
-        if len(keep) < len(self.rows):
-            self._keep_rows(keep)
+        done = [k for k, g in self.rows.items() if g.matcher.finished]
+        for key in done:
+            del self.rows[key]
+        self._forget.update(done)
+        if done:
             self._set_gauges()
 
     def _set_gauges(self) -> None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from app.runner import LogitsProcessor, Top
+from app.runner import Top
 from charrnn.sampling import SamplingParams
 from charrnn.structured import Grammar
 
@@ -38,8 +38,6 @@ class GenerationRequest:
     score_from: int | None = None
     # Alternatives per scored prime character.
     score_top: int = 0
-    # The row's logits stage (app/runner/logits.py): empty for plain sampling.
-    processors: tuple[LogitsProcessor, ...] = ()
     # The compiled constraint the generated text must match (None: free text).
     constraint: Grammar | None = None
 

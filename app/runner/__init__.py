@@ -1,24 +1,23 @@
-"""The model runner layer: a checkpoint on its device and the work the engine asks of it
-(primes, the decode step, the per-row logits stage, CUDA graphs). It imports only
-``charrnn``; the engine (app/engine) imports it, never the other way round."""
+"""The model runner layer: a checkpoint on its device and the one call the engine makes of it,
+``ModelRunner.execute(plan)`` (app/runner/plan.py). It imports only ``charrnn``; the engine
+(app/engine) imports it, never the other way round."""
 
-from app.runner.logits import LogitsProcessor
-from app.runner.runner import (
-    NO_LOGPROBS,
-    Batch,
-    ModelRunner,
-    RowLogprobs,
-    Sampled,
-    Top,
-    decode_precision,
-)
+from app.runner.batch import NO_LOGPROBS, Batch, RowLogprobs, Sampled
+from app.runner.plan import NewRow, Output, Plan, Primed, PrimeScores, RowKey, RowRun, Top
+from app.runner.runner import ModelRunner, decode_precision
 
 __all__ = [
     "NO_LOGPROBS",
     "Batch",
-    "LogitsProcessor",
     "ModelRunner",
+    "NewRow",
+    "Output",
+    "Plan",
+    "PrimeScores",
+    "Primed",
+    "RowKey",
     "RowLogprobs",
+    "RowRun",
     "Sampled",
     "Top",
     "decode_precision",

@@ -1,35 +1,35 @@
-"""The model runner: a loaded checkpoint on its device, and the work the decode thread asks of
-it, in explicit phases with no callbacks.
+"""The model runner: a loaded checkpoint on its device, and the one call the decode loop makes
+of it, ``execute(plan)`` (app/runner/plan.py; its state across calls is app/runner/execute.py).
+
+Underneath, the work in explicit phases, with no callbacks, that ``execute`` combines:
 
 - Primes: ``prime`` (a part, continued from a state), ``prime_all`` (keeping the logits after
   every position, for scoring) and ``prime_batched`` (several primes side by side). Each gives
   logits and a state; a prime-state LRU cache saves repeating popular primes.
 - The decode step on a ``Batch`` of rows: ``sample`` draws one character per row (through the
-  per-row logits stage, app/runner/logits.py) and ``forward`` runs the network on it; or
-  ``decode`` does both for several characters per row in one fused call (the native kernels;
-  a CUDA graph) when no row has a logits processor or a constraint (app/runner/constraints.py;
-  a constrained row may also draw "end", id V). Each returns the ids per row, and the
-  logprobs the rows asked for.
+  per-row stage, app/runner/stage.py) and ``forward`` runs the network on it; or ``decode``
+  makes several characters per row in one call: one fused call (the native kernels; a CUDA
+  graph) when no row has per-row work, runs of masked steps when rows are constrained, else
+  one step at a time. Each returns the ids per row and each row's logprobs.
 
 Everything here is synchronous torch code; the engine decides when it runs."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from app.runner import logits as stage
-from app.runner.constraints import MAX_RUN, RowConstraints
+from app.runner.batch import NO_LOGPROBS, Batch, RowLogprobs, Sampled
+from app.runner.execute import Executor
 from app.runner.graphs import PaddedStep
-from app.runner.logits import LogitsProcessor, RowStage
+from app.runner.plan import Output, Plan, Top
+from app.runner.stage import BatchStage, network_chars
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
 from charrnn.model import State
@@ -37,83 +37,12 @@ from charrnn.quantization import choose_precision
 from charrnn.sampling import SamplingBatch, SamplingParams, uniforms
 from charrnn.structured import Matcher, new_masks
 
-# One character's likeliest alternatives, likeliest first: (character, logprob).
-Top = list[tuple[str, float]]
-# One row's part of a call: its characters' logprobs and their alternatives (None where the
-# row asked for none); a row that asked for no logprobs has NO_LOGPROBS, so every reader
-# takes every row the same way, whatever the other rows of the call asked for.
-RowLogprobs = tuple[list[float] | None, list[Top] | None]
-NO_LOGPROBS: RowLogprobs = (None, None)
-
 
 def decode_precision(setting: str, device: torch.device) -> tuple[Precision, str]:
     """The decode step's weight precision for ``CHARRNN_DECODE_WEIGHTS`` on ``device`` and
     why: int8 where its sums are exact (charrnn/quantization.py), else fp32; ValueError if
     the setting is refused."""
     return choose_precision(setting, device)
-
-
-@dataclass
-class Batch:
-    """The rows currently decoding: their next-character logits, recurrent state, sampling
-    parameters, the logprobs each wants (-1: none), their logits stages (None: none) and
-    the constrained rows' matchers and masks (None: no row has a constraint)."""
-
-    logits: torch.Tensor  # [B, V]
-    state: State  # each [L, B, H]
-    sampling: SamplingBatch
-    logprobs: np.ndarray  # [B]
-    stages: list[RowStage | None]
-    constraints: RowConstraints | None = None
-
-    def __len__(self) -> int:
-        return len(self.stages)
-
-    @property
-    def staged(self) -> bool:
-        """Whether some row has logits processors."""
-        return any(s is not None for s in self.stages)
-
-    def select(self, keep: list[int]) -> Batch:
-        idx = torch.tensor(keep, device=self.logits.device)
-        return Batch(
-            self.logits.index_select(0, idx),
-            tuple(s.index_select(1, idx) for s in self.state),
-            self.sampling.select(keep),
-            self.logprobs[keep],
-            [self.stages[i] for i in keep],
-            self.constraints.select(keep) if self.constraints is not None else None,
-        )
-
-    def moved(self, logits: torch.Tensor, state: State) -> Batch:
-        """The same rows after a step."""
-        return dataclasses.replace(self, logits=logits, state=state)
-
-    @staticmethod
-    def concat(parts: Sequence[Batch]) -> Batch:
-        if len(parts) == 1:
-            return parts[0]
-        return Batch(
-            torch.cat([p.logits for p in parts]),
-            tuple(torch.cat(s, dim=1) for s in zip(*(p.state for p in parts), strict=True)),
-            SamplingBatch.concat([p.sampling for p in parts]),
-            np.concatenate([p.logprobs for p in parts]),
-            [s for p in parts for s in p.stages],
-            RowConstraints.concat([(p.constraints, len(p)) for p in parts]),
-        )
-
-
-@dataclass
-class Sampled:
-    """What one call drew: ``ids`` [S, B] (S characters for each of B rows) and each row's
-    logprobs (``NO_LOGPROBS`` for a row that did not ask)."""
-
-    ids: torch.Tensor
-    logprobs: list[RowLogprobs]
-
-    def runs(self) -> list[list[int]]:
-        """Each row's characters, in order."""
-        return self.ids.t().tolist()
 
 
 class ModelRunner:
@@ -183,13 +112,9 @@ class ModelRunner:
         return self.graphed is None and self.decoder.multi_step
 
     def fusable(self, batch: Batch) -> bool:
-        """Whether ``decode`` can run ``batch``: a fused call (native kernels or a CUDA graph)
-        samples inside, so no row may need its logits stage or a constraint's mask."""
-        return (
-            (self.multi_step or self.graphed is not None)
-            and not batch.staged
-            and batch.constraints is None
-        )
+        """Whether ``decode`` can run ``batch`` as one fused call (native kernels or a CUDA
+        graph), which samples inside: only where no row has per-row work."""
+        return (self.multi_step or self.graphed is not None) and batch.stage is None
 
     @property
     def splits_early(self) -> bool:
@@ -278,19 +203,16 @@ class ModelRunner:
         state: State,
         sampling: SamplingParams,
         logprobs: int | None = None,
-        processors: Sequence[LogitsProcessor] = (),
         constraint: Matcher | None = None,
     ) -> Batch:
         """A one-row batch that starts from a primed state (``constraint``: the row's matcher,
-        which ``sample`` advances)."""
-        words = self._mask_words
+        which the per-row stage advances)."""
         return Batch(
             logits,
             state,
             SamplingBatch.of([sampling], len(self.vocab), self.device),
             np.array([-1 if logprobs is None else logprobs]),
-            [RowStage(tuple(processors)) if processors else None],
-            RowConstraints.of(constraint, words) if constraint is not None else None,
+            BatchStage.of(constraint, self._mask_words) if constraint is not None else None,
         )
 
     @functools.cached_property
@@ -298,61 +220,52 @@ class ModelRunner:
         return new_masks(1, self.vocab).shape[1]
 
     def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
-        """One character per row from the batch's logits, through each row's logits stage and
-        constraint. ``positions`` [B] is each row's count of characters generated so far; with
-        the row's seed it keys the row's draw."""
+        """One character per row from the batch's logits, through each row's stage.
+        ``positions`` [B] is each row's count of characters generated so far; with the row's
+        seed it keys the row's draw."""
         ids, chars = self._draw(
             batch, batch.logits, batch.sampling.uniforms(positions, self.device)
         )
         return Sampled(ids[None], self._row_logprobs(batch, batch.logits[None], chars[None]))
 
     def forward(self, batch: Batch, sampled: Sampled) -> Batch:
-        """The batch after the network has read the characters just sampled (a row that
-        drew "end" reads any character: its text is over)."""
-        ids = self._chars(sampled.ids[-1], batch.constraints)
-        logits, state = self.decoder.step(ids, batch.state)
+        """The batch after the network has read the characters just sampled."""
+        return self.read(batch, network_chars(sampled.ids[-1], batch.stage))
+
+    def read(self, batch: Batch, chars: torch.Tensor) -> Batch:
+        """The batch after the network has read ``chars`` [B]."""
+        logits, state = self.decoder.step(chars, batch.state)
         return batch.moved(logits, state)
 
     def _draw(
         self, batch: Batch, logits: torch.Tensor, u: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ids drawn from ``logits`` with the uniforms ``u`` (through the rows' logits
-        stage, and their constraints' masks, filled and then moved on, one call each), and the
-        characters the network reads next: a row that drew "end" reads character 0."""
-        x = stage.apply(logits, batch.stages) if batch.staged else logits
-        constraints = batch.constraints
-        if constraints is None:
-            ids = chars = self.decoder.sample(x, *batch.sampling.filters, u)
-        else:
-            masks = constraints.fill().to(self.device)
-            ids = chars = self.decoder.sample(x, *batch.sampling.filters, u, masks)
-            drawn = ids.tolist()
-            constraints.advance(drawn)
-            if constraints.end in drawn:
-                chars = self._chars(ids, constraints)
-        if batch.staged:
-            stage.record(batch.stages, ids.tolist())
-        return ids, chars
-
-    @staticmethod
-    def _chars(ids: torch.Tensor, constraints: RowConstraints | None) -> torch.Tensor:
-        """``ids`` with "end" (a constrained row's id V) as character 0."""
-        if constraints is None:
-            return ids
-        return torch.where(ids == constraints.end, 0, ids)
+        """The ids drawn from ``logits`` with the uniforms ``u`` (through the rows' stage:
+        masks filled, then the matchers moved on), and the characters the network reads
+        next."""
+        stage = batch.stage
+        if stage is None:
+            ids = self.decoder.sample(logits, *batch.sampling.filters, u)
+            return ids, ids
+        masks = stage.fill().to(self.device)
+        ids = self.decoder.sample(logits, *batch.sampling.filters, u, masks)
+        stage.advance(ids.tolist())
+        return ids, network_chars(ids, stage)
 
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
-        """``steps`` characters per row, sampled and run through the network in one call: the
-        same ids as ``sample`` then ``forward`` per character, however the characters are
-        split into calls. One fused call (the native kernels; a CUDA graph) where no row needs
-        anything between the network and the sampler; else every row is stepped here, one
-        character at a time (a constrained row among free ones costs the batch that loop,
-        not a second read of the weights). Several steps need ``multi_step``. Run it in
-        inference mode (``worker``)."""
+        """Up to ``steps`` characters per row, sampled and run through the network in one call:
+        the same ids as ``sample`` then ``forward`` per character, however the characters are
+        split into calls. One fused call (the native kernels; a CUDA graph) where no row has
+        per-row work; runs of masked steps in one native call each where only constraints do;
+        else one step at a time here. The ids returned have the steps that ran (a masked run
+        may stop early). Several steps need ``multi_step``. Run it in inference mode
+        (``worker``)."""
         if steps > 1 and not self.multi_step:
             raise ValueError("several steps per call need the native kernels")
         if self.fusable(batch):
             return self._fused(batch, positions, steps)
+        if self.multi_step and batch.stage is not None:
+            return self._masked(batch, batch.stage, positions, steps)
         return self._stepwise(batch, positions, steps)
 
     def _fused(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
@@ -372,12 +285,8 @@ class ModelRunner:
         return Sampled(ids, self._row_logprobs(batch, seen, ids)), batch.moved(logits, state)
 
     def _stepwise(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
-        """``sample`` then ``forward``, ``steps`` times, in one tight loop; where only
-        constraints stand between the network and the sampler, runs of masked steps in one
-        native call each (``_masked_steps``)."""
-        constraints = batch.constraints
-        if self.multi_step and constraints is not None and not batch.staged:
-            return self._masked_steps(batch, constraints, positions, steps)
+        """``sample`` then ``forward``, ``steps`` times, in one tight loop (without the native
+        kernels, or on CUDA with per-row work)."""
         rows = len(batch)
         at = (positions[None, :] + np.arange(steps, dtype=np.uint64)[:, None]).reshape(-1)
         u = torch.from_numpy(uniforms(np.tile(batch.sampling.seeds, steps), at)).view(steps, rows)
@@ -392,49 +301,29 @@ class ModelRunner:
             drawn.append(ids)
             read.append(chars)
             logits, state = self.decoder.step(chars, state)
-        logprobs = self._row_logprobs(
-            batch, torch.stack(seen) if asking else None, torch.stack(read)
-        )
+        seen_all = torch.stack(seen) if asking else None
+        logprobs = self._row_logprobs(batch, seen_all, torch.stack(read))
         return Sampled(torch.stack(drawn), logprobs), batch.moved(logits, state)
 
-    def _masked_steps(
-        self, batch: Batch, constraints: RowConstraints, positions: np.ndarray, steps: int
+    def _masked(
+        self, batch: Batch, stage: BatchStage, positions: np.ndarray, steps: int
     ) -> tuple[Sampled, Batch]:
-        """Up to ``steps`` characters per row in one native call, on a guess that each row's
-        mask for its next character holds for a run of them (a regex's character class often
-        does): the matchers then check the guess along the draws. Where a mask changed at step
-        s, the draws before s stand (they were made with their true masks) and the call is
-        made again for s + 1 steps, step s with its true masks: the same ids, bit for bit, as
-        one step at a time. The run grows while guesses hold and shrinks to what held when
-        one does not, so a grammar whose masks change at every character costs about one
-        step per call, as without the guess."""
-        stepper = constraints.stepper
-        stepper.fill()
-        run = min(steps, constraints.run)
+        """Runs of masked steps in one native call each; the stage guesses how long the
+        masks hold and replays where one did not (``BatchStage.masked_steps``)."""
         asking = batch.logprobs.max() >= 0
-        ids, logits, state, seen = self._masked_call(batch, positions, run, stepper.masks, asking)
-        held, true = stepper.walk(ids.tolist())
-        if true is None:
-            constraints.run = min(2 * run, MAX_RUN)
-        else:
-            masks = stepper.masks.expand(held + 1, *stepper.masks.shape).clone()
-            masks[held] = true
-            ids, logits, state, seen = self._masked_call(batch, positions, held + 1, masks, asking)
-            stepper.settle(ids[held].tolist())
-            constraints.run = held + 1
-        logprobs = self._row_logprobs(batch, seen, self._chars(ids, constraints))
-        return Sampled(ids, logprobs), batch.moved(logits, state)
-
-    def _masked_call(
-        self, batch: Batch, positions: np.ndarray, steps: int, masks: torch.Tensor, asking: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, State, torch.Tensor | None]:
-        seen = torch.empty(steps, *batch.logits.shape) if asking else None
         seeds = torch.from_numpy(batch.sampling.seeds.view(np.int64))
         at = torch.from_numpy(positions.view(np.int64))
-        ids, logits, state = self.decoder.decode(
-            batch.logits, batch.state, *batch.sampling.filters, seeds, at, steps, seen, masks
-        )
-        return ids, logits, state, seen
+
+        def call(n: int, masks: torch.Tensor):  # type: ignore[no-untyped-def]
+            seen = torch.empty(n, *batch.logits.shape) if asking else None
+            ids, logits, state = self.decoder.decode(
+                batch.logits, batch.state, *batch.sampling.filters, seeds, at, n, seen, masks
+            )
+            return ids, logits, state, seen
+
+        ids, logits, state, seen = stage.masked_steps(call, steps)
+        logprobs = self._row_logprobs(batch, seen, network_chars(ids, stage))
+        return Sampled(ids, logprobs), batch.moved(logits, state)
 
     def _row_logprobs(
         self, batch: Batch, seen: torch.Tensor | None, ids: torch.Tensor
@@ -448,3 +337,13 @@ class ModelRunner:
         for b in np.flatnonzero(batch.logprobs >= 0).tolist():
             out[b] = self.logprobs(seen[:, b], ids[:, b], int(batch.logprobs[b]))
         return out
+
+    # -- the one call the decode loop makes ----------------------------------------------------
+
+    def execute(self, plan: Plan) -> Output:
+        """Carry out one iteration's ``plan`` (app/runner/plan.py) and say what came of it."""
+        return self._executor.execute(plan)
+
+    @functools.cached_property
+    def _executor(self) -> Executor:
+        return Executor(self)

@@ -1,0 +1,138 @@
+"""The per-row stage between the network and the sampler: each row's own sampling work, held
+with the batch so that its rows' order is theirs.
+
+Today one kind of work lives here, a constraint (charrnn/structured): the row's matcher, the
+mask of characters that may continue its match, and "end" (id V), one more outcome of the
+draw. A batch in which no row has per-row work has no stage (``Batch.stage`` is None) and
+takes the fused multi-character call, paying nothing. With a stage, the rows without work
+keep a mask that allows everything, so they draw exactly as without one.
+
+The stage owns what its rows need across calls: the matchers, the masks, how many steps the
+next call guesses the masks hold for, and the replay when a guess fails (``masked_steps``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from charrnn.model import State
+from charrnn.structured import MaskStepper, Matcher
+
+MAX_RUN = 32
+
+# One native call of ``steps`` characters with these masks ([B, W] or [steps, B, W]):
+# the ids [steps, B], the logits and state after it, and the logits seen (when asked).
+MaskedCall = Callable[
+    [int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, State, torch.Tensor | None]
+]
+
+
+@dataclass
+class BatchStage:
+    """``matchers[b]``: row b's matcher (None: no per-row work); ``masks`` [B, W] int32 on
+    the CPU, where llguidance writes them."""
+
+    matchers: list[Matcher | None]
+    masks: torch.Tensor
+    # How many steps the next masked call guesses the masks hold for: it doubles while
+    # guesses hold, up to MAX_RUN, and drops to what held when one fails. A row that joins
+    # starts it again (its first masks often change: "end" once a match is complete); rows
+    # that leave keep it.
+    run: int = 4
+
+    @classmethod
+    def of(cls, matcher: Matcher, words: int) -> BatchStage:
+        return cls([matcher], _allow_all(1, words))
+
+    @property
+    def end(self) -> int:
+        """The id of "end": the vocabulary's size."""
+        return next(m for m in self.matchers if m is not None).end
+
+    def select(self, keep: list[int]) -> BatchStage | None:
+        """The rows ``keep``; None when none of them has per-row work."""
+        matchers = [self.matchers[i] for i in keep]
+        if all(m is None for m in matchers):
+            return None
+        return BatchStage(matchers, self.masks[keep], self.run)  # their guesses still hold
+
+    @staticmethod
+    def concat(parts: Sequence[tuple[BatchStage | None, int]]) -> BatchStage | None:
+        """Parts of ``n`` rows each, in order (None: n rows without per-row work)."""
+        present = [c for c, _ in parts if c is not None]
+        if not present:
+            return None
+        words = present[0].masks.shape[1]
+        matchers: list[Matcher | None] = []
+        masks = []
+        for c, n in parts:
+            matchers += c.matchers if c is not None else [None] * n
+            masks.append(c.masks if c is not None else _allow_all(n, words))
+        return BatchStage(matchers, torch.cat(masks))
+
+    @functools.cached_property
+    def stepper(self) -> MaskStepper:
+        """Fills every constrained row's mask for its next character, and moves each matcher
+        on by the id its row drew ("end" leaves it)."""
+        rows = [(b, m) for b, m in enumerate(self.matchers) if m is not None]
+        return MaskStepper(rows, self.masks)
+
+    def fill(self) -> torch.Tensor:
+        self.stepper.fill()
+        return self.masks
+
+    def advance(self, ids: Sequence[int]) -> None:
+        self.stepper.advance(ids)
+
+    def masked_steps(
+        self, call: MaskedCall, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, State, torch.Tensor | None]:
+        """Up to ``steps`` characters per row through ``call``, on a guess that each row's
+        mask for its next character holds for a run of them (a regex's character class often
+        does): the matchers then check the guess along the draws. Where a mask changed at
+        step s, the draws before s stand (they were made with their true masks) and the call
+        is made again for s + 1 steps, step s with its true masks: the same ids, bit for bit,
+        as one step at a time. A grammar whose masks change at every character costs about
+        one step per call, as without the guess. Returns what the last call returned; its
+        ids have the steps that ran."""
+        stepper = self.stepper
+        stepper.fill()
+        run = min(steps, self.run)
+        out = call(run, stepper.masks)
+        held, true = stepper.walk(out[0].tolist())
+        if true is None:
+            self.run = min(2 * run, MAX_RUN)
+            return out
+        masks = stepper.masks.expand(held + 1, *stepper.masks.shape).clone()
+        masks[held] = true
+        out = call(held + 1, masks)
+        stepper.settle(out[0][held].tolist())
+        self.run = held + 1
+        return out
+
+
+def _allow_all(rows: int, words: int) -> torch.Tensor:
+    return torch.full((rows, words), -1, dtype=torch.int32)
+
+
+# "End" (id V, one past the vocabulary) is a constrained row's last draw: its match is over.
+# These two read it, for the network and for the row's text; nothing else in the service does.
+
+
+def network_chars(ids: torch.Tensor, stage: BatchStage | None) -> torch.Tensor:
+    """The characters the network reads after drawing ``ids``: "end" reads as character 0
+    (the row's text is over; what the network makes of it is never used)."""
+    if stage is None:
+        return ids
+    return torch.where(ids == stage.end, 0, ids)
+
+
+def text_run(ids: list[int], end: int) -> tuple[list[int], bool]:
+    """A row's draws as its text: the characters before "end", and whether it drew it."""
+    if end in ids:
+        return ids[: ids.index(end)], True
+    return ids, False
