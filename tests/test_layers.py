@@ -43,6 +43,7 @@ def _imports(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
+                # A name from a package's namespace is its ``__init__``'s: an edge to it.
                 found.add(sub if sub in MODULES else node.module)
     return {m for m in found if m in MODULES and m != name}
 
@@ -69,17 +70,44 @@ def test_nothing_imports_upward(name):
             assert RANKS[other] <= RANKS[own], f"{name} ({own}) imports {imported} ({other})"
 
 
-@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("app.routes.")))
+ROUTES = sorted(m for m in MODULES if m.startswith("app.routes."))
+API = sorted(m for m in MODULES if m.startswith(("app.api", "app.routes")))
+
+
+@pytest.mark.parametrize("name", ROUTES)
 def test_routes_import_only_the_api_the_engine_and_the_schemas(name):
-    for imported in _imports(name):
-        allowed = imported in ("app.engine", "app.schemas") or imported.startswith("app.api")
-        assert allowed, f"{name} imports {imported}"
+    imported = _imports(name)
+    for module in imported:
+        allowed = module in ("app.engine", "app.schemas") or module.startswith("app.api")
+        assert allowed, f"{name} imports {module}"
+    # A route reads the request and answers; the work is in the API layer's adapters.
+    own = {m for m in imported if m.startswith("app.") and m != "app.api"}
+    assert len(own) <= 6, f"{name} imports {len(own)} app modules: {sorted(own)}"
+
+
+@pytest.mark.parametrize("name", API)
+def test_the_api_asks_the_engine_not_its_runner(name):
+    """The API layer reaches a model through the engine's facade (``LoadedModel.vocab``,
+    ``facts()``), never the runner or its decoder behind it."""
+    tree = ast.parse(MODULES[name].read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("runner", "decoder", "scheduler"):
+            raise AssertionError(f"{name}:{node.lineno} reaches .{node.attr}")
 
 
 def test_no_import_cycle():
-    graph = {name: _imports(name) for name in MODULES}
-    # A package's own __init__ importing its submodules is how packages work, not a cycle:
-    # only an edge from a submodule back to its package (or above) closes one.
+    """Package ``__init__`` modules included: a submodule that imports a name from its own
+    package's namespace (whose ``__init__`` imports it) closes a cycle."""
+    check_acyclic({name: _imports(name) for name in MODULES})
+
+
+def test_the_cycle_check_sees_a_module_importing_its_own_package():
+    graph = {"app.runner": {"app.runner.runner"}, "app.runner.runner": {"app.runner"}}
+    with pytest.raises(AssertionError, match=r"import cycle: app\.runner -> app\.runner\.runner"):
+        check_acyclic(graph)
+
+
+def check_acyclic(graph: dict[str, set[str]]) -> None:
     done: set[str] = set()
     stack: list[str] = []
 
@@ -100,7 +128,8 @@ def test_no_import_cycle():
 
 
 def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
-    """The check itself can fail: a runner module that imports the engine is reported."""
+    """The checks themselves can fail: a runner module that imports the engine, and one that
+    imports its own package, are reported."""
     fake = tmp_path / "bad.py"
     fake.write_text("from app.engine import Handle\n")
     monkeypatch.setitem(MODULES, "app.runner.bad", fake)

@@ -61,7 +61,7 @@ async def compile_for(
         return None
     try:
         constraint = Constraint.parse(spec)
-        vocab = model.runner.vocab
+        vocab = model.vocab
         grammar = cached(vocab, constraint)
         if grammar is None:
             timeout = settings.constraint_compile_s

@@ -62,7 +62,7 @@ def _prompts(req: CompletionRequest, model: LoadedModel) -> list[str]:
     if isinstance(prompt[0], str):
         return list(prompt)  # type: ignore[arg-type]
     lists = [prompt] if isinstance(prompt[0], int) else prompt
-    vocab = model.runner.vocab
+    vocab = model.vocab
     out = []
     for ids in lists:
         assert isinstance(ids, list)

@@ -41,7 +41,7 @@ def validate_score(
 ) -> GenerationRequest:
     """``POST /score`` as a scored prime (``context + text``, scored from the text on) that
     never generates, or a 422 naming every problem."""
-    vocab = model.runner.vocab
+    vocab = model.vocab
     errors: list[dict[str, Any]] = []
     if len(text) > settings.max_score_chars:
         msg = (
@@ -103,7 +103,7 @@ def validate_generation(
         "logprobs": "logprobs",
         **(field_names or {}),
     }
-    vocab = model.runner.vocab
+    vocab = model.vocab
     errors: list[dict[str, Any]] = []
     if len(prime) > settings.max_prime_chars:
         errors.append(

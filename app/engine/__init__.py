@@ -4,7 +4,14 @@ Everything a route may import from the engine is named here; the rest of the pac
 inside (the decode loop, the scheduling policy, the outbox). It imports the runner layer
 (app/runner) and ``charrnn``, never the API."""
 
-from app.engine.engine import Engine, LoadedModel, NotReady, UnknownModel, WarmUpFailed
+from app.engine.engine import (
+    Engine,
+    LoadedModel,
+    ModelFacts,
+    NotReady,
+    UnknownModel,
+    WarmUpFailed,
+)
 from app.engine.handle import GenerationFailed, Handle
 from app.engine.request import (
     Done,
@@ -31,6 +38,7 @@ __all__ = [
     "Handle",
     "LoadedModel",
     "Logprobs",
+    "ModelFacts",
     "NotReady",
     "Overloaded",
     "Scored",

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from app.runner.graphs import prepare
 from charrnn.checkpoint import Checkpoint, load_checkpoint
 from charrnn.model import resolve_device
 from charrnn.sampling import SamplingParams
+from charrnn.vocab import Vocabulary
 
 log = logging.getLogger("charrnn.engine")
 
@@ -33,13 +35,62 @@ WARMUP_ROUNDS = 3
 assert HAND_OVER_CALLS * MAX_STEPS <= MIN_BACKLOG
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a client may know about a loaded model (``/info``)."""
+
+    vocabulary: str
+    parameters: int
+    cell: str
+    layers: int
+    hidden: int
+    embed: int
+    metrics: dict[str, Any]
+    device: str
+    dtype: str
+    decode_weights: str
+    decode_kernels: str
+    decode_reason: str
+    batch_invariant: bool
+    batch_invariance: str
+
+
 @dataclass
 class LoadedModel:
     name: str
     path: str
     created: int
-    runner: ModelRunner
+    runner: ModelRunner  # the engine's own: the API asks through ``vocab`` and ``facts``
     scheduler: Scheduler
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return self.runner.vocab
+
+    @property
+    def failing(self) -> str | None:
+        """Why this model's decode keeps failing, or None."""
+        return self.scheduler.failing
+
+    def facts(self) -> ModelFacts:
+        r = self.runner
+        cfg = r.model.config
+        return ModelFacts(
+            vocabulary=r.vocab.chars,
+            parameters=r.model.num_parameters(),
+            cell=cfg.cell,
+            layers=cfg.layers,
+            hidden=cfg.hidden,
+            embed=cfg.embed,
+            metrics=r.ckpt.meta.get("metrics", {}),
+            device=str(r.device),
+            dtype=str(r.dtype).removeprefix("torch."),
+            decode_weights=r.decoder.weights,
+            decode_kernels=r.decoder.kernels,
+            decode_reason=r.decode_reason,
+            batch_invariant=r.decoder.batch_invariant,
+            batch_invariance=r.decoder.invariance,
+        )
 
 
 class UnknownModel(LookupError):
@@ -147,7 +198,7 @@ class Engine:
             # Three rounds, each with a prime not yet cached, so that the allocator, the thread
             # pools and the branch predictors have seen a prime and a decode call more than once
             # before the first client's.
-            chars = m.runner.vocab.chars
+            chars = m.vocab.chars
             for round_ in range(WARMUP_ROUNDS):
                 request = GenerationRequest(
                     prime=(chars[round_ % len(chars) :] + chars)[:WARMUP_PRIME_CHARS],

@@ -42,31 +42,30 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
     """The models (vocabulary, size, architecture, training metrics, device) and the limits."""
     models = []
     for m in engine.models.values():
-        b = m.runner
-        cfg = b.model.config
+        f = m.facts()
         models.append(
             ModelInfo(
                 name=m.name,
                 default=m.name == engine.default,
                 path=m.path,
-                vocabulary=b.vocab.chars,
-                parameters=b.model.num_parameters(),
+                vocabulary=f.vocabulary,
+                parameters=f.parameters,
                 architecture=Architecture(
-                    cell=cfg.cell,
-                    layers=cfg.layers,
-                    hidden=cfg.hidden,
-                    embed=cfg.embed,
-                    vocab_size=cfg.vocab_size,
+                    cell=f.cell,
+                    layers=f.layers,
+                    hidden=f.hidden,
+                    embed=f.embed,
+                    vocab_size=len(f.vocabulary),
                 ),
-                metrics=b.ckpt.meta.get("metrics", {}),
-                device=str(b.device),
-                dtype=str(b.dtype).removeprefix("torch."),
-                decode_weights=b.decoder.weights,
-                decode_kernels=b.decoder.kernels,
-                decode_failing=m.scheduler.failing,
-                decode_reason=b.decode_reason,
-                batch_invariant=b.decoder.batch_invariant,
-                batch_invariance=b.decoder.invariance,
+                metrics=f.metrics,
+                device=f.device,
+                dtype=f.dtype,
+                decode_weights=f.decode_weights,  # type: ignore[arg-type]
+                decode_kernels=f.decode_kernels,  # type: ignore[arg-type]
+                decode_failing=m.failing,
+                decode_reason=f.decode_reason,
+                batch_invariant=f.batch_invariant,
+                batch_invariance=f.batch_invariance,
             )
         )
     limits = Limits(
