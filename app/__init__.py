@@ -1,1 +1,2 @@
-"""CharRNN HTTP service: validation -> scheduler (queue + batcher) -> model backend."""
+"""CharRNN HTTP service: api (validation, adapters, routes) -> engine (scheduler, policy, decode
+loop) -> runner (the model on its device, one ``execute(plan)`` call) -> charrnn (the core)."""

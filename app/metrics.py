@@ -27,7 +27,7 @@ class Metrics:
         )
         self.ttfc_seconds = Histogram(
             "charrnn_time_to_first_char_seconds",
-            "From admission to the first generated character",
+            "From submission (the request accepted) to the first generated character",
             ["model"],
             buckets=_LATENCY,
             registry=r,

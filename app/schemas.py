@@ -1,4 +1,4 @@
-"""Request and response models of the HTTP contract (../shared/API.md)."""
+"""Request and response models of the HTTP contract (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ class ModelInfo(BaseModel):
 
 
 class ConstraintLimits(BaseModel):
-    """What a generation's ``constraint`` may be (API.md, "Structured generation")."""
+    """What a generation's ``constraint`` may be (docs/api.md, "Structured generation")."""
 
     kinds: list[str] = Field(description="the keys a constraint may have, one at a time")
     max_regex_chars: int

@@ -15,7 +15,7 @@ from charrnn.sampling import SamplingBatch, SamplingParams
 from charrnn.vocab import Vocabulary
 
 
-def warm_up(decoder: StepDecoder, ids: list[int]) -> tuple[torch.Tensor, State]:
+def run_prime(decoder: StepDecoder, ids: list[int]) -> tuple[torch.Tensor, State]:
     """Run the prime through the network: the last position's logits [1, V] and the state."""
     device = decoder.model.head.weight.device
     out = decoder.prime(torch.tensor(ids, dtype=torch.long, device=device))
@@ -38,7 +38,7 @@ def generate(
     """Return ``length`` new characters following ``prime``."""
     decoder = decoder or StepDecoder(model)
     device = model.head.weight.device
-    logits, state = warm_up(decoder, vocab.encode(prime))
+    logits, state = run_prime(decoder, vocab.encode(prime))
     sampling = SamplingBatch.of([params], len(vocab), device)
     if decoder.multi_step and length > 0:
         ids, _, _ = decoder.decode_batch(logits, state, sampling, np.zeros(1, np.uint64), length)

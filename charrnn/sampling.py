@@ -7,7 +7,7 @@ Sampling draws one uniform per row and inverts the filtered CDF, all vectorised 
 ``sampler`` picks how it runs: in C++ where the native kernels load (``charrnn/csrc/decode.cpp``,
 a microsecond or two a row), else ``sample_next`` op by op (the reference).
 
-Structured generation (``charrnn/structured.py``) passes a mask of the characters that may
+Structured generation (``charrnn/structured``) passes a mask of the characters that may
 continue a match. It applies before temperature, top-k and top-p: the characters it forbids
 leave the distribution, and their mass, the model's own way of saying "the match may end
 here", becomes one more outcome, "end" (id ``V``, one past the last character), where the

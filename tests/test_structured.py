@@ -15,10 +15,9 @@ import torch
 
 from charrnn import CharRNN, SamplingParams, Vocabulary
 from charrnn.decode import StepDecoder
-from charrnn.generate import generate, warm_up
+from charrnn.generate import generate, run_prime
 from charrnn.sampling import uniforms
 from charrnn.structured import (
-    _LRU,
     MAX_CHOICES,
     Constraint,
     ConstraintError,
@@ -31,6 +30,7 @@ from charrnn.structured import (
     generate_constrained,
     new_masks,
 )
+from charrnn.structured.compile import _LRU
 from tests.conftest import WORDS, make_text, train_structured
 
 NAME = r"[A-Z][a-z]{3,9}(ia|or|wen)"
@@ -372,7 +372,7 @@ def test_a_mixed_batch_gives_each_row_its_text_alone(trained):
         ("\n", SamplingParams(top_p=0.9, seed=3), _compile(vocab, {"json_schema": PERSON})),
         ("The ", SamplingParams(seed=4), None),
     ]
-    primed = [warm_up(decoder, vocab.encode(prime)) for prime, _, _ in rows]
+    primed = [run_prime(decoder, vocab.encode(prime)) for prime, _, _ in rows]
     logits = torch.cat([lg for lg, _ in primed])
     state = tuple(torch.cat(parts, 1) for parts in zip(*(s for _, s in primed), strict=True))
     t = torch.tensor([p.temperature for _, p, _ in rows])
@@ -491,9 +491,9 @@ def test_guessed_masks_give_the_ids_of_one_step_a_call(trained, weights, monkeyp
     walk = MaskStepper.walk
 
     def spy(self, drawn):
-        held, true = walk(self, drawn)
-        outcomes.append((len(drawn), held, true is None))
-        return held, true
+        out = walk(self, drawn)
+        outcomes.append((len(drawn), out.held, out.true is None))
+        return out
 
     monkeypatch.setattr(MaskStepper, "walk", spy)
     runner, batch, end = _runner_rows(trained, weights)

@@ -103,14 +103,15 @@ class BatchStage:
         stepper.fill()
         run = min(steps, self.run)
         out = call(run, stepper.masks)
-        held, true = stepper.walk(out[0].tolist())
-        if true is None:
+        walk = stepper.walk(out[0].tolist())
+        if walk.true is None:
             self.run = min(2 * run, MAX_RUN)
             return out
+        held = walk.held
         masks = stepper.masks.expand(held + 1, *stepper.masks.shape).clone()
-        masks[held] = true
+        masks[held] = walk.true
         out = call(held + 1, masks)
-        stepper.settle(out[0][held].tolist())
+        stepper.settle(walk, out[0][held].tolist())
         self.run = held + 1
         return out
 

@@ -1,11 +1,10 @@
 // Sampling, and a decode loop that samples and steps many characters in one call.
 //
-// charrnn.sampling.sample_next run by TorchScript costs ~25 us for one row of 65 characters,
-// a dozen small ATen ops (softmax, sort, two cumsums, masks, searchsorted). The same
-// arithmetic on one row in plain C++ costs ~1-2 us. And each character decoded from Python
-// costs the service some 50 us of GIL-held Python around the step (turning ids into a list,
-// the uniforms, the bookkeeping of the call); lstm_decode pays that once per call of
-// `steps` characters.
+// charrnn.sampling.sample_next is a dozen small ATen ops per row (softmax, sort, two cumsums,
+// masks, searchsorted), each paying dispatch; here the same arithmetic is one pass over the
+// row in plain C++. And each character decoded from Python costs the service GIL-held Python
+// around the step (turning ids into a list, the uniforms, the bookkeeping of the call);
+// lstm_decode pays that once per call of `steps` characters. bench/README.md has the figures.
 //
 // sample gives the ids of sample_next except where a row's draw lies within float rounding
 // of the edge between two characters: the softmax's exp and its sum are computed by other
@@ -14,7 +13,7 @@
 // row's text depends only on its own seed, never on its neighbours or on how its characters
 // were split into calls.
 //
-// With a mask (structured generation, charrnn/structured.py), sample first applies it as
+// With a mask (structured generation, charrnn/structured), sample first applies it as
 // charrnn.sampling.sample_next does: the forbidden characters leave the row and their mass becomes
 // one more outcome, "end" (id V), whose logit is their logsumexp; a row that forbids nothing
 // takes the unmasked path, the same bits as without a mask.

@@ -1,17 +1,17 @@
 // The int8 LSTM decode step and prime of charrnn/decode.py, with a fused cell.
 //
-// Run as TorchScript (charrnn/kernels.py), a step position costs ~40 us of which the int8
-// matmul is ~16: the rest is a dozen small ATen ops (dequantize, add, sigmoid, tanh, mul,
-// addcmul, round, cast), each paying dispatch and a TensorIterator. Here everything around
+// Op by op (charrnn/kernels.py), most of a step position's time is not the int8 matmul but a
+// dozen small ATen ops (dequantize, add, sigmoid, tanh, mul, addcmul, round, cast), each
+// paying dispatch and a TensorIterator (bench/README.md has the figures). Here everything around
 // the matmuls (dequantizing the int32 sums, the gates, the new state, quantizing h for the
 // next matmul) is one pass over the row in plain C++ that the compiler vectorises.
 //
 // tanh and sigmoid are a rational approximation built only from IEEE-exact operations
 // (+, *, /, min, max), compiled with -ffp-contract=off: every element gets the same bits
 // whatever the vector width, the CPU, the batch size or the row's position in the batch.
-// So, as with the TorchScript kernels, a row's numbers do not depend on its neighbours, and
+// So, as with the reference kernels, a row's numbers do not depend on its neighbours, and
 // the prime gives exactly the state of feeding its characters one at a time to the step.
-// The numbers differ from the TorchScript kernels' (ATen's tanh) in the last bits.
+// The numbers differ from the reference kernels' (ATen's tanh) in the last bits.
 //
 // The int8 matmuls are charrnn::int8_mm (int8_gemm.cpp): our own kernels, on weights that
 // charrnn.native.pack_int8 packed once at load, by the path the CPU (or CHARRNN_INT8_KERNEL)
