@@ -17,8 +17,9 @@ from training.__main__ import main
 from training.config import AWD_FROM_EPOCHS, AWD_RECIPE
 from training.data import encode
 from training.evaluate import BURN_IN, eval_windows, nll, windows_nll
-from training.fit import REG_HEAVY_EPOCHS, REG_LIGHT_EPOCHS, Trainer, fit
+from training.fit import Trainer, fit
 from training.outputs import last_path, metrics_path
+from training.plan import REG_HEAVY_EPOCHS, REG_LIGHT_EPOCHS
 
 
 def _records(out):
