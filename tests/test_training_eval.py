@@ -14,11 +14,20 @@ from charrnn import Vocabulary, load_checkpoint
 from tests.conftest import make_text, tiny_fit_args, tiny_model
 from tests.test_training import StopAfter, tiny_cfg
 from training.__main__ import main
-from training.config import AWD_FROM_EPOCHS, AWD_RECIPE
+from training.config import AWD_FROM_EPOCHS, AWD_RECIPE, FitConfig
 from training.data import encode
+from training.distributed import Dist
 from training.evaluate import BURN_IN, eval_windows, nll, windows_nll
-from training.fit import REG_HEAVY_EPOCHS, REG_LIGHT_EPOCHS, Trainer, fit
+from training.fit import Trainer, fit
 from training.outputs import last_path, metrics_path
+from training.plan import (
+    REG_HEAVY_EPOCHS,
+    REG_LIGHT_EPOCHS,
+    Planner,
+    pick_regularization,
+    regularization_for,
+)
+from training.progress import Progress
 
 
 def _records(out):
@@ -182,3 +191,28 @@ def test_budgeted_run_resumes_with_the_regularisation_it_picked(corpus_file, tmp
     picked = load_checkpoint(last_path(out)).meta["train"]["dropout"]
     assert main([*args, "--resume"]) == 0  # the budget is spent: it stops at once
     assert load_checkpoint(last_path(out)).meta["train"]["dropout"] == picked
+
+
+def test_planning_a_budget_without_training(tmp_path):
+    """Planning alone, from given step times: the steps a budget buys, the automatic
+    validation interval, and the regularisation for the epochs the budget buys."""
+    cfg = FitConfig(tmp_path / "t.txt", tmp_path / "m.pt", batch_size=8, seq_len=25, epochs=100)
+    cfg.max_minutes = 1.0
+    planner = Planner(cfg, Dist(), 50, eval_windows(1001, None), time.perf_counter())
+    p = Progress(total_steps=planner.step_cap())
+    # 0.97 of 60 s at 0.1 s a step and a 0.5 s validation an epoch (50 steps): 529 steps.
+    assert planner.plan(p, 0.1, 0.5) and (p.total_steps, p.eval_every) == (529, None)
+    assert not planner.plan(p, 0.1, 0.5)  # the same length: the schedule is kept
+    planner.spent_before, p.step = 120.0, 100  # overspent: one more step, never none
+    assert planner.plan(p, 0.1, 0.5) and p.total_steps == 101
+    cfg.max_minutes = None  # --epochs sets the length; a 500 s epoch validates every 300 s
+    slow = Progress(total_steps=5000)
+    assert not planner.plan(slow, 10.0, None) and (slow.total_steps, slow.eval_every) == (5000, 30)
+    # 60 s at 0.1 s a step of 200 characters shows a 12,000-character text 10 times: a third
+    # of the way from light to heavy regularisation.
+    cfg.max_minutes = 1.0
+    assert pick_regularization(cfg, 0.1, 12_000) == 10.0
+    assert (cfg.dropout, cfg.embed_dropout, cfg.weight_decay) == (0.317, 0.067, 0.1)
+    assert regularization_for(50.0, 100, auto_awd=True) == (AWD_RECIPE, AWD_RECIPE["epochs"])
+    heavy = {"dropout": 0.55, "embed_dropout": 0.2, "weight_decay": 0.3}
+    assert regularization_for(50.0, 100, auto_awd=False) == (heavy, 50.0)
