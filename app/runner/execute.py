@@ -217,7 +217,7 @@ class Executor:
 
     def _runs(self, sampled: Sampled, batch: Batch) -> list[RowRun]:
         vocab = self.steps.vocab
-        end = len(vocab) if batch.stage is not None else -1
+        end = batch.stage.end if batch.stage is not None else -1
         runs = []
         for key, ids, (lps, top) in zip(self.keys, sampled.runs(), sampled.logprobs, strict=True):
             text, ended = text_run(ids, end)

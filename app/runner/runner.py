@@ -29,7 +29,7 @@ from app.runner.batch import NO_LOGPROBS, Batch, RowLogprobs, Sampled
 from app.runner.execute import Executor
 from app.runner.graphs import PaddedStep
 from app.runner.plan import Output, Plan, Top
-from app.runner.stage import BatchStage, network_chars
+from app.runner.stage import BatchStage, RowStage, network_chars
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import Precision, StepDecoder
 from charrnn.model import State
@@ -114,7 +114,8 @@ class ModelRunner:
     def fusable(self, batch: Batch) -> bool:
         """Whether ``decode`` can run ``batch`` as one fused call (native kernels or a CUDA
         graph), which samples inside: only where no row has per-row work."""
-        return (self.multi_step or self.graphed is not None) and batch.stage is None
+        fused = self.multi_step or self.graphed is not None
+        return fused and (batch.stage is None or batch.stage.fusable)
 
     @property
     def splits_early(self) -> bool:
@@ -212,7 +213,7 @@ class ModelRunner:
             state,
             SamplingBatch.of([sampling], len(self.vocab), self.device),
             np.array([-1 if logprobs is None else logprobs]),
-            BatchStage.of(constraint, self._mask_words) if constraint is not None else None,
+            BatchStage.of(RowStage(constraint), self._mask_words) if constraint else None,
         )
 
     @functools.cached_property
@@ -244,7 +245,7 @@ class ModelRunner:
         masks filled, then the matchers moved on), and the characters the network reads
         next."""
         stage = batch.stage
-        if stage is None:
+        if stage is None or stage.fusable:
             ids = self.decoder.sample(logits, *batch.sampling.filters, u)
             return ids, ids
         masks = stage.fill().to(self.device)
@@ -264,7 +265,7 @@ class ModelRunner:
             raise ValueError("several steps per call need the native kernels")
         if self.fusable(batch):
             return self._fused(batch, positions, steps)
-        if self.multi_step and batch.stage is not None:
+        if self.multi_step and batch.stage is not None and batch.stage.matchers:
             return self._masked(batch, batch.stage, positions, steps)
         return self._stepwise(batch, positions, steps)
 

@@ -31,12 +31,20 @@ MaskedCall = Callable[
 ]
 
 
+@dataclass(frozen=True)
+class RowStage:
+    """One row's own sampling work, which the runner owns for as long as the row decodes:
+    today its constraint's matcher (the generation controls add theirs here)."""
+
+    matcher: Matcher | None = None
+
+
 @dataclass
 class BatchStage:
-    """``matchers[b]``: row b's matcher (None: no per-row work); ``masks`` [B, W] int32 on
-    the CPU, where llguidance writes them."""
+    """``rows[b]``: row b's stage (None: no per-row work); ``masks`` [B, W] int32 on the CPU,
+    where llguidance writes the constrained rows' masks."""
 
-    matchers: list[Matcher | None]
+    rows: list[RowStage | None]
     masks: torch.Tensor
     # How many steps the next masked call guesses the masks hold for: it doubles while
     # guesses hold, up to MAX_RUN, and drops to what held when one fails. A row that joins
@@ -45,20 +53,31 @@ class BatchStage:
     run: int = 4
 
     @classmethod
-    def of(cls, matcher: Matcher, words: int) -> BatchStage:
-        return cls([matcher], _allow_all(1, words))
+    def of(cls, row: RowStage, words: int) -> BatchStage:
+        return cls([row], _allow_all(1, words))
+
+    @functools.cached_property
+    def matchers(self) -> list[tuple[int, Matcher]]:
+        """The constrained rows: (row, its matcher)."""
+        return [(b, r.matcher) for b, r in enumerate(self.rows) if r and r.matcher]
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the rows can take the fused multi-character call, which samples inside:
+        not while a row's mask depends on the characters drawn before it."""
+        return not self.matchers
 
     @property
     def end(self) -> int:
         """The id of "end": the vocabulary's size."""
-        return next(m for m in self.matchers if m is not None).end
+        return self.matchers[0][1].end if self.matchers else -1
 
     def select(self, keep: list[int]) -> BatchStage | None:
         """The rows ``keep``; None when none of them has per-row work."""
-        matchers = [self.matchers[i] for i in keep]
-        if all(m is None for m in matchers):
+        rows = [self.rows[i] for i in keep]
+        if all(r is None for r in rows):
             return None
-        return BatchStage(matchers, self.masks[keep], self.run)  # their guesses still hold
+        return BatchStage(rows, self.masks[keep], self.run)  # their guesses still hold
 
     @staticmethod
     def concat(parts: Sequence[tuple[BatchStage | None, int]]) -> BatchStage | None:
@@ -67,19 +86,18 @@ class BatchStage:
         if not present:
             return None
         words = present[0].masks.shape[1]
-        matchers: list[Matcher | None] = []
+        rows: list[RowStage | None] = []
         masks = []
         for c, n in parts:
-            matchers += c.matchers if c is not None else [None] * n
+            rows += c.rows if c is not None else [None] * n
             masks.append(c.masks if c is not None else _allow_all(n, words))
-        return BatchStage(matchers, torch.cat(masks))
+        return BatchStage(rows, torch.cat(masks))
 
     @functools.cached_property
     def stepper(self) -> MaskStepper:
         """Fills every constrained row's mask for its next character, and moves each matcher
         on by the id its row drew ("end" leaves it)."""
-        rows = [(b, m) for b, m in enumerate(self.matchers) if m is not None]
-        return MaskStepper(rows, self.masks)
+        return MaskStepper(self.matchers, self.masks)
 
     def fill(self) -> torch.Tensor:
         self.stepper.fill()
@@ -127,7 +145,7 @@ def _allow_all(rows: int, words: int) -> torch.Tensor:
 def network_chars(ids: torch.Tensor, stage: BatchStage | None) -> torch.Tensor:
     """The characters the network reads after drawing ``ids``: "end" reads as character 0
     (the row's text is over; what the network makes of it is never used)."""
-    if stage is None:
+    if stage is None or stage.fusable:
         return ids
     return torch.where(ids == stage.end, 0, ids)
 
