@@ -8,18 +8,14 @@ import time
 import numpy as np
 import torch
 
-from app.engine.handle import Generation
-from app.engine.loop import DecodeLoop
 from app.engine.policy import MAX_STEPS, MIN_PRIME_PART, Costs, Policy
-from app.engine.request import Done, GenerationRequest
-from app.metrics import Metrics
-from app.runner import NO_LOGPROBS, Batch, ModelRunner, Output, Plan, Sampled
-from app.runner.execute import Executor
+from app.engine.request import Done
+from app.runner import Batch, ModelRunner, Sampled
 from charrnn import SamplingParams, Vocabulary
 from charrnn.checkpoint import Checkpoint
-from charrnn.sampling import SamplingBatch
 from charrnn.structured import Constraint, compile_constraint, generate_constrained
 from tests.conftest import make_text, tiny_model
+from tests.fakes import FakeRunner, make_gen, make_loop
 
 POLICY = Policy(max_concurrent=8, prime_budget=512, prime_slice_s=0.012)
 
@@ -74,69 +70,10 @@ def test_decode_calls_are_sized_to_the_measured_step():
     assert steps([500], fused=True, first_pending=False, priming=False, costs=fast) == MAX_STEPS
 
 
-class FakeRunner:
-    """The runner's interface over a two-character vocabulary: every prime leaves logits that
-    favour 'b', every step samples it. Counts the calls."""
-
-    vocab = Vocabulary("ab")
-    device = torch.device("cpu")
-    prime_align = 1
-    exact_steps = False
-    multi_step = True
-    splits_early = True
-
-    def __init__(self) -> None:
-        self.primed: list[int] = []
-        self.calls = 0
-        self._executor = Executor(self)  # the real one, over this fake device
-
-    def worker(self):  # type: ignore[no-untyped-def]
-        return torch.inference_mode()
-
-    def encode(self, prime: str) -> torch.Tensor:
-        return torch.tensor(self.vocab.encode(prime))
-
-    def cached_prime(self, prime: str) -> None:
-        return None
-
-    def cache_prime(self, *args: object) -> None:
-        pass
-
-    def prime(self, ids: torch.Tensor, state: object) -> tuple[torch.Tensor, tuple]:
-        self.primed.append(len(ids))
-        return torch.tensor([[0.0, 5.0]]), (torch.zeros(1, 1, 1),)
-
-    def new_row(self, logits, state, sampling, logprobs=None, constraint=None):  # type: ignore[no-untyped-def]
-        return Batch(logits, state, SamplingBatch.of([sampling], 2, self.device), np.array([-1]))
-
-    def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
-        self.calls += 1
-        ids = torch.ones(steps, len(batch), dtype=torch.long)
-        return Sampled(ids, [NO_LOGPROBS] * len(batch)), batch
-
-    def sample(self, batch: Batch, positions: np.ndarray) -> Sampled:
-        return self.decode(batch, positions, 1)[0]
-
-    def read(self, batch: Batch, chars: torch.Tensor) -> Batch:
-        return batch
-
-    def execute(self, plan: Plan) -> Output:
-        return self._executor.execute(plan)
-
-
-def _loop(runner: FakeRunner, results: list) -> DecodeLoop:
-    policy = Policy(max_concurrent=4, prime_budget=64, prime_slice_s=1.0)
-    return DecodeLoop("fake", runner, Metrics(), policy, lambda r, failing: results.extend(r))  # type: ignore[arg-type]
-
-
-def _gen(prime: str = "ab", max_new: int = 5) -> Generation:
-    return Generation(GenerationRequest(prime, max_new, SamplingParams(seed=1)), 10_000)
-
-
 def test_the_loop_runs_the_plan_and_finishes_rows_against_a_fake_runner():
     runner, results = FakeRunner(), []
-    loop = _loop(runner, results)
-    gens = [_gen("a" * n) for n in (3, 200, 1)]
+    loop = make_loop(runner, results)
+    gens = [make_gen("a" * n) for n in (3, 200, 1)]
     for g in gens:
         loop.submit(g)
     for _ in range(10):
@@ -167,8 +104,8 @@ def test_the_per_step_cost_is_learned_from_the_steps_that_ran():
     ones be planned ever longer."""
     runner, results = ShortRunner(), []
     runner.planned = []
-    loop = _loop(runner, results)
-    loop.submit(_gen(max_new=10**6))
+    loop = make_loop(runner, results)
+    loop.submit(make_gen(max_new=10**6))
     for _ in range(30):
         loop._iterate()
     assert max(runner.planned) > 2  # calls were planned longer than they ran
@@ -177,15 +114,19 @@ def test_the_per_step_cost_is_learned_from_the_steps_that_ran():
 
 def test_a_cancelled_generation_leaves_wherever_it_is():
     runner, results = FakeRunner(), []
-    loop = _loop(runner, results)
-    queued, priming, running = _gen(max_new=10**6), _gen("a" * 10_000), _gen(max_new=10**6)
+    loop = make_loop(runner, results)
+    queued, priming, running = (
+        make_gen(max_new=10**6),
+        make_gen("a" * 10_000),
+        make_gen(max_new=10**6),
+    )
     loop.submit(running)
     loop._iterate()
     assert list(loop.rows.values()) == [running]
     loop.submit(priming)
     loop._iterate()
     assert [p.gen for p in loop.priming.values()] == [priming]
-    for g in (_gen(max_new=10**6), _gen(max_new=10**6), queued):
+    for g in (make_gen(max_new=10**6), make_gen(max_new=10**6), queued):
         loop.submit(g)
     loop._iterate()
     assert queued in loop.waiting  # four places: the fifth waits

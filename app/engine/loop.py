@@ -39,6 +39,7 @@ class Priming:
 
     gen: Generation
     left: int
+    follows: bool = False  # waits for a prime in progress with the same text: no work of its own
 
 
 class DecodeLoop:
@@ -166,8 +167,9 @@ class DecodeLoop:
         return admitted
 
     def _plan(self, admitted: list[NewRow]) -> Plan | None:
-        work = self.policy.prime_work([p.left for p in self.priming.values()], self.costs)
-        keys = list(self.priming)
+        own = [(k, p) for k, p in self.priming.items() if not p.follows]
+        work = self.policy.prime_work([p.left for _, p in own], self.costs)
+        keys = [k for k, _ in own]
         wanted = [g.request.max_new - len(g.matcher) for g in self.rows.values()]
         # An admitted prime that the runner has cached joins this call's rows.
         maybe = [n.key for n in admitted if n.generates and n.score_from is None]
@@ -236,11 +238,15 @@ class DecodeLoop:
             if p.error is not None:  # one failure of a group fails the group once
                 errors.setdefault(id(p.error), (p.error, []))[1].append(p.key)
                 continue
+            priming = self.priming[p.key]
+            priming.follows = p.follows is not None
+            if priming.follows:
+                continue
             self.outbox.succeeded()
             self._prime_chars.inc(p.positions)
             if p.positions >= MIN_PRIME_PART and p.seconds:  # short parts: mostly fixed cost
                 self.costs.part_s = p.seconds / p.positions
-            self.priming[p.key].left = p.left
+            priming.left = p.left
             if p.left == 0:
                 self._primed(self.priming.pop(p.key).gen, p.scores)
         for exc, keys in errors.values():

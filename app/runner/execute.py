@@ -127,11 +127,13 @@ class Executor:
         self.unread: torch.Tensor | None = None  # characters drawn that the network has not read
         self.ready: list[tuple[RowKey, Batch]] = []  # rows of primes finished in the last call
         self.primes: dict[RowKey, Prime] = {}  # in arrival order
+        # Admissions waiting for a prime in progress with the same text, by its key.
+        self.followers: dict[RowKey, list[NewRow]] = {}
 
     def execute(self, plan: Plan) -> Output:
         out = Output()
         try:
-            self._drop(plan.drop)
+            self._drop(plan.drop, out)
             self._read_unread()
             self._admit(plan.admit, out)
             if plan.steps and self.batch is not None:
@@ -144,15 +146,28 @@ class Executor:
 
     # -- rows in and out ---------------------------------------------------------------------
 
-    def _drop(self, keys: frozenset[RowKey]) -> None:
+    def _drop(self, keys: frozenset[RowKey], out: Output) -> None:
         if not keys:
             return
+        for leader, rows in list(self.followers.items()):
+            self.followers[leader] = [n for n in rows if n.key not in keys]
         for key in keys & self.primes.keys():
-            del self.primes[key]
+            self._forget_prime(key, out)
         self.ready = [(k, b) for k, b in self.ready if k not in keys]
         keep = [i for i, k in enumerate(self.keys) if k not in keys]
         if len(keep) < len(self.keys):
             self._keep(keep)
+
+    def _forget_prime(self, key: RowKey, out: Output) -> None:
+        """A prime nobody waits for any more: its first follower, if any, takes it over (and
+        runs from now on as its own)."""
+        p = self.primes.pop(key)
+        rows = self.followers.pop(key, [])
+        if rows:
+            p.new = rows[0]
+            self.primes[rows[0].key] = p
+            self.followers[rows[0].key] = rows[1:]
+            out.primed.append(Primed(rows[0].key, 0, p.left))
 
     def _keep(self, keep: list[int]) -> None:
         self.keys = [self.keys[i] for i in keep]
@@ -177,7 +192,12 @@ class Executor:
         for new in admit:
             cached = None if new.score_from is not None else self.steps.cached_prime(new.prime)
             if cached is None:
-                self.primes[new.key] = Prime(new, self.steps.encode(new.prime))
+                leader = self._same_prime(new)
+                if leader is not None:
+                    self.followers.setdefault(leader, []).append(new)
+                    out.primed.append(Primed(new.key, 0, self.primes[leader].left, follows=leader))
+                else:
+                    self.primes[new.key] = Prime(new, self.steps.encode(new.prime))
                 continue
             joining.append((new.key, self._row(new, *cached)))
             out.primed.append(Primed(new.key, 0, 0, cached=True))
@@ -186,6 +206,15 @@ class Executor:
             self.batch = Batch.concat([self.batch, *parts] if self.batch is not None else parts)
             self.keys += [k for k, _ in joining]
             self.positions = np.concatenate([self.positions, np.zeros(len(joining), np.uint64)])
+
+    def _same_prime(self, new: NewRow) -> RowKey | None:
+        """The prime in progress that ``new`` can wait for: the same text, neither scored."""
+        if new.score_from is not None or not new.generates:
+            return None
+        for key, p in self.primes.items():
+            if p.new.prime == new.prime and not p.scored and p.new.generates:
+                return key
+        return None
 
     def _row(self, new: NewRow, logits: torch.Tensor, state: State) -> Batch:
         return self.steps.new_row(logits, state, new.sampling, new.logprobs, new.constraint)
@@ -235,10 +264,11 @@ class Executor:
             if p is not None:
                 progress[key] = self._part(p, n)
         for key in [k for k, p in self.primes.items() if p.left == 0]:
-            self._finished(self.primes.pop(key), progress[key])
-        for primed in progress.values():
-            if primed.error is not None:
-                self.primes.pop(primed.key, None)
+            self._finished(self.primes.pop(key), progress)
+        for primed in [p for p in progress.values() if p.error is not None]:
+            self.primes.pop(primed.key, None)
+            for new in self.followers.pop(primed.key, []):
+                progress[new.key] = Primed(new.key, 0, primed.left, error=primed.error)
         out.primed += progress.values()
 
     def _part(self, p: Prime, n: int) -> Primed:
@@ -275,12 +305,17 @@ class Executor:
             p.advanced(n, last, tuple(s[:, i : i + 1] for s in state))
             progress[p.new.key] = Primed(p.new.key, n, p.left)
 
-    def _finished(self, p: Prime, primed: Primed) -> None:
-        """A finished prime: its scores go out, and its row joins at the next call."""
+    def _finished(self, p: Prime, progress: dict[RowKey, Primed]) -> None:
+        """A finished prime: its scores go out, and its row, and its followers', join at the
+        next call."""
         assert p.logits is not None and p.state is not None
+        primed = progress[p.new.key]
         primed.left = 0
         if p.scored:
             primed.scores = p.scores()
         if p.new.generates:
             self.steps.cache_prime(p.new.prime, p.logits, p.state)
             self.ready.append((p.new.key, self._row(p.new, p.logits, p.state)))
+        for new in self.followers.pop(p.new.key, []):
+            progress[new.key] = Primed(new.key, 0, 0)
+            self.ready.append((new.key, self._row(new, p.logits, p.state)))

@@ -12,7 +12,9 @@ before the network step) is the runner's own business.
 A call runs, in order: forget ``drop``; join the rows that are ready (primes finished in the
 last call, admissions whose prime is cached); the decode call over every running row; the
 admissions' primes start, and ``prime_parts`` / ``side_by_side`` run. A prime that finishes
-joins the batch at the start of the next call."""
+joins the batch at the start of the next call. An admission whose prime (unscored) is
+already in progress follows it instead of running it again: the samples of one request,
+or popular primes."""
 
 from __future__ import annotations
 
@@ -92,6 +94,9 @@ class Primed:
     scores: PrimeScores | None = None
     error: Exception | None = None
     cached: bool = False
+    # The key of the prime in progress with the same text that this one waits for (its
+    # positions run once, for both): it finishes with it, and needs no work of its own.
+    follows: RowKey | None = None
 
 
 @dataclass
