@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     max_concurrent: int = Field(64, ge=1, description="generations in the batch at once")
     max_queue: int = Field(256, ge=0, description="generations waiting for a batch slot")
+    max_n: int = Field(16, ge=1, description="samples one request may ask for (n, best_of)")
     max_prime_chars: int = Field(4096, ge=1)
     max_new_chars_limit: int = Field(10000, ge=1)
     max_score_chars: int = Field(

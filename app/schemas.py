@@ -36,7 +36,54 @@ MAX_TOP_LOGPROBS = 20
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
 
 
-class GenerateRequest(BaseModel):
+Breakers = Annotated[list[Annotated[str, Field(min_length=1, max_length=16)]], Field(max_length=16)]
+Banned = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=64)]
+
+
+def _json_list_or_object(value: Any) -> Any:
+    # On GET a list or an object comes as JSON text (one query value).
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, str) and value[:1] in "[{":
+        return _json_text(value)
+    return value
+
+
+class SamplesAndControls(BaseModel):
+    """Many samples from one prime, and the generation controls (docs/api.md, "Generation
+    controls"): the same fields on the native and the OpenAI routes."""
+
+    n: Int = Field(1, ge=1, description="samples from one prime (at most the server's max_n)")
+    best_of: Int | None = Field(
+        None,
+        ge=1,
+        description="draw this many samples and return the n with the highest mean logprob "
+        "per character (null: n); not with streaming",
+    )
+    logit_bias: Annotated[dict[str, Float], BeforeValidator(_json_list_or_object)] = Field(
+        default_factory=dict,
+        description="added to the logits, -100 to 100 (native keys: characters; OpenAI keys: "
+        "token ids as strings)",
+    )
+    repetition_penalty: Float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
+    presence_penalty: Float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    penalty_last_n: Int = Field(64, ge=0, le=4096, description="the penalties' window")
+    dry_multiplier: Float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="0: off")
+    dry_base: Float = Field(1.75, gt=1, le=4, allow_inf_nan=False)
+    dry_allowed_length: Int = Field(8, ge=1, le=256)
+    dry_sequence_breakers: Annotated[Breakers, BeforeValidator(_json_list_or_object)] = Field(
+        default_factory=lambda: ["\n"]
+    )
+    dry_penalty_last_n: Int = Field(1024, ge=0, le=4096, description="DRY's window; 0: off")
+    banned_strings: Annotated[Banned, BeforeValidator(_json_list_or_object)] = Field(
+        default_factory=list, description="texts that never end inside the generated text"
+    )
+    min_p: Float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
+    typical_p: Float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+
+
+class GenerateRequest(SamplesAndControls):
     """Native generation parameters (JSON body, or query parameters for GET streaming)."""
 
     model_config = ConfigDict(
@@ -111,6 +158,18 @@ class LogprobsOut(BaseModel):
     top_logprobs: list[list[TopLogprob] | None]
 
 
+class Sample(BaseModel):
+    index: int
+    generated_text: str
+    finish_reason: Literal["length", "stop"]
+    seed: int
+    score: float | None = Field(
+        description="the mean logprob per generated character (null for an empty text)"
+    )
+    logprobs: LogprobsOut | None = None
+    constraint: ConstraintResult | None = None
+
+
 class GenerateResponse(BaseModel):
     model: str
     prime: str
@@ -122,6 +181,9 @@ class GenerateResponse(BaseModel):
     logprobs: LogprobsOut | None = Field(None, description="present when the request asked")
     constraint: ConstraintResult | None = Field(
         None, description="present when the request had a constraint"
+    )
+    samples: list[Sample] | None = Field(
+        None, description="with n > 1: every sample, best first with best_of (else in order)"
     )
 
 
@@ -269,7 +331,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplesAndControls):
     """OpenAI's completions request, as far as a character model can honour it. Fields
     OpenAI does not define are ignored (clients send extras); OpenAI fields this server does
     not implement are refused with 400 when set to anything but their default
@@ -310,7 +372,6 @@ class CompletionRequest(BaseModel):
     top_k: Int | None = Field(None, ge=1, description="extension: sample among the k likeliest")
     stop: str | list[str] | None = None
     seed: Int | None = Field(None, ge=0, lt=MAX_SEED)
-    n: Int = Field(1, ge=1, le=1, description="only one choice per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="prepend the prompt to the text (scored with logprobs)")
@@ -326,22 +387,16 @@ class CompletionRequest(BaseModel):
         None,
         description="vLLM's: exactly one of regex, choice, json (a schema) or grammar (Lark)",
     )
+    # OpenAI's clients may send null for these: the default.
+    logit_bias: Annotated[dict[str, Float] | None, BeforeValidator(_json_list_or_object)] = None  # type: ignore[assignment]
+    presence_penalty: Float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)  # type: ignore[assignment]
+    frequency_penalty: Float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)  # type: ignore[assignment]
     # OpenAI fields this server does not implement: only their defaults are accepted.
     suffix: Any = None
-    best_of: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
 
 
 # OpenAI fields that are not implemented, with the values that mean "not used".
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-}
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {"suffix": (None, "")}
 
 
 class CompletionLogprobs(BaseModel):

@@ -307,10 +307,11 @@ def test_openai_models_and_refusals(server, client, vocab):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     for field, value in (
         ("suffix", "end"),
-        ("best_of", 3),
-        ("logit_bias", {"5": 10}),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", 1),
+        ("best_of", 0),
+        ("n", 1000),
+        ("logit_bias", {"9999": 10}),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
     ):
         r = post(server, "/v1/completions", prompt="Alice", **{field: value})
         assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)

@@ -80,15 +80,24 @@ def _json_char(ch: str) -> str:
     return out
 
 
-def token_event(index: int, ch: str, logprob: float | None, top: Top | None) -> str:
+def token_event(
+    index: int, ch: str, logprob: float | None, top: Top | None, sample: int | None = None
+) -> str:
     """A native stream ``token`` event's data, written by hand: it runs once per streamed
     character, where ``json.dumps`` of the alternatives costs several times as much. The
-    logprobs are float32
-    numbers: 9 significant digits give each back exactly."""
-    data = f'{{"index":{index},"text":{_json_char(ch)}'
+    logprobs are float32 numbers: 9 significant digits give each back exactly. ``sample``:
+    which of a request's samples (with n > 1)."""
+    named = f',"sample":{sample}' if sample is not None else ""
+    data = f'{{"index":{index}{named},"text":{_json_char(ch)}'
     if logprob is not None:
         data += f',"logprob":{logprob:.9g}'
     if top is not None:
         alts = ",".join(f'{{"text":{_json_char(c)},"logprob":{v:.9g}}}' for c, v in top)
         data += f',"top_logprobs":[{alts}]'
     return data + "}"
+
+
+def mean(token_logprobs: list[float | None]) -> float | None:
+    """A sample's score: the mean logprob per character (None for no character)."""
+    scored = [lp for lp in token_logprobs if lp is not None]
+    return sum(scored) / len(scored) if scored else None

@@ -5,26 +5,46 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from app.api import constraints, logprobs
-from app.api.sse import NATIVE_TOKENS, Encode, HandleStream, pump, sse
-from app.api.validation import validate_generation
+from app.api.sse import NATIVE_TOKENS, CharEvents, Encode, HandleStream, Tail, pump, sse
+from app.api.validation import samples, validate_generation, validate_samples_and_controls
 from app.config import Settings
 from app.engine import Done, Event, Failed, GenerationRequest, Handle, LoadedModel, TextRun
 from app.schemas import GenerateRequest, GenerateResponse, StreamError, Usage
 
 
-async def to_request(
+@dataclass(frozen=True)
+class Asked:
+    """What a request asks for: the samples to draw (one, or ``best_of``/``n``), how many
+    to return, whether best first, and whether the client wants logprobs."""
+
+    requests: list[GenerationRequest]
+    n: int = 1
+    ranked: bool = False
+    logprobs: bool = False
+
+    @property
+    def many(self) -> bool:
+        return len(self.requests) > 1 or self.n > 1
+
+
+async def to_requests(
     req: GenerateRequest, model: LoadedModel, settings: Settings, source: str, stream: bool
-) -> GenerationRequest:
-    """The engine's request, or a 422 naming every problem (``source``: body or query); a
-    constraint is compiled after the other fields pass."""
+) -> Asked:
+    """The engine's requests (one per sample), or a 422 naming every problem (``source``:
+    body or query); a constraint is compiled after the other fields pass."""
     request = _validated(req, model, settings, source, stream)
+    drawn, controls = validate_samples_and_controls(
+        model, settings, req, source=source, stream=stream
+    )
     constraint = await constraints.compile_for(
         model, settings, req.constraint, (source, "constraint")
     )
-    return dataclasses.replace(request, constraint=constraint) if constraint else request
+    request = dataclasses.replace(request, constraint=constraint, controls=controls)
+    return Asked(samples(request, drawn), req.n, req.best_of is not None, req.logprobs is not None)
 
 
 def _validated(
@@ -64,30 +84,89 @@ def _result(handle: Handle, done: Done, with_logprobs: bool) -> dict[str, Any]:
     }
 
 
-def response(model: LoadedModel, handle: Handle, done: Done) -> GenerateResponse:
-    return GenerateResponse(
-        model=model.name, prime=handle.request.prime, **_result(handle, done, True)
-    )
+def response(
+    model: LoadedModel, asked: Asked, handles: list[Handle], dones: list[Done]
+) -> GenerateResponse:
+    """The JSON answer: one sample's fields at the top, and with n > 1 every sample."""
+    order = _ranked(asked, dones)
+    first = order[0]
+    out = _result(handles[first], dones[first], asked.logprobs)
+    if asked.many:
+        out["samples"] = [
+            _sample(k, handles[i], dones[i], asked.logprobs) for k, i in enumerate(order)
+        ]
+        out["usage"] = _usage(handles[first].request, dones)
+    return GenerateResponse(model=model.name, prime=handles[first].request.prime, **out)
 
 
-def _encoder(handle: Handle) -> Encode:
-    def encode(_: int, event: Event) -> bytes:
+def _ranked(asked: Asked, dones: list[Done]) -> list[int]:
+    """The samples returned, by index: the n with the best score, best first (``best_of``),
+    else all in order."""
+    if not asked.ranked:
+        return list(range(len(dones)))
+    scores = [_score(d) for d in dones]
+    best = sorted(range(len(dones)), key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
+    return best[: asked.n]
+
+
+def _score(done: Done) -> float | None:
+    return logprobs.mean(done.logprobs.token_logprobs) if done.logprobs is not None else None
+
+
+def _sample(index: int, handle: Handle, done: Done, with_logprobs: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "index": index,
+        "generated_text": done.generated_text,
+        "finish_reason": done.finish_reason,
+        "seed": handle.request.sampling.seed,
+        "score": _score(done),
+    }
+    if with_logprobs and done.logprobs is not None:
+        out["logprobs"] = logprobs.native(done.logprobs)
+    if done.matched is not None:
+        out["constraint"] = {"matched": done.matched}
+    return out
+
+
+def _usage(request: GenerationRequest, dones: list[Done]) -> Usage:
+    """Every sample drawn counts, as OpenAI counts ``best_of``'s."""
+    generated = sum(len(d.generated_text) for d in dones)
+    return Usage(prime_chars=len(request.prime), generated_chars=generated)
+
+
+def _encoder(asked: Asked, handles: list[Handle]) -> tuple[Encode, Tail]:
+    """The stream's events; with n > 1 each token names its sample, and one ``done`` with
+    every sample closes the stream."""
+    many = asked.many
+    dones: dict[int, Done] = {}
+    tokens = [
+        CharEvents('event: token\ndata: {"index":', f',"sample":{i},"text":', "}\n\n")
+        if many
+        else NATIVE_TOKENS
+        for i in range(len(handles))
+    ]
+
+    def encode(i: int, event: Event) -> bytes:
         if isinstance(event, TextRun):  # one event per character
-            if event.logprobs is not None:
-                tops = event.top if event.top is not None else [None] * len(event.text)
-                return b"".join(
-                    sse("token", logprobs.token_event(i, ch, p, top))
-                    for i, ch, p, top in zip(
-                        range(event.index, event.index + len(event.text)),
-                        event.text,
-                        event.logprobs,
-                        tops,
-                        strict=True,
-                    )
+            if event.logprobs is None or not asked.logprobs:
+                return tokens[i].run(event.index, event.text)
+            tops = event.top if event.top is not None else [None] * len(event.text)
+            sample = i if many else None
+            return b"".join(
+                sse("token", logprobs.token_event(k, ch, p, top, sample))
+                for k, ch, p, top in zip(
+                    range(event.index, event.index + len(event.text)),
+                    event.text,
+                    event.logprobs,
+                    tops,
+                    strict=True,
                 )
-            return NATIVE_TOKENS.run(event.index, event.text)
+            )
         if isinstance(event, Done):
-            payload = _result(handle, event, with_logprobs=False)  # the token events had them
+            if many:
+                dones[i] = event
+                return b""
+            payload = _result(handles[i], event, with_logprobs=False)  # the tokens had them
             payload["usage"] = payload["usage"].model_dump()
             return sse("done", json.dumps(payload))
         if isinstance(event, Failed):
@@ -96,12 +175,32 @@ def _encoder(handle: Handle) -> Encode:
             )
         return b""  # a Scored prime: native generation does not ask for one
 
-    return encode
+    def tail(failed: bool) -> bytes:
+        if not many or failed or len(dones) < len(handles):
+            return b""
+        done = [dones[i] for i in range(len(handles))]
+        payload = response_fields(asked, handles, done)
+        return sse("done", json.dumps(payload))
+
+    return encode, tail
 
 
-def stream(model: LoadedModel, handle: Handle) -> HandleStream:
+def response_fields(asked: Asked, handles: list[Handle], dones: list[Done]) -> dict[str, Any]:
+    """The ``done`` event of several samples: the JSON answer's fields, without the
+    logprobs (the token events carried them)."""
+    order = _ranked(asked, dones)
+    out = _result(handles[order[0]], dones[order[0]], False)
+    out["usage"] = _usage(handles[order[0]].request, dones).model_dump()
+    out["samples"] = [_sample(k, handles[i], dones[i], False) for k, i in enumerate(order)]
+    return out
+
+
+def stream(model: LoadedModel, asked: Asked, handles: list[Handle]) -> HandleStream:
     """``start``, one ``token`` per character, then ``done`` (or ``error``)."""
-    request = handle.request
+    request = handles[0].request
     start = {"model": model.name, "seed": request.sampling.seed, "prime_chars": len(request.prime)}
+    if asked.many:
+        start["n"] = len(handles)
     head = sse("start", json.dumps(start))
-    return HandleStream([handle], pump([handle], _encoder(handle), head=head))
+    encode, tail = _encoder(asked, handles)
+    return HandleStream(handles, pump(handles, encode, head=head, tail=tail))

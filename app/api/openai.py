@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from app.api import constraints
 from app.api import logprobs as lp
 from app.api.sse import CharEvents, HandleStream, pump, sse
-from app.api.validation import validate_generation
+from app.api.validation import samples, validate_generation, validate_samples_and_controls
 from app.config import Settings
 from app.engine import (
     Done,
@@ -78,15 +78,18 @@ def _prompts(req: CompletionRequest, model: LoadedModel) -> list[str]:
 
 async def to_requests(
     req: CompletionRequest, model: LoadedModel, settings: Settings
-) -> list[GenerationRequest]:
-    """One engine request per prompt, or a 400 naming the field; ``response_format`` or
+) -> tuple[list[GenerationRequest], int]:
+    """The engine's requests, ``best_of`` (else ``n``) samples per prompt, prompt after
+    prompt, and how many per prompt; or a 400 naming the field. ``response_format`` or
     ``structured_outputs`` is compiled once, after the other fields pass, for them all."""
     requests = _validated(req, model, settings)
+    drawn, controls = validate_samples_and_controls(
+        model, settings, req, source="body", stream=req.stream, token_ids=True
+    )
     spec, loc = constraints.openai_spec(req.response_format, req.structured_outputs)
     grammar = await constraints.compile_for(model, settings, spec, loc, located=True)
-    if grammar is None:
-        return requests
-    return [dataclasses.replace(r, constraint=grammar) for r in requests]
+    requests = [dataclasses.replace(r, constraint=grammar, controls=controls) for r in requests]
+    return [s for r in requests for s in samples(r, drawn)], drawn
 
 
 def _validated(
@@ -123,8 +126,9 @@ def _validated(
     ]
 
 
-def _usage(handles: list[Handle], completion_chars: int) -> CompletionUsage:
-    prompt_chars = sum(len(h.request.prime) for h in handles)
+def _usage(handles: list[Handle], drawn: int, completion_chars: int) -> CompletionUsage:
+    """Each prompt counts once, every sample drawn (``best_of``'s too) counts."""
+    prompt_chars = sum(len(h.request.prime) for h in handles[::drawn])
     return CompletionUsage(
         prompt_tokens=prompt_chars,
         completion_tokens=completion_chars,
@@ -155,12 +159,26 @@ def completion(
     handles: list[Handle],
     dones: list[Done],
     req: CompletionRequest,
+    drawn: int = 1,
 ) -> Completion:
-    choices = [_choice(i, h, d, req) for i, (h, d) in enumerate(zip(handles, dones, strict=True))]
+    """``n`` choices per prompt (``index`` = prompt × n + sample): with ``best_of``, the n
+    samples with the best mean logprob per character, best first."""
+    choices = []
+    for start in range(0, len(handles), drawn):
+        group = range(start, start + drawn)
+        if req.best_of is not None:
+            group = sorted(group, key=lambda i: _rank(dones[i]))
+        for i in list(group)[: req.n]:
+            choices.append(_choice(len(choices), handles[i], dones[i], req))
     generated = sum(len(d.generated_text) for d in dones)
-    return Completion(
-        id=cid, created=created, model=name, choices=choices, usage=_usage(handles, generated)
-    )
+    usage = _usage(handles, drawn, generated)
+    return Completion(id=cid, created=created, model=name, choices=choices, usage=usage)
+
+
+def _rank(done: Done) -> tuple[bool, float]:
+    """Best first: the highest mean logprob per character; a sample without one last."""
+    score = lp.mean(done.logprobs.token_logprobs) if done.logprobs is not None else None
+    return score is None, -(score or 0.0)
 
 
 class _Chunks:
@@ -213,7 +231,7 @@ class _Chunks:
         if isinstance(event, Scored):
             return self._text(i, event.logprobs.tokens, lp.openai([event.logprobs]))
         if isinstance(event, TextRun):  # one chunk per character
-            if event.logprobs is None:
+            if event.logprobs is None or self.req.logprobs is None:
                 return self._char_events(i).run(event.index, event.text)
             offset = (len(self.handles[i].request.prime) if self.req.echo else 0) + event.index
             out = []
@@ -230,7 +248,9 @@ class _Chunks:
         return sse(None, json.dumps({"error": error}))
 
     def tail(self, include_usage: bool) -> bytes:
-        usage = self.chunk([], _usage(self.handles, self.generated)) if include_usage else b""
+        usage = b""
+        if include_usage:
+            usage = self.chunk([], _usage(self.handles, self.req.n, self.generated))
         return usage + DONE
 
 

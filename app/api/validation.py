@@ -6,6 +6,7 @@ reported at once, in FastAPI's 422 shape (the OpenAI routes answer it as their 4
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Any
 
@@ -13,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 
 from app.config import Settings
 from app.engine import GenerationRequest, LoadedModel
+from app.schemas import SamplesAndControls
+from charrnn.controls import Controls
 from charrnn.sampling import MAX_SEED, SamplingParams
 from charrnn.structured import Grammar
 
@@ -160,3 +163,108 @@ def validate_generation(
         score_top=(logprobs or 0) if echo_scored else 0,
         constraint=constraint,
     )
+
+
+def validate_samples_and_controls(
+    model: LoadedModel,
+    settings: Settings,
+    fields: SamplesAndControls,
+    *,
+    source: str,
+    stream: bool,
+    token_ids: bool = False,
+) -> tuple[int, Controls]:
+    """How many samples to draw (``best_of``, else ``n``) and the generation controls, or a
+    422 naming every problem. ``token_ids``: ``logit_bias`` keys are token ids (OpenAI's),
+    else characters."""
+    errors: list[dict[str, Any]] = []
+    n, best_of = fields.n, fields.best_of
+    if n > settings.max_n:
+        errors.append(_error((source, "n"), f"at most {settings.max_n} samples (max_n)"))
+    if best_of is not None:
+        if best_of < n:
+            errors.append(_error((source, "best_of"), f"best_of must be at least n ({n})"))
+        elif best_of > settings.max_n:
+            errors.append(_error((source, "best_of"), f"at most {settings.max_n} (max_n)"))
+        if stream:
+            msg = "best_of cannot be streamed: the best samples are known only at the end"
+            errors.append(_error((source, "best_of"), msg))
+    drawn = best_of or n
+    if drawn > settings.max_concurrent:
+        field = "best_of" if best_of else "n"
+        msg = (
+            f"{drawn} samples can never run at once: the server runs at most "
+            f"{settings.max_concurrent} generations together (max_concurrent)"
+        )
+        errors.append(_error((source, field), msg))
+    bias, bias_errors = _logit_bias(model, fields.logit_bias or {}, source, token_ids)
+    errors += bias_errors
+    if errors:
+        raise RequestValidationError(errors)
+    controls = Controls(
+        logit_bias=bias,
+        repetition_penalty=fields.repetition_penalty,
+        presence_penalty=fields.presence_penalty or 0.0,
+        frequency_penalty=fields.frequency_penalty or 0.0,
+        penalty_last_n=fields.penalty_last_n,
+        dry_multiplier=fields.dry_multiplier,
+        dry_base=fields.dry_base,
+        dry_allowed_length=fields.dry_allowed_length,
+        dry_sequence_breakers=tuple(fields.dry_sequence_breakers),
+        dry_penalty_last_n=fields.dry_penalty_last_n,
+        banned_strings=tuple(fields.banned_strings),
+        min_p=fields.min_p,
+        typical_p=fields.typical_p,
+    )
+    return drawn, controls
+
+
+def _logit_bias(
+    model: LoadedModel, bias: dict[str, float], source: str, token_ids: bool
+) -> tuple[tuple[tuple[int, float], ...], list[dict[str, Any]]]:
+    """``logit_bias`` as (id, value) pairs in id order, and the problems with its keys."""
+    vocab = model.vocab
+    loc = (source, "logit_bias")
+    if len(bias) > len(vocab):
+        return (), [_error(loc, f"at most {len(vocab)} entries (the vocabulary size)")]
+    out: dict[int, float] = {}
+    errors = []
+    for key, value in bias.items():
+        if not -100 <= value <= 100:
+            errors.append(_error((*loc, key), f"{value} is outside -100 to 100"))
+            continue
+        if token_ids:
+            i = int(key) if key.isdigit() else -1
+            if not 0 <= i < len(vocab):
+                msg = f"key {key!r} is not a token id: ids are 0 to {len(vocab) - 1}"
+                errors.append(_error((*loc, key), msg))
+                continue
+        else:
+            if len(key) != 1 or key not in vocab:
+                msg = (
+                    f"key {key!r} is not one character of the model's vocabulary "
+                    "(GET /info lists it)"
+                )
+                errors.append(_error((*loc, key), msg))
+                continue
+            i = vocab.encode(key)[0]
+        out[i] = value
+    return tuple(sorted(out.items())), errors
+
+
+def samples(request: GenerationRequest, drawn: int) -> list[GenerationRequest]:
+    """The ``drawn`` samples of a request: sample i seeded with seed + i, each exactly the
+    single request with that seed. With several, each gets its logprobs (its score is their
+    mean); the adapters drop them where the client did not ask."""
+    if drawn == 1:
+        return [request]
+    seed = request.sampling.seed
+    logprobs = 0 if request.logprobs is None else request.logprobs
+    return [
+        dataclasses.replace(
+            request,
+            sampling=dataclasses.replace(request.sampling, seed=(seed + i) % MAX_SEED),
+            logprobs=logprobs,
+        )
+        for i in range(drawn)
+    ]

@@ -12,7 +12,7 @@ from app.engine.engine import (
     UnknownModel,
     WarmUpFailed,
 )
-from app.engine.handle import GenerationFailed, Handle
+from app.engine.handle import GenerationFailed, Handle, results
 from app.engine.request import (
     Done,
     Event,
@@ -48,4 +48,5 @@ __all__ = [
     "Top",
     "UnknownModel",
     "WarmUpFailed",
+    "results",
 ]

@@ -141,6 +141,10 @@ class Engine:
         cannot be queued)."""
         return model.scheduler.submit(request, self.backlog)
 
+    def submit_many(self, model: LoadedModel, requests: list[GenerationRequest]) -> list[Handle]:
+        """Queue several generations that belong together, all or none."""
+        return model.scheduler.submit_many(requests, self.backlog)
+
     @classmethod
     def load(
         cls,

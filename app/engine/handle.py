@@ -134,3 +134,24 @@ class Handle:
         """Returns when the client was cut off for reading too slowly (app/engine/channel.py):
         its connection should be closed, since its writer may never finish a write."""
         await self._gen.channel.cut_off.wait()
+
+
+async def results(handles: list[Handle], disconnected: Awaitable[None]) -> list[Done] | None:
+    """The final event of every generation of one request (its samples, its prompts); None
+    if ``disconnected`` (the client going away) completes first. A failed one fails them all
+    (``GenerationFailed``); the others are cancelled."""
+    tasks = [asyncio.ensure_future(h.result()) for h in handles]
+    gone = asyncio.ensure_future(disconnected)
+    try:
+        finished = asyncio.ensure_future(asyncio.gather(*tasks))
+        await asyncio.wait({finished, gone}, return_when="FIRST_COMPLETED")
+        if not finished.done():
+            finished.cancel()
+            return None
+        return [d for d in finished.result() if d is not None]
+    finally:
+        gone.cancel()
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            h.cancel()

@@ -161,6 +161,7 @@ class DecodeLoop:
                     r.score_top,
                     gen.matcher.constraint,
                     generates=r.max_new > 0,
+                    controls=r.controls,
                 )
             )
         self._set_gauges()

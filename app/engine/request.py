@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from app.runner import Top
+from charrnn.controls import DEFAULT, Controls
 from charrnn.sampling import SamplingParams
 from charrnn.structured import Grammar
 
@@ -40,6 +41,8 @@ class GenerationRequest:
     score_top: int = 0
     # The compiled constraint the generated text must match (None: free text).
     constraint: Grammar | None = None
+    # The generation controls (biases, penalties, DRY, bans, min-p, typical-p).
+    controls: Controls = DEFAULT
 
 
 @dataclass

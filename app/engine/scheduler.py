@@ -81,6 +81,15 @@ class Scheduler:
         self.loop.submit(gen)
         return Handle(gen, self._cancel)
 
+    def submit_many(self, requests: list[GenerationRequest], backlog: int) -> list[Handle]:
+        """Queue several generations that belong together (a request's samples), all or
+        none: ``Overloaded`` if they do not all fit."""
+        if self._closing:
+            raise ShuttingDown()
+        if self.live + len(requests) > self.max_concurrent + self.max_queue:
+            raise Overloaded()
+        return [self.submit(r, backlog) for r in requests]
+
     def _cancel(self, gen: Generation) -> None:
         if gen in self._live:
             self._live.discard(gen)

@@ -11,6 +11,7 @@ from app.api import native
 from app.api.deps import EngineDep, SettingsDep
 from app.api.security import check_api_key
 from app.api.sse import HandleStream, disconnected
+from app.engine import results
 from app.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(check_api_key)])
@@ -44,23 +45,20 @@ _SSE_DOC = {
 async def generate(
     req: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep
 ) -> GenerateResponse | Response:
-    """Generate text after a prime and return it whole."""
+    """Generate text after a prime and return it whole (with ``n``, several samples)."""
     model = engine.model(req.model)
-    handle = engine.submit(
-        model, await native.to_request(req, model, settings, "body", stream=False)
-    )
-    done = await handle.result(disconnected(request))
-    if done is None:  # the client left; nobody reads this
+    asked = await native.to_requests(req, model, settings, "body", stream=False)
+    handles = engine.submit_many(model, asked.requests)
+    dones = await results(handles, disconnected(request))
+    if dones is None:  # the client left; nobody reads this
         return Response(status_code=499)
-    return native.response(model, handle, done)
+    return native.response(model, asked, handles, dones)
 
 
 async def _stream(req: GenerateRequest, source: str, engine: EngineDep, settings: SettingsDep):
     model = engine.model(req.model)
-    handle = engine.submit(
-        model, await native.to_request(req, model, settings, source, stream=True)
-    )
-    return native.stream(model, handle)
+    asked = await native.to_requests(req, model, settings, source, stream=True)
+    return native.stream(model, asked, engine.submit_many(model, asked.requests))
 
 
 @router.post("/generate/stream", response_model=None, responses=_SSE_DOC)

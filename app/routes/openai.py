@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 
@@ -13,7 +12,7 @@ from app.api import openai
 from app.api.deps import EngineDep, SettingsDep
 from app.api.security import check_api_key
 from app.api.sse import HandleStream, disconnected
-from app.engine import LoadedModel
+from app.engine import LoadedModel, results
 from app.schemas import Completion, CompletionRequest, ModelCard, ModelList, OpenAIError
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)])
@@ -47,17 +46,12 @@ async def completions(
 ) -> Completion | HandleStream | Response:
     """OpenAI text completion; with `stream: true`, `data:` chunks ending in `[DONE]`."""
     model = engine.model(req.model)
-    jobs = await openai.to_requests(req, model, settings)
+    jobs, drawn = await openai.to_requests(req, model, settings)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    async with contextlib.AsyncExitStack() as held:  # a refused or failed choice ends them all
-        handles = [await held.enter_async_context(engine.submit(model, job)) for job in jobs]
-        if req.stream:
-            held.pop_all()  # the stream's response holds them now
-            return openai.stream(model.name, handles, req, cid, created)
-        dones = []
-        for handle in handles:
-            done = await handle.result(disconnected(request))
-            if done is None:
-                return Response(status_code=499)
-            dones.append(done)
-    return openai.completion(model.name, cid, created, handles, dones, req)
+    handles = engine.submit_many(model, jobs)
+    if req.stream:
+        return openai.stream(model.name, handles, req, cid, created)
+    dones = await results(handles, disconnected(request))
+    if dones is None:
+        return Response(status_code=499)
+    return openai.completion(model.name, cid, created, handles, dones, req, drawn)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from charrnn.controls import DEFAULT, Controls
 from charrnn.sampling import SamplingParams
 from charrnn.structured import Matcher
 
@@ -46,6 +47,9 @@ class NewRow:
     constraint: Matcher | None = None
     # False: only the prime's scores are wanted (no row joins the batch).
     generates: bool = True
+    # The generation controls (charrnn/controls.py): the runner's per-row stage holds their
+    # state.
+    controls: Controls = DEFAULT
 
 
 @dataclass(frozen=True)
