@@ -3,7 +3,8 @@
 A ``Case`` is one client's request: a route (JSON, either SSE route, OpenAI completions,
 streamed or not, ``/score``) and a body drawn at random from every per-row option (logprobs
 none/0/n, a constraint, stop strings, greedy, top-k, top-p, seeds, cached, short and chunked
-primes, OpenAI echo with logprobs), or a client that gives up part-way. ``perform`` runs a
+primes, OpenAI echo with logprobs, many samples with ``n`` and ``best_of``), or a client
+that gives up part-way. ``perform`` runs a
 case on a client (in-process or over a socket) and returns what it answered, without the
 parts that may differ from run to run (timings, ids): the same case must answer the same
 alone and in any crowd. The route tests (tests/test_crowd.py) run crowds in-process with the
@@ -91,6 +92,12 @@ def random_case(rng: random.Random, texts: Texts, max_new: int = 120) -> Case:
         if rng.random() < 0.25:
             body["constraint"] = _constraint(rng, texts)
             labels.append("constraint")
+    if route != "sse_get" and rng.random() < 0.15:  # many samples from one prime
+        body["n"] = rng.randint(2, 3)
+        labels.append("n")
+        if route in ("json", "openai") and rng.random() < 0.5:
+            body["best_of"] = body["n"] + rng.randint(0, 2)
+            labels.append("best_of")
     give_up = None
     if route in ("json", "sse", "openai_stream") and rng.random() < 0.2:
         give_up = rng.choice((0.0, 0.005, 0.02))
@@ -178,9 +185,11 @@ async def _sse(client: httpx.AsyncClient, body: dict[str, Any], method: str = "P
         assert es.response.status_code == 200, (body, await es.response.aread())
         events = [(e.event, _stable(json.loads(e.data))) async for e in es.aiter_sse()]
     assert events and events[-1][0] == "done", (body, events[-3:])
-    text = "".join(data["text"] for name, data in events if name == "token")
-    assert text == events[-1][1]["generated_text"], body
-    return events
+    if body.get("n", 1) == 1:
+        text = "".join(data["text"] for name, data in events if name == "token")
+        assert text == events[-1][1]["generated_text"], body
+    # Each sample's events in order; how the samples interleave depends on timing.
+    return sorted(events, key=lambda e: (e[0] != "start", e[0] == "done", e[1].get("sample", 0)))
 
 
 async def _sse_get(client: httpx.AsyncClient, body: dict[str, Any]) -> Any:
@@ -195,7 +204,9 @@ async def _openai_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> Any
             if line.startswith("data: "):
                 chunks.append(line[6:])
     assert chunks and chunks[-1] == "[DONE]", (body, chunks[-3:])
-    return [_stable(json.loads(c)) for c in chunks[:-1]]
+    parsed = [_stable(json.loads(c)) for c in chunks[:-1]]
+    # Each choice's chunks in order; how the choices interleave depends on timing.
+    return sorted(parsed, key=lambda c: [ch["index"] for ch in c.get("choices", [])] or [1e9])
 
 
 _ROUTES = {
