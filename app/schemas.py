@@ -65,22 +65,61 @@ class SamplesAndControls(BaseModel):
         description="added to the logits, -100 to 100 (native keys: characters; OpenAI keys: "
         "token ids as strings)",
     )
-    repetition_penalty: Float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
-    presence_penalty: Float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: Float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    penalty_last_n: Int = Field(64, ge=0, le=4096, description="the penalties' window")
-    dry_multiplier: Float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="0: off")
-    dry_base: Float = Field(1.75, gt=1, le=4, allow_inf_nan=False)
-    dry_allowed_length: Int = Field(8, ge=1, le=256)
+    repetition_penalty: Float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        allow_inf_nan=False,
+        description="a character seen in the window: a positive logit divided by it, a "
+        "negative one multiplied",
+    )
+    presence_penalty: Float = Field(
+        0.0,
+        ge=-2,
+        le=2,
+        allow_inf_nan=False,
+        description="subtracted once from the logit of each character seen in the window",
+    )
+    frequency_penalty: Float = Field(
+        0.0,
+        ge=-2,
+        le=2,
+        allow_inf_nan=False,
+        description="subtracted per occurrence in the window",
+    )
+    penalty_last_n: Int = Field(
+        64, ge=0, le=4096, description="the penalties' window: the last n characters; 0: off"
+    )
+    dry_multiplier: Float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="DRY: the penalty of a character that extends a repeat (0: off)",
+    )
+    dry_base: Float = Field(
+        1.75, gt=1, le=4, allow_inf_nan=False, description="DRY: the penalty's growth per char"
+    )
+    dry_allowed_length: Int = Field(
+        8, ge=1, le=256, description="DRY: the longest repeat without a penalty"
+    )
     dry_sequence_breakers: Annotated[Breakers, BeforeValidator(_json_list_or_object)] = Field(
-        default_factory=lambda: ["\n"]
+        default_factory=lambda: ["\n"], description="DRY: a repeat never crosses these"
     )
     dry_penalty_last_n: Int = Field(1024, ge=0, le=4096, description="DRY's window; 0: off")
     banned_strings: Annotated[Banned, BeforeValidator(_json_list_or_object)] = Field(
         default_factory=list, description="texts that never end inside the generated text"
     )
-    min_p: Float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
-    typical_p: Float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    min_p: Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="keep characters at least this times as likely as the likeliest",
+    )
+    typical_p: Float = Field(
+        1.0, gt=0, le=1, allow_inf_nan=False, description="locally typical sampling's mass"
+    )
 
 
 class GenerateRequest(SamplesAndControls):
@@ -308,7 +347,22 @@ class ConstraintLimits(BaseModel):
     compile_s: float = Field(description="longest a constraint may take to compile")
 
 
+class ControlInfo(BaseModel):
+    """One generation control (or sample count): its default and bounds."""
+
+    name: str
+    default: Any
+    minimum: float | None = Field(None, description="inclusive, unless exclusive_minimum")
+    exclusive_minimum: bool = False
+    maximum: float | None = Field(None, description="inclusive, unless exclusive_maximum")
+    exclusive_maximum: bool = False
+    max_items: int | None = Field(None, description="for lists and objects")
+    description: str | None = None
+
+
 class Limits(BaseModel):
+    max_n: int = Field(description="samples one request may ask for (n, best_of)")
+    controls: list[ControlInfo] = Field(description="the generation controls and their rules")
     max_prime_chars: int
     max_new_chars_limit: int
     max_concurrent: int

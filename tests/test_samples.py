@@ -205,3 +205,33 @@ def test_samples_take_their_places_together(tiny_checkpoint):
             await held
 
     run(tiny_checkpoint, test, max_concurrent=4, max_queue=0, max_new_chars_limit=100_000)
+
+
+def test_info_lists_the_controls_and_their_rules(tiny_checkpoint):
+    async def test(c: httpx.AsyncClient) -> None:
+        limits = (await c.get("/info")).json()["limits"]
+        assert limits["max_n"] == 5
+        rules = {r["name"]: r for r in limits["controls"]}
+        assert set(rules) >= {
+            "n",
+            "best_of",
+            "logit_bias",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "penalty_last_n",
+            "dry_multiplier",
+            "dry_base",
+            "dry_allowed_length",
+            "dry_sequence_breakers",
+            "dry_penalty_last_n",
+            "banned_strings",
+            "min_p",
+            "typical_p",
+        }
+        assert rules["n"]["maximum"] == 5 and rules["best_of"]["default"] is None
+        assert rules["dry_base"] == {**rules["dry_base"], "minimum": 1, "exclusive_minimum": True}
+        assert rules["banned_strings"]["max_items"] == 64
+        assert rules["dry_sequence_breakers"]["default"] == ["\n"]
+
+    run(tiny_checkpoint, test, max_n=5)

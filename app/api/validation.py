@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 
 from app.config import Settings
 from app.engine import GenerationRequest, LoadedModel
-from app.schemas import SamplesAndControls
+from app.schemas import ControlInfo, SamplesAndControls
 from charrnn.controls import Controls
 from charrnn.sampling import MAX_SEED, SamplingParams
 from charrnn.structured import Grammar
@@ -268,3 +268,33 @@ def samples(request: GenerationRequest, drawn: int) -> list[GenerationRequest]:
         )
         for i in range(drawn)
     ]
+
+
+def controls_info(settings: Settings) -> list[ControlInfo]:
+    """The generation controls and sample counts with their defaults and bounds, read from
+    the request schema itself (so /info cannot drift from what is validated)."""
+    out = []
+    for name, field in SamplesAndControls.model_fields.items():
+        info = ControlInfo(
+            name=name,
+            default=field.get_default(call_default_factory=True),
+            description=field.description,
+        )
+        for rule in field.metadata:
+            for attr, (key, exclusive) in _BOUNDS.items():
+                value = getattr(rule, attr, None)
+                if value is not None:
+                    setattr(info, key, value)
+                    if exclusive:
+                        setattr(info, f"exclusive_{key}", True)
+            if getattr(rule, "max_length", None) is not None:
+                info.max_items = rule.max_length
+        out.append(info)
+    for info in out:
+        if info.name in ("n", "best_of"):
+            info.maximum = settings.max_n
+    return out
+
+
+_BOUNDS = {"ge": ("minimum", False), "gt": ("minimum", True), "le": ("maximum", False)}
+_BOUNDS |= {"lt": ("maximum", True)}

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api import constraints
 from app.api.deps import EngineDep, SettingsDep
+from app.api.validation import controls_info
 from app.schemas import Architecture, Health, Info, Limits, ModelInfo, Ready
 
 router = APIRouter(tags=["operations"])
@@ -69,6 +70,8 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
             )
         )
     limits = Limits(
+        max_n=settings.max_n,
+        controls=controls_info(settings),
         max_prime_chars=settings.max_prime_chars,
         max_new_chars_limit=settings.max_new_chars_limit,
         max_concurrent=settings.max_concurrent,
