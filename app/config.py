@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="and at most about this long per decode iteration, however many positions "
         "the budget allows (a slower or busier CPU takes longer per position)",
     )
+    unknown_chars: Literal["error", "replace", "drop"] = Field(
+        "error",
+        description="what a generation does with prime characters outside the vocabulary, "
+        "where the request does not say: refuse them (422), replace them by look-alikes, or "
+        "drop them",
+    )
     constraint_compile_s: float = Field(
         2.0,
         gt=0,

@@ -110,6 +110,11 @@ class SamplesAndControls(BaseModel):
     banned_strings: Annotated[Banned, BeforeValidator(_json_list_or_object)] = Field(
         default_factory=list, description="texts that never end inside the generated text"
     )
+    unknown_chars: Literal["error", "replace", "drop"] | None = Field(
+        None,
+        description="prime characters outside the vocabulary: refuse them (422), replace "
+        "them by look-alikes, or drop them (null: the server's CHARRNN_UNKNOWN_CHARS)",
+    )
     min_p: Float = Field(
         0.0,
         ge=0,
@@ -197,6 +202,14 @@ class LogprobsOut(BaseModel):
     top_logprobs: list[list[TopLogprob] | None]
 
 
+class InputReport(BaseModel):
+    """What ``unknown_chars`` did to the prime: [character, replacement, position] and
+    [character, position], positions in the prime as sent."""
+
+    replaced: list[tuple[str, str, int]]
+    dropped: list[tuple[str, int]]
+
+
 class Sample(BaseModel):
     index: int
     generated_text: str
@@ -223,6 +236,9 @@ class GenerateResponse(BaseModel):
     )
     samples: list[Sample] | None = Field(
         None, description="with n > 1: every sample, best first with best_of (else in order)"
+    )
+    input: InputReport | None = Field(
+        None, description="with unknown_chars replace or drop: what was done to the prime"
     )
 
 
@@ -481,6 +497,9 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
     system_fingerprint: str | None = None
+    input: list[InputReport] | None = Field(
+        None, description="with unknown_chars replace or drop: what was done to each prompt"
+    )
 
 
 class ModelCard(BaseModel):

@@ -10,7 +10,13 @@ from typing import Any
 
 from app.api import constraints, logprobs
 from app.api.sse import NATIVE_TOKENS, CharEvents, Encode, HandleStream, Tail, pump, sse
-from app.api.validation import samples, validate_generation, validate_samples_and_controls
+from app.api.validation import (
+    fit_prime,
+    input_report,
+    samples,
+    validate_generation,
+    validate_samples_and_controls,
+)
 from app.config import Settings
 from app.engine import Done, Event, Failed, GenerationRequest, Handle, LoadedModel, TextRun
 from app.schemas import GenerateRequest, GenerateResponse, StreamError, Usage
@@ -25,6 +31,7 @@ class Asked:
     n: int = 1
     ranked: bool = False
     logprobs: bool = False
+    input: dict[str, Any] | None = None  # what unknown_chars did to the prime
 
     @property
     def many(self) -> bool:
@@ -36,6 +43,9 @@ async def to_requests(
 ) -> Asked:
     """The engine's requests (one per sample), or a 422 naming every problem (``source``:
     body or query); a constraint is compiled after the other fields pass."""
+    fitted = fit_prime(model, settings, req.prime, req.unknown_chars, (source, "prime"))
+    if fitted is not None:
+        req = req.model_copy(update={"prime": fitted.text})
     request = _validated(req, model, settings, source, stream)
     drawn, controls = validate_samples_and_controls(
         model, settings, req, source=source, stream=stream
@@ -44,7 +54,8 @@ async def to_requests(
         model, settings, req.constraint, (source, "constraint")
     )
     request = dataclasses.replace(request, constraint=constraint, controls=controls)
-    return Asked(samples(request, drawn), req.n, req.best_of is not None, req.logprobs is not None)
+    ranked, asked_logprobs = req.best_of is not None, req.logprobs is not None
+    return Asked(samples(request, drawn), req.n, ranked, asked_logprobs, input_report(fitted))
 
 
 def _validated(
@@ -96,6 +107,8 @@ def response(
             _sample(k, handles[i], dones[i], asked.logprobs) for k, i in enumerate(order)
         ]
         out["usage"] = _usage(handles[first].request, dones)
+    if asked.input is not None:
+        out["input"] = asked.input
     return GenerateResponse(model=model.name, prime=handles[first].request.prime, **out)
 
 
@@ -201,6 +214,8 @@ def stream(model: LoadedModel, asked: Asked, handles: list[Handle]) -> HandleStr
     start = {"model": model.name, "seed": request.sampling.seed, "prime_chars": len(request.prime)}
     if asked.many:
         start["n"] = len(handles)
+    if asked.input is not None:
+        start["input"] = asked.input
     head = sse("start", json.dumps(start))
     encode, tail = _encoder(asked, handles)
     return HandleStream(handles, pump(handles, encode, head=head, tail=tail))

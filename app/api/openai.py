@@ -18,7 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from app.api import constraints
 from app.api import logprobs as lp
 from app.api.sse import CharEvents, HandleStream, pump, sse
-from app.api.validation import samples, validate_generation, validate_samples_and_controls
+from app.api.validation import (
+    fit_prime,
+    input_report,
+    samples,
+    validate_generation,
+    validate_samples_and_controls,
+)
 from app.config import Settings
 from app.engine import (
     Done,
@@ -78,27 +84,32 @@ def _prompts(req: CompletionRequest, model: LoadedModel) -> list[str]:
 
 async def to_requests(
     req: CompletionRequest, model: LoadedModel, settings: Settings
-) -> tuple[list[GenerationRequest], int]:
+) -> tuple[list[GenerationRequest], int, list[dict[str, Any]] | None]:
     """The engine's requests, ``best_of`` (else ``n``) samples per prompt, prompt after
-    prompt, and how many per prompt; or a 400 naming the field. ``response_format`` or
-    ``structured_outputs`` is compiled once, after the other fields pass, for them all."""
-    requests = _validated(req, model, settings)
+    prompt; how many per prompt; and what ``unknown_chars`` did to each prompt (None in
+    "error" mode). Or a 400 naming the field. ``response_format`` or ``structured_outputs``
+    is compiled once, after the other fields pass, for them all."""
+    requests, inputs = _validated(req, model, settings)
     drawn, controls = validate_samples_and_controls(
         model, settings, req, source="body", stream=req.stream, token_ids=True
     )
     spec, loc = constraints.openai_spec(req.response_format, req.structured_outputs)
     grammar = await constraints.compile_for(model, settings, spec, loc, located=True)
     requests = [dataclasses.replace(r, constraint=grammar, controls=controls) for r in requests]
-    return [s for r in requests for s in samples(r, drawn)], drawn
+    return [s for r in requests for s in samples(r, drawn)], drawn, inputs
 
 
 def _validated(
     req: CompletionRequest, model: LoadedModel, settings: Settings
-) -> list[GenerationRequest]:
+) -> tuple[list[GenerationRequest], list[dict[str, Any]] | None]:
     _refuse_unsupported(req)
     prompts = _prompts(req, model)
     if any(not p for p in prompts):
         raise HTTPException(400, "prompt: must not be empty")
+    loc = ("body", "prompt")
+    fitted = [fit_prime(model, settings, p, req.unknown_chars, loc) for p in prompts]
+    prompts = [f.text if f is not None else p for f, p in zip(fitted, prompts, strict=True)]
+    reports = [r for f in fitted if (r := input_report(f)) is not None] or None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not 1 <= len(s) <= 64 for s in stop):
         raise HTTPException(400, "stop: at most 4 strings of 1 to 64 characters each")
@@ -123,7 +134,7 @@ def _validated(
             echo_scored=req.echo and req.logprobs is not None,
         )
         for prompt in prompts
-    ]
+    ], reports
 
 
 def _usage(handles: list[Handle], drawn: int, completion_chars: int) -> CompletionUsage:
@@ -160,6 +171,7 @@ def completion(
     dones: list[Done],
     req: CompletionRequest,
     drawn: int = 1,
+    inputs: list[dict[str, Any]] | None = None,
 ) -> Completion:
     """``n`` choices per prompt (``index`` = prompt × n + sample): with ``best_of``, the n
     samples with the best mean logprob per character, best first."""
@@ -172,7 +184,9 @@ def completion(
             choices.append(_choice(len(choices), handles[i], dones[i], req))
     generated = sum(len(d.generated_text) for d in dones)
     usage = _usage(handles, drawn, generated)
-    return Completion(id=cid, created=created, model=name, choices=choices, usage=usage)
+    return Completion(
+        id=cid, created=created, model=name, choices=choices, usage=usage, input=inputs
+    )
 
 
 def _rank(done: Done) -> tuple[bool, float]:

@@ -16,6 +16,7 @@ from app.config import Settings
 from app.engine import GenerationRequest, LoadedModel
 from app.schemas import ControlInfo, SamplesAndControls
 from charrnn.controls import Controls
+from charrnn.lookalikes import Fitted, Mode, fit
 from charrnn.sampling import MAX_SEED, SamplingParams
 from charrnn.structured import Grammar
 
@@ -24,11 +25,15 @@ def _error(loc: tuple[str, ...], msg: str, kind: str = "value_error") -> dict[st
     return {"type": kind, "loc": loc, "msg": msg}
 
 
-def describe_unknown(unknown: list[tuple[str, int]], what: str = "prime") -> str:
+def describe_unknown(
+    unknown: list[tuple[str, int]], what: str = "prime", fixable: bool = False
+) -> str:
+    """``fixable``: the request may ask the server to replace or drop them."""
     listed = ", ".join(f"{ch!r} at position {pos}" for ch, pos in unknown)
+    hint = ', or send "unknown_chars": "replace" (or "drop")' if fixable else ""
     return (
         f"{what} has characters not in the model's vocabulary: {listed}; "
-        "remove or replace them (GET /info lists the vocabulary)"
+        f"remove or replace them (GET /info lists the vocabulary){hint}"
     )
 
 
@@ -121,7 +126,7 @@ def validate_generation(
         errors.append(
             _error(
                 (source, names["prime"]),
-                describe_unknown(unknown, names["prime"]),
+                describe_unknown(unknown, names["prime"], fixable=True),
                 "unknown_characters",
             )
         )
@@ -298,3 +303,31 @@ def controls_info(settings: Settings) -> list[ControlInfo]:
 
 _BOUNDS = {"ge": ("minimum", False), "gt": ("minimum", True), "le": ("maximum", False)}
 _BOUNDS |= {"lt": ("maximum", True)}
+
+
+def fit_prime(
+    model: LoadedModel, settings: Settings, prime: str, mode: Mode | None, loc: tuple[str, ...]
+) -> Fitted | None:
+    """``prime`` fitted to the vocabulary by ``mode`` (None: the server's setting); None
+    where the mode is "error" (unknown characters are then refused with the prime's other
+    checks). A prime left empty is a 422."""
+    mode = mode or settings.unknown_chars
+    if mode == "error":
+        return None
+    fitted = fit(prime, model.vocab, mode)
+    if not fitted.text:
+        msg = (
+            f"{loc[-1]} has no character the model's vocabulary can write once unknown ones "
+            f"are {'replaced or ' if mode == 'replace' else ''}dropped; GET /info lists it"
+        )
+        raise RequestValidationError([_error(loc, msg, "unknown_characters")])
+    return fitted
+
+
+def input_report(fitted: Fitted | None) -> dict[str, Any] | None:
+    if fitted is None:
+        return None
+    return {
+        "replaced": [list(r) for r in fitted.replaced],
+        "dropped": [list(d) for d in fitted.dropped],
+    }

@@ -46,7 +46,7 @@ async def completions(
 ) -> Completion | HandleStream | Response:
     """OpenAI text completion; with `stream: true`, `data:` chunks ending in `[DONE]`."""
     model = engine.model(req.model)
-    jobs, drawn = await openai.to_requests(req, model, settings)
+    jobs, drawn, inputs = await openai.to_requests(req, model, settings)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     handles = engine.submit_many(model, jobs)
     if req.stream:
@@ -54,4 +54,4 @@ async def completions(
     dones = await results(handles, disconnected(request))
     if dones is None:
         return Response(status_code=499)
-    return openai.completion(model.name, cid, created, handles, dones, req, drawn)
+    return openai.completion(model.name, cid, created, handles, dones, req, drawn, inputs)
