@@ -224,6 +224,7 @@ class Sample(BaseModel):
 
 class GenerateResponse(BaseModel):
     model: str
+    checkpoint: str = Field(description="the first 12 hex digits of the checkpoint's sha256")
     prime: str
     generated_text: str
     finish_reason: Literal["length", "stop"]
@@ -497,6 +498,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
     system_fingerprint: str | None = None
+    checkpoint: str | None = Field(None, description="the checkpoint that served (sha256)")
     input: list[InputReport] | None = Field(
         None, description="with unknown_chars replace or drop: what was done to each prompt"
     )
@@ -507,6 +509,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "charrnn"
+    checkpoint: str = Field(description="the first 12 hex digits of the checkpoint's sha256")
 
 
 class ModelList(BaseModel):

@@ -87,7 +87,13 @@ def test_generate_and_both_streams_give_one_text(tiny_checkpoint):
         assert (await _generate(c, **body))["generated_text"] == whole["generated_text"]
         for method in ("POST", "GET"):
             events = await _events(c, method, **body)
-            assert events[0] == ("start", {"model": "tiny", "seed": 7, "prime_chars": 5})
+            start = {
+                "model": "tiny",
+                "checkpoint": whole["checkpoint"],
+                "seed": 7,
+                "prime_chars": 5,
+            }
+            assert events[0] == ("start", start)
             tokens = [data for kind, data in events if kind == "token"]
             assert [t["index"] for t in tokens] == list(range(60))
             kind, done = events[-1]

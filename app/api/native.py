@@ -87,6 +87,7 @@ def _result(handle: Handle, done: Done, with_logprobs: bool) -> dict[str, Any]:
     request = handle.request
     return {
         **extra,
+        "checkpoint": handle.checkpoint,
         "generated_text": done.generated_text,
         "finish_reason": done.finish_reason,
         "seed": request.sampling.seed,
@@ -211,7 +212,12 @@ def response_fields(asked: Asked, handles: list[Handle], dones: list[Done]) -> d
 def stream(model: LoadedModel, asked: Asked, handles: list[Handle]) -> HandleStream:
     """``start``, one ``token`` per character, then ``done`` (or ``error``)."""
     request = handles[0].request
-    start = {"model": model.name, "seed": request.sampling.seed, "prime_chars": len(request.prime)}
+    start = {
+        "model": model.name,
+        "checkpoint": handles[0].checkpoint,
+        "seed": request.sampling.seed,
+        "prime_chars": len(request.prime),
+    }
     if asked.many:
         start["n"] = len(handles)
     if asked.input is not None:

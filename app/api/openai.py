@@ -185,7 +185,13 @@ def completion(
     generated = sum(len(d.generated_text) for d in dones)
     usage = _usage(handles, drawn, generated)
     return Completion(
-        id=cid, created=created, model=name, choices=choices, usage=usage, input=inputs
+        id=cid,
+        created=created,
+        model=name,
+        choices=choices,
+        usage=usage,
+        input=inputs,
+        checkpoint=handles[0].checkpoint,
     )
 
 

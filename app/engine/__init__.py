@@ -5,8 +5,10 @@ inside (the decode loop, the scheduling policy, the outbox). It imports the runn
 (app/runner) and ``charrnn``, never the API."""
 
 from app.engine.engine import (
+    DefaultModel,
     Engine,
     LoadedModel,
+    ModelExists,
     ModelFacts,
     NotReady,
     UnknownModel,
@@ -28,6 +30,7 @@ from app.engine.scheduler import Overloaded, ShuttingDown
 from app.runner import Top
 
 __all__ = [
+    "DefaultModel",
     "Done",
     "Engine",
     "Event",
@@ -38,6 +41,7 @@ __all__ = [
     "Handle",
     "LoadedModel",
     "Logprobs",
+    "ModelExists",
     "ModelFacts",
     "NotReady",
     "Overloaded",

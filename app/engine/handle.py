@@ -46,9 +46,10 @@ class Generation:
 
 
 class Handle:
-    def __init__(self, gen: Generation, cancel: Callable[[Generation], None]):
+    def __init__(self, gen: Generation, cancel: Callable[[Generation], None], checkpoint: str = ""):
         self._gen = gen
         self._cancel = cancel
+        self.checkpoint = checkpoint  # which weights serve it
 
     @property
     def request(self) -> GenerationRequest:

@@ -58,6 +58,10 @@ class Scheduler:
         # Generations someone still waits for: submitted, and neither ended nor cancelled.
         self._live: set[Generation] = set()
         self._closing = False
+        # Set once a retired model's last generation ended: the engine sends what comes
+        # after to the model that serves the name now.
+        self.stopped = False
+        self.checkpoint = ""  # which weights serve (the engine's checkpoint id)
         # Why the model's decode keeps failing (``/ready`` 503, ``/info``), or None.
         self.failing: str | None = None
         self._thread: threading.Thread | None = None
@@ -79,7 +83,7 @@ class Scheduler:
         gen = Generation(request, backlog)
         self._live.add(gen)
         self.loop.submit(gen)
-        return Handle(gen, self._cancel)
+        return Handle(gen, self._cancel, self.checkpoint)
 
     def submit_many(self, requests: list[GenerationRequest], backlog: int) -> list[Handle]:
         """Queue several generations that belong together (a request's samples), all or

@@ -21,7 +21,7 @@ _ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 404, 413, 429, 50
 
 
 def _card(model: LoadedModel) -> ModelCard:
-    return ModelCard(id=model.name, created=model.created)
+    return ModelCard(id=model.name, created=model.created, checkpoint=model.checkpoint)
 
 
 @router.get("/models", response_model=ModelList, responses=_ERRORS)
