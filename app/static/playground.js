@@ -934,7 +934,9 @@
         if (!li) continue;
         li.classList.add("done");
         const matched = s.constraint ? (s.constraint.matched ? ", complete" : ", incomplete") : "";
-        li.querySelector(".sample-finish").textContent = `${s.finish_reason}${matched}`;
+        const finish = li.querySelector(".sample-finish");
+        finish.textContent = `${s.finish_reason}${matched}`;
+        finish.title = "why it ended (and whether it matched the constraint)";
         const score = li.querySelector(".sample-score");
         if (typeof s.score === "number") {
           score.textContent = `score ${s.score.toFixed(3)}`;
