@@ -1,9 +1,10 @@
-"""Save a screenshot of the playground mid-generation (docs/playground.png).
+"""Save a screenshot of the playground (docs/playground.png).
 
 Starts the service on a free loopback port with one model, opens the page in headless
-Chromium (Debian's ``chromium``, driven by Playwright), types a prime, presses Generate and
-takes the picture while the text is still streaming in (coloured by probability, one
-character's alternatives shown), then presses Stop.
+Chromium (Debian's ``chromium``, driven by Playwright), types a prime, asks for three short
+samples, presses Generate and takes the picture once they are done, each with its seed and
+score (coloured by probability, one character's alternatives shown); with a longer --length
+the picture is taken mid-stream after --at characters, and Stop is pressed.
 
     .venv/bin/python scripts/playground_screenshot.py                    # models/alice.pt
     .venv/bin/python scripts/playground_screenshot.py --model /tmp/tiny.pt --out /tmp/pg.png
@@ -83,10 +84,13 @@ def main() -> int:
     ap.add_argument("--top-k", default="")
     ap.add_argument("--top-p", default="0.95")
     ap.add_argument("--seed", default="42")
-    ap.add_argument("--length", default="5000", help="characters requested")
-    ap.add_argument("--at", type=int, default=800, help="take the picture after this many")
+    ap.add_argument("--length", default="240", help="characters requested (per sample)")
+    ap.add_argument("--samples", default="3", help="samples streamed side by side (1: one text)")
+    ap.add_argument(
+        "--at", type=int, default=800, help="take the picture after this many (all samples)"
+    )
     ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=800)
+    ap.add_argument("--height", type=int, default=860)
     ap.add_argument("--scale", type=float, default=1.0, help="device pixel ratio")
     ap.add_argument("--dark", action="store_true", help="prefer the dark colour scheme")
     ap.add_argument("--plain", action="store_true", help="leave 'Colour by probability' off")
@@ -121,6 +125,7 @@ def main() -> int:
                 ("#top_p", args.top_p),
                 ("#seed", args.seed),
                 ("#max_new_chars", args.length),
+                ("#n", args.samples),
             ]:
                 page.fill(field, value)
                 page.dispatch_event(field, "input")  # moves the paired slider
@@ -131,13 +136,18 @@ def main() -> int:
                 page.check("#colour")
             page.click("#generate")
             page.evaluate("document.activeElement && document.activeElement.blur()")
+            shown = (  # characters on screen: the one text, or every sample's
+                "[...document.querySelectorAll('#generated, #samples .sample-gen')]"
+                ".reduce((n, e) => n + e.textContent.length, 0)"
+            )
             page.wait_for_function(
-                f"document.querySelector('#generated').textContent.length >= {args.at}"
+                f"{shown} >= {args.at}"
                 " || document.querySelector('#state').dataset.state !== 'streaming'"
                 " && document.querySelector('#state').dataset.state !== 'connecting'"
             )
+            page.evaluate("window.scrollTo(0, 0)")  # pressing Generate may have scrolled
             if not args.plain:  # one character's alternatives, as a hover shows them
-                page.hover("#generated .tok >> nth=60")
+                page.hover("#text .tok >> nth=60")
             # Crop below the page's content; no animations, so the caret shows.
             bottom = page.evaluate("document.querySelector('main').getBoundingClientRect().bottom")
             height = min(args.height, int(bottom) + 1)
@@ -149,8 +159,8 @@ def main() -> int:
                     page.click("#stop", timeout=2000)
                 except PlaywrightTimeout:  # it ended between the picture and the click
                     print("note: the generation ended before Stop could be pressed")
-            else:
-                print(f"note: the generation was already '{state}' when the picture was taken")
+            elif state != "done":
+                print(f"note: the generation was '{state}' when the picture was taken")
             browser.close()
     finally:
         proc.send_signal(signal.SIGTERM)

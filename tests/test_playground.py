@@ -455,3 +455,170 @@ def test_a_constraint_holds_the_text_and_its_compile_error_shows_inline(page):
     assert re.fullmatch("[a-z]+( [a-z]+)?", text), text
     assert page.text_content("#stat-finish") == "stop"
     assert page.text_content("#stat-match") == "complete"
+
+
+# -- samples and more controls ----------------------------------------------------------------
+
+CONTROLS = {  # the "More controls" fields: none is sent while it holds its default
+    "logit_bias",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_last_n",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_sequence_breakers",
+    "dry_penalty_last_n",
+    "banned_strings",
+    "min_p",
+    "typical_p",
+}
+
+
+def generate_and_capture(pg) -> dict:
+    """Press Generate and return the JSON body of the request the page made."""
+    with pg.expect_request(lambda r: r.url.endswith("/generate/stream")) as req:
+        pg.click("#generate")
+    return req.value.post_data_json
+
+
+def sample_texts(pg) -> list[str]:
+    return pg.evaluate(
+        "[...document.querySelectorAll('#samples .sample-gen')].map(e => e.textContent)"
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+def test_samples_stream_together_and_equal_the_json_answer(page, server: Server):
+    """Samples 3: one request with n 3; three entries, each its seed and, once done, its
+    score, their texts those of POST /generate with n 3 and the same seed."""
+    set_params(page, "Alice was", 60, seed=5)
+    page.fill("#n", "3")
+    sent = generate_and_capture(page)
+    page.wait_for_selector("#state[data-state='done']")
+    assert sent["n"] == 3 and sent["seed"] == 5 and not CONTROLS & sent.keys()
+    assert page.locator("#samples .sample").count() == 3
+    assert page.is_hidden("#caret") and page.text_content("#generated") == ""
+    body = {"prime": "Alice was", "max_new_chars": 60, "seed": 5, "temperature": 0.8, "n": 3}
+    want = httpx.post(f"{server.url}/generate", json=body, timeout=30).json()["samples"]
+    assert sample_texts(page) == [s["generated_text"] for s in want]
+    for i, s in enumerate(want):
+        head = page.text_content(f"#samples .sample >> nth={i} >> .sample-head")
+        assert f"Sample {i + 1}" in head and f"seed {5 + i}" in head and "length" in head
+        score = re.search(r"score (-?\d+\.\d{3})", head)
+        assert score and float(score[1]) == pytest.approx(s["score"], abs=1e-3), head
+    assert page.text_content("#stat-chars") == "180"
+    assert page.text_content("#stat-seed") == "5"
+
+    # They fill in together: every entry grows while the stream runs; Stop ends them all.
+    set_params(page, "The Queen ", LONG, seed=9)
+    page.click("#generate")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#samples .sample-gen')].every(e => e.textContent.length"
+        " >= 40) && document.querySelector('#state').dataset.state === 'streaming'"
+    )
+    assert page.text_content("#samples .sample >> nth=2 >> .sample-seed") == "seed 11"
+    page.click("#stop")
+    page.wait_for_selector("#state[data-state='stopped']")
+    assert all(40 <= len(t) < LONG for t in sample_texts(page))
+
+    # Back to one: the single text box again, and no n on the request.
+    set_params(page, "Alice was", 20, seed=5)
+    page.fill("#n", "1")
+    sent = generate_and_capture(page)
+    page.wait_for_selector("#state[data-state='done']")
+    assert "n" not in sent and page.is_hidden("#samples")
+    assert page.text_content("#generated") == want[0]["generated_text"][:20]
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+def test_more_controls_are_closed_and_only_changed_fields_are_sent(page, server: Server):
+    more = page.locator("#more")
+    assert more.get_attribute("open") is None and page.is_hidden("#presence_penalty")
+    page.click("#more summary")
+    assert page.is_visible("#presence_penalty") and page.is_visible("#banned_strings")
+    page.fill("#presence_penalty", "0.5")
+    page.fill("#banned_strings", "the queen\n\nsaid\\nAlice")  # \n: a newline
+    page.fill("#repetition_penalty", "1.0")  # its default, as typed otherwise: not sent
+    assert page.text_content("#more-count") == "(2 set)"
+    page.click("#more summary")  # closed again: the values stay and are sent
+    set_params(page, "Alice was", 80, seed=21)
+    sent = generate_and_capture(page)
+    page.wait_for_selector("#state[data-state='done']")
+    assert sent["presence_penalty"] == 0.5
+    assert sent["banned_strings"] == ["the queen", "said\nAlice"]
+    assert CONTROLS & sent.keys() == {"presence_penalty", "banned_strings"}
+    # The page shows the stream the server makes of that request.
+    want = httpx.post(f"{server.url}/generate", json=sent, timeout=30).json()
+    assert page.text_content("#generated") == want["generated_text"]
+    assert page.text_content("#stat-finish") == want["finish_reason"]
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+def test_a_malformed_logit_bias_shows_inline_and_sends_nothing(page):
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url) if "/generate" in r.url else None)
+    page.click("#more summary")
+    page.fill("#logit_bias", "e=-2, qq=3")
+    assert page.text_content("#more-count") == "(a logit bias to fix)"
+    page.click("#more summary")  # closed: the message opens it
+    page.click("#generate")
+    error = page.locator("#logit_bias-error")
+    error.wait_for(state="visible")
+    assert error.text_content().startswith('"qq=3" is not a char=value pair')
+    assert page.locator("#more").get_attribute("open") is not None
+    assert page.get_attribute("#logit_bias", "aria-invalid") == "true"
+    assert page.get_attribute("#state", "data-state") == "idle"
+    # So is Samples outside 1 to 8.
+    page.fill("#logit_bias", "")
+    page.fill("#n", "9")
+    page.click("#generate")
+    page.wait_for_selector("#params-error:not([hidden])")
+    assert page.text_content("#params-error") == "Samples: a whole number from 1 to 8"
+    page.wait_for_timeout(300)
+    assert requests == [], "the page sent a request it should have refused"
+
+    # Fixed, the pairs go as an object, a quoted key included.
+    page.fill("#n", "1")
+    page.fill("#logit_bias", 'e=-2, q=3 " "=-1.5')
+    set_params(page, "Alice was", 30, seed=4)
+    sent = generate_and_capture(page)
+    page.wait_for_selector("#state[data-state='done']")
+    assert sent["logit_bias"] == {"e": -2, "q": 3, " ": -1.5}
+    assert page.is_hidden("#logit_bias-error") and page.is_hidden("#params-error")
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+def test_a_control_the_server_refuses_shows_its_message(page, server: Server):
+    page.click("#more summary")
+    page.fill("#dry_base", "1")  # the server's bound is exclusive: above 1
+    page.click("#more summary")
+    set_params(page, "Alice was", 30)
+    sent = generate_and_capture(page)
+    page.wait_for_selector("#state[data-state='rejected']")
+    assert sent["dry_base"] == 1
+    r = httpx.post(f"{server.url}/generate", json=sent, timeout=30)
+    assert r.status_code == 422
+    message = next(d["msg"] for d in r.json()["detail"] if d["loc"][-1] == "dry_base")
+    box = page.locator("#more-error")
+    assert box.is_visible() and box.text_content() == f"DRY base: {message}"
+    assert page.get_attribute("#dry_base", "aria-invalid") == "true"
+    assert page.locator("#more").get_attribute("open") is not None  # opened to show it
+    assert generated_len(page) == 0
+
+    # A logit bias the server refuses: a value out of range, a key not in the vocabulary.
+    page.fill("#dry_base", "1.75")
+    page.fill("#logit_bias", "Q=150, \u00e9=1")
+    sent = generate_and_capture(page)
+    page.wait_for_selector("#state[data-state='rejected']")
+    assert sent["logit_bias"] == {"Q": 150, "\u00e9": 1} and "dry_base" not in sent
+    detail = httpx.post(f"{server.url}/generate", json=sent, timeout=30).json()["detail"]
+    msgs = {d["loc"][-1]: d["msg"] for d in detail}
+    lines = page.eval_on_selector_all("#logit_bias-error > div", "ds => ds.map(d => d.textContent)")
+    assert lines == [f'"Q": {msgs["Q"]}', msgs["\u00e9"]]  # that one quotes its key itself
+    assert page.is_hidden("#more-error")

@@ -94,6 +94,9 @@ def test_n_samples_equal_the_single_requests_with_seed_plus_i(tiny_checkpoint):
         assert done[0] == "done" and [s["generated_text"] for s in done[1]["samples"]] == [
             a["generated_text"] for a in alone
         ]
+        # Each sample's score as on the JSON answer, from the logprobs its tokens carried.
+        for s, want in zip(done[1]["samples"], body["samples"], strict=True):
+            assert s["seed"] == want["seed"] and s["score"] == pytest.approx(want["score"])
         got = await _sse(c, "GET", {**BODY, "n": 3})
         assert [e for e in got if e[0] == "token"] == [e for e in streamed if e[0] == "token"]
 

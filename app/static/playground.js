@@ -3,7 +3,9 @@
 // One request per generation: fetch() on POST generate/stream, whose server-sent events are
 // parsed from the response body here. A rejected request answers with its JSON error before
 // the stream opens, so the server's own message can be shown; Stop aborts the fetch, which
-// closes the connection and frees the server's batch row within one step.
+// closes the connection and frees the server's batch row within one step. With Samples above
+// 1 the same request asks for n samples: every token event names its sample, and one done
+// event closes them all.
 "use strict";
 
 (() => {
@@ -48,8 +50,30 @@
     bpc: $("stat-bpc"),
     alts: $("alts"),
     legend: $("legend"),
+    n: $("n"),
+    samples: $("samples"),
+    caret: $("caret"),
+    more: $("more"),
+    moreCount: $("more-count"),
+    logitBias: $("logit_bias"),
   };
-  const FIELDS = ["model", "prime", "temperature", "top_p", "top_k", "seed", "max_new_chars"];
+  // The "More controls" number boxes, each named (and its id) as the request's field.
+  const CONTROL_NUMBERS = [
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_last_n",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_penalty_last_n",
+    "min_p",
+    "typical_p",
+  ];
+  const CONTROL_LISTS = ["dry_sequence_breakers", "banned_strings"];
+  const FIELDS = ["model", "prime", "temperature", "top_p", "top_k", "seed", "max_new_chars", "n"]
+    .concat(CONTROL_NUMBERS, CONTROL_LISTS, ["logit_bias"]);
+  const MAX_SAMPLES = 8;
   const KEY_STORE = "charrnn.apiKey";
 
   let info = null; // GET /info
@@ -129,8 +153,31 @@
     top_k: "Top-k",
     seed: "Seed",
     max_new_chars: "Length",
+    n: "Samples",
   };
-  const ERROR_BOXES = ["model-error", "prime-error", "params-error", "constraint-error"];
+  // Those about the more controls share one box at the foot of their group.
+  const MORE_LABELS = {
+    repetition_penalty: "Repetition penalty",
+    presence_penalty: "Presence penalty",
+    frequency_penalty: "Frequency penalty",
+    penalty_last_n: "Penalty window",
+    dry_multiplier: "DRY multiplier",
+    dry_base: "DRY base",
+    dry_allowed_length: "DRY allowed length",
+    dry_penalty_last_n: "DRY window",
+    dry_sequence_breakers: "DRY breakers",
+    banned_strings: "Banned strings",
+    min_p: "Min-p",
+    typical_p: "Typical-p",
+  };
+  const ERROR_BOXES = [
+    "model-error",
+    "prime-error",
+    "params-error",
+    "constraint-error",
+    "logit_bias-error",
+    "more-error",
+  ];
 
   function clearErrors() {
     ui.error.hidden = true;
@@ -144,14 +191,24 @@
 
   function showFieldError(name, message) {
     const own = $(`${name}-error`);
-    const box = own ?? (name in PARAM_LABELS ? $("params-error") : null);
+    const shared = name in PARAM_LABELS ? $("params-error") : name in MORE_LABELS ? $("more-error") : null;
+    const box = own ?? shared;
     if (!box) return false;
     const line = document.createElement("div");
-    line.textContent = own ? message : `${PARAM_LABELS[name]}: ${message}`;
+    line.textContent = own ? message : `${PARAM_LABELS[name] ?? MORE_LABELS[name]}: ${message}`;
     box.append(line);
     box.hidden = false;
+    if (ui.more.contains(box)) ui.more.open = true; // a message in a closed group is unseen
     $(name)?.setAttribute("aria-invalid", "true");
     return true;
+  }
+
+  /** A value the page itself refuses before sending anything (the field and why). */
+  class InputError extends Error {
+    constructor(field, message) {
+      super(message);
+      this.field = field;
+    }
   }
 
   /** Show a non-2xx answer: FastAPI's {"detail": [...]} under the fields it names. */
@@ -168,7 +225,14 @@
       for (const d of detail) {
         const loc = Array.isArray(d.loc) ? d.loc.filter((p) => p !== "body" && p !== "query") : [];
         const field = loc.length ? String(loc[0]) : "";
-        const msg = String(d.msg ?? "invalid value");
+        let msg = String(d.msg ?? "invalid value");
+        // A problem with one entry of a list, or with a key of logit_bias, names it (unless
+        // the server's message quotes the key already).
+        const item = loc[1];
+        if (typeof item === "number") msg = `line ${item + 1}: ${msg}`;
+        else if (typeof item === "string" && !msg.includes(`'${item}'`) && !msg.includes(`"${item}"`)) {
+          msg = `${JSON.stringify(item)}: ${msg}`;
+        }
         if (!showFieldError(field, msg)) general.push(field ? `${loc.join(".")}: ${msg}` : msg);
       }
     } else if (typeof detail === "string") {
@@ -218,6 +282,16 @@
       ui.length.value = String(lim.max_new_chars_limit);
     }
     if (lim.auth_required) ui.apiKeyField.hidden = false;
+    // The more controls' defaults and bounds as the server has them.
+    for (const c of lim.controls ?? []) {
+      controlDefaults[c.name] = c.default;
+      const input = CONTROL_NUMBERS.includes(c.name) ? $(c.name) : null;
+      if (!input) continue;
+      if (typeof c.minimum === "number" && !c.exclusive_minimum) input.min = String(c.minimum);
+      if (typeof c.maximum === "number" && !c.exclusive_maximum) input.max = String(c.maximum);
+    }
+    ui.n.max = String(Math.min(MAX_SAMPLES, lim.max_n ?? MAX_SAMPLES));
+    updateMoreCount();
     onModelChange();
     setState(ui.state.dataset.state || "idle");
   }
@@ -294,6 +368,118 @@
     return JSON.stringify(body, mark).replace(/"seed":"@seed:(\d+)@"/, '"seed":$1');
   }
 
+  // -- more controls -------------------------------------------------------------------------
+
+  const controlDefaults = {}; // /info's, by name; until it answers, the boxes' initial values
+  const defaultOf = (name) =>
+    name in controlDefaults
+      ? controlDefaults[name]
+      : name === "dry_sequence_breakers"
+        ? ["\n"]
+        : name === "banned_strings"
+          ? []
+          : Number($(name).defaultValue);
+
+  /** One string per non-empty line; \n, \t and \\ stand for a newline, a tab and a backslash. */
+  const ESCAPES = { n: "\n", t: "\t", "\\": "\\" };
+  const linesOf = (text) =>
+    text
+      .split("\n")
+      .filter((line) => line !== "")
+      .map((line) => line.replace(/\\([nt\\])/g, (_, c) => ESCAPES[c]));
+
+  const NUMBER_RE = /^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?/;
+  const SEPARATOR_RE = /[\s,]/;
+
+  /** "e=-2, x=5" as {e: -2, x: 5}: pairs of one character, "=" and a number, apart by commas
+   * or spaces; a key that is a comma, a space or a quote is written as a JSON string
+   * (" "=-3). A malformed pair throws an InputError that quotes it; the values' range and
+   * the keys' vocabulary are the server's to check. */
+  function parseLogitBias(text) {
+    const out = {};
+    let i = 0;
+    const skip = () => {
+      while (i < text.length && SEPARATOR_RE.test(text[i])) i += 1;
+    };
+    const fail = (start, why) => {
+      const rest = text.slice(start);
+      const pair = rest.split(/,|\s(?=\S+=)/)[0].trim() || rest.trim();
+      throw new InputError("logit_bias", `"${pair}" is not a char=value pair: ${why}`);
+    };
+    skip();
+    while (i < text.length) {
+      const start = i;
+      let key;
+      if (text[i] === '"') {
+        const quoted = /^"(?:[^"\\]|\\.)*"/.exec(text.slice(i));
+        if (!quoted) fail(start, "the quote is not closed");
+        try {
+          key = JSON.parse(quoted[0]);
+        } catch {
+          fail(start, "the quoted key is not a JSON string");
+        }
+        i += quoted[0].length;
+      } else {
+        key = String.fromCodePoint(text.codePointAt(i));
+        i += key.length;
+      }
+      while (text[i] === " ") i += 1;
+      if (text[i] !== "=") fail(start, "one character, then =, then a number");
+      i += 1;
+      while (text[i] === " ") i += 1;
+      const number = NUMBER_RE.exec(text.slice(i));
+      if (!number) fail(start, "the value is not a number");
+      i += number[0].length;
+      if (i < text.length && !SEPARATOR_RE.test(text[i])) fail(start, "the value is not a number");
+      if (Array.from(key).length !== 1) fail(start, "the key must be one character");
+      if (Object.hasOwn(out, key)) fail(start, `${pyRepr(key)} is given twice`);
+      out[key] = Number(number[0]);
+      skip();
+    }
+    return out;
+  }
+
+  /** The more controls that differ from their defaults, as request fields. */
+  function moreControls() {
+    const out = {};
+    for (const name of CONTROL_NUMBERS) {
+      const v = numberField($(name));
+      if (v !== undefined && v !== defaultOf(name)) out[name] = v;
+    }
+    for (const name of CONTROL_LISTS) {
+      const v = linesOf($(name).value);
+      if (JSON.stringify(v) !== JSON.stringify(defaultOf(name))) out[name] = v;
+    }
+    const bias = parseLogitBias(ui.logitBias.value);
+    if (Object.keys(bias).length) out.logit_bias = bias;
+    return out;
+  }
+
+  /** "(2 set)" beside the group's title, so that a closed group still says it is in use. */
+  function updateMoreCount() {
+    let text = "";
+    try {
+      const n = Object.keys(moreControls()).length;
+      if (n) text = `(${n} set)`;
+    } catch {
+      text = "(a logit bias to fix)";
+    }
+    ui.moreCount.textContent = text;
+  }
+
+  /** Samples: a whole number from 1 to MAX_SAMPLES (or /info's max_n, if lower). */
+  function samplesCount() {
+    const raw = ui.n.value.trim();
+    if (raw === "") return 1;
+    const n = Number(raw);
+    const most = Number(ui.n.max) || MAX_SAMPLES;
+    if (!Number.isInteger(n) || n < 1 || n > most) {
+      throw new InputError("n", `a whole number from 1 to ${most}`);
+    }
+    return n;
+  }
+
+  /** The request as the boxes say; an InputError where the page refuses to send it. */
   function requestBody() {
     const body = { prime: ui.prime.value, model: ui.model.value || null };
     const fields = [
@@ -312,7 +498,9 @@
     if (ui.colour.checked) body.logprobs = 5;
     const constraint = constraintValue();
     if (constraint !== undefined) body.constraint = constraint;
-    return body;
+    const n = samplesCount();
+    if (n > 1) body.n = n;
+    return Object.assign(body, moreControls());
   }
 
   // -- constraints ---------------------------------------------------------------------------
@@ -424,10 +612,10 @@
 
   /** Arrow keys move among the coloured characters of the output (a roving focus). */
   function onOutputKey(e) {
-    const spans = ui.generated.querySelectorAll(".tok");
+    const spans = [...ui.text.querySelectorAll(".tok")];
     if (!spans.length) return;
     const current = document.activeElement?.classList?.contains("tok") ? document.activeElement : null;
-    let i = current ? Number(current.dataset.i) : -1;
+    let i = current ? spans.indexOf(current) : -1;
     if (e.key === "ArrowRight") i = Math.min(spans.length - 1, i + 1);
     else if (e.key === "ArrowLeft") i = Math.max(0, i < 0 ? 0 : i - 1);
     else if (e.key === "Home") i = 0;
@@ -489,58 +677,84 @@
     setState("scored");
   }
 
+  /** The elements that hold the generated text on screen: one, or one per sample. */
+  function shownTexts() {
+    return shownMany ? [...ui.samples.querySelectorAll(".sample-gen")] : [ui.generated];
+  }
+
   /** Colour the text already on screen (a generation made with the toggle off): /score it
    * with the prime as context, which gives exactly the logprobs the generation would have
-   * carried, then shade it as a coloured run would have. */
+   * carried, then shade it as a coloured run would have; each sample likewise. */
   async function colourShown() {
-    const text = ui.generated.textContent;
-    if (run || !text || ui.generated.querySelector(".tok")) return;
+    const els = shownTexts();
+    const texts = els.map((el) => el.textContent);
+    if (run || !texts.some(Boolean) || els.some((el) => el.querySelector(".tok"))) return;
     const before = ui.state.dataset.state;
-    const body = {
-      text,
-      context: ui.primeEcho.textContent,
-      top_logprobs: 5,
-      model: shownModel,
-    };
     const headers = { "Content-Type": "application/json" };
     const key = ui.apiKey.value.trim();
     if (key) headers.Authorization = `Bearer ${key}`;
     clearErrors();
     setState("scoring");
-    let resp;
-    try {
-      resp = await fetch("score", { method: "POST", headers, body: JSON.stringify(body) });
-    } catch (e) {
-      showError(`Could not colour the text: lost the connection to the server: ${e.message}`);
-      setState(before);
-      return;
+    const scored = [];
+    for (const text of texts) {
+      if (!text) {
+        scored.push(null);
+        continue;
+      }
+      const body = { text, context: ui.primeEcho.textContent, top_logprobs: 5, model: shownModel };
+      let resp;
+      try {
+        resp = await fetch("score", { method: "POST", headers, body: JSON.stringify(body) });
+      } catch (e) {
+        showError(`Could not colour the text: lost the connection to the server: ${e.message}`);
+        setState(before);
+        return;
+      }
+      if (!resp.ok) {
+        await showHttpError(resp);
+        setState(before);
+        return;
+      }
+      scored.push(await resp.json());
     }
-    if (!resp.ok) {
-      await showHttpError(resp);
-      setState(before);
-      return;
-    }
-    const data = await resp.json();
-    // The toggle may have been unticked, or the text replaced, while the answer travelled.
-    if (ui.colour.checked && ui.generated.textContent === text) {
+    // The toggle may have been unticked, or the text replaced, while the answers travelled.
+    if (ui.colour.checked && els.every((el, k) => el.isConnected && el.textContent === texts[k])) {
       shown = [];
-      ui.generated.replaceChildren(tokenSpans(tokensOf(data.logprobs)));
+      els.forEach((el, k) => {
+        if (scored[k]) el.replaceChildren(tokenSpans(tokensOf(scored[k].logprobs)));
+      });
       ui.legend.hidden = false;
-      showBpc(data);
+      const done = scored.filter(Boolean);
+      if (done.length === 1) {
+        showBpc(done[0]);
+      } else {
+        // Over all the samples: their bits weighed by the characters each scored.
+        const chars = done.reduce((a, d) => a + (d.scored_chars ?? 0), 0);
+        const bits = done.reduce((a, d) => a + (d.bpc ?? 0) * (d.scored_chars ?? 0), 0);
+        ui.bpc.textContent = chars ? (bits / chars).toFixed(3) : "–";
+        ui.bpc.title = "over every sample";
+      }
     }
     setState(before);
   }
 
   /** Unticking the toggle shows the same text plain again. */
   function uncolourShown() {
-    if (run || !ui.generated.querySelector(".tok")) return;
-    ui.generated.textContent = ui.generated.textContent;
+    const els = shownTexts();
+    if (run || !els.some((el) => el.querySelector(".tok"))) return;
+    for (const el of els) el.textContent = el.textContent;
     shown = [];
     hideAlts();
     ui.legend.hidden = true;
   }
 
-  function resetOutput(prime) {
+  let shownMany = false; // whether the output shows several samples
+
+  function resetOutput(prime, n = 1) {
+    shownMany = n > 1;
+    ui.samples.hidden = !shownMany;
+    ui.samples.replaceChildren();
+    ui.caret.hidden = shownMany; // each sample has its own
     shown = [];
     hideAlts();
     ui.legend.hidden = true;
@@ -559,28 +773,93 @@
     ui.reuseSeed.hidden = true;
   }
 
+  /** Where one sample's characters go: a text node while plain, shaded spans when coloured. */
+  class Sink {
+    constructor(el) {
+      this.el = el;
+      this.node = document.createTextNode("");
+      this.pending = "";
+      this.tokens = []; // coloured characters waiting for the next frame
+      el.replaceChildren(this.node);
+    }
+
+    flush(coloured) {
+      if (!this.pending) return;
+      if (coloured) {
+        this.el.appendChild(tokenSpans(this.tokens));
+        this.tokens = [];
+      } else {
+        this.node.appendData(this.pending);
+      }
+      this.pending = "";
+    }
+  }
+
+  const MAX_SEED = 2n ** 63n;
+
+  /** Sample i's seed: the request's + i, modulo 2**63 (as the server seeds them). */
+  const seedPlus = (seed, i) => ((BigInt(seed) + BigInt(i)) % MAX_SEED).toString();
+
+  function part(className, text = "") {
+    const span = document.createElement("span");
+    span.className = className;
+    span.textContent = text;
+    return span;
+  }
+
+  /** One list entry per sample: its name, seed, finish and score above its text. */
+  function sampleEntries(n) {
+    const items = [];
+    for (let i = 0; i < n; i++) {
+      const li = document.createElement("li");
+      li.className = "sample";
+      li.dataset.sample = String(i);
+      const head = document.createElement("div");
+      head.className = "sample-head";
+      head.append(
+        part("sample-name", `Sample ${i + 1}`),
+        part("sample-seed"),
+        part("sample-finish"),
+        part("sample-score")
+      );
+      const text = document.createElement("div");
+      text.className = "sample-text";
+      const caret = part("caret");
+      caret.setAttribute("aria-hidden", "true");
+      text.append(part("sample-gen"), caret);
+      li.append(head, text);
+      items.push(li);
+    }
+    ui.samples.replaceChildren(...items);
+    return items;
+  }
+
   class Run {
     constructor(body) {
       this.body = body;
+      this.n = body.n ?? 1;
       this.controller = new AbortController();
       this.sent = performance.now();
       this.first = null; // time of the first character
       this.count = 0;
-      this.pending = "";
       this.coloured = body.logprobs !== undefined;
-      this.tokens = []; // coloured characters waiting for the next frame
-      this.nats = 0; // their surprisal so far, for bits per character
+      this.nats = 0; // the coloured characters' surprisal so far, for bits per character
       this.scored = 0;
-      this.node = document.createTextNode("");
+      this.entries = this.n > 1 ? sampleEntries(this.n) : [];
+      this.sinks =
+        this.n > 1
+          ? this.entries.map((li) => new Sink(li.querySelector(".sample-gen")))
+          : [new Sink(ui.generated)];
       this.flushQueued = false;
       this.lastRateAt = 0;
       this.finished = false;
-      ui.generated.replaceChildren(this.node);
     }
 
     queue(text, payload) {
+      const sink = this.sinks[payload?.sample ?? 0];
+      if (!sink) return;
       if (this.coloured && payload) {
-        this.tokens.push({ text, logprob: payload.logprob, top: payload.top_logprobs });
+        sink.tokens.push({ text, logprob: payload.logprob, top: payload.top_logprobs });
         this.nats -= payload.logprob;
         this.scored += 1;
       }
@@ -589,7 +868,7 @@
         ui.ttfc.textContent = `${fmtInt(this.first - this.sent)} ms`;
       }
       this.count += 1;
-      this.pending += text;
+      sink.pending += text;
       if (!this.flushQueued) {
         this.flushQueued = true;
         requestAnimationFrame(() => this.flush());
@@ -599,19 +878,12 @@
 
     flush() {
       this.flushQueued = false;
-      if (this.pending) {
-        const box = ui.text;
-        const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 48;
-        if (this.coloured) {
-          ui.generated.appendChild(tokenSpans(this.tokens));
-          this.tokens = [];
-          if (this.scored) ui.bpc.textContent = (this.nats / this.scored / LN2).toFixed(3);
-        } else {
-          this.node.appendData(this.pending);
-        }
-        this.pending = "";
-        if (follow) box.scrollTop = box.scrollHeight;
-      }
+      const box = ui.text;
+      // One text follows its end; several samples grow side by side and stay where they are.
+      const follow = this.n === 1 && box.scrollHeight - box.scrollTop - box.clientHeight < 48;
+      for (const sink of this.sinks) sink.flush(this.coloured);
+      if (this.coloured && this.scored) ui.bpc.textContent = (this.nats / this.scored / LN2).toFixed(3);
+      if (follow) box.scrollTop = box.scrollHeight;
       ui.chars.textContent = fmtInt(this.count);
       const now = performance.now();
       if (!this.finished && this.first !== null && now - this.lastRateAt > 200) {
@@ -625,7 +897,11 @@
 
     onStart(data, raw) {
       setState("streaming");
-      ui.seedUsed.textContent = seedOf(raw) ?? String(data.seed);
+      const seed = seedOf(raw) ?? String(data.seed);
+      ui.seedUsed.textContent = seed;
+      this.entries.forEach((li, i) => {
+        li.querySelector(".sample-seed").textContent = `seed ${seedPlus(seed, i)}`;
+      });
     }
 
     onDone(data, raw) {
@@ -645,9 +921,37 @@
           ? "complete"
           : "incomplete"
         : "–";
+      if (this.n > 1) this.showSamples(data.samples ?? []);
       ui.seedUsed.textContent = seedOf(raw) ?? String(data.seed);
       ui.reuseSeed.hidden = false;
       setState("done");
+    }
+
+    /** The done event's samples: each entry's finish and score; the stats over them all. */
+    showSamples(samples) {
+      for (const s of samples) {
+        const li = this.entries[s.index];
+        if (!li) continue;
+        li.classList.add("done");
+        const matched = s.constraint ? (s.constraint.matched ? ", complete" : ", incomplete") : "";
+        const finish = li.querySelector(".sample-finish");
+        finish.textContent = `${s.finish_reason}${matched}`;
+        finish.title = "why it ended (and whether it matched the constraint)";
+        const score = li.querySelector(".sample-score");
+        if (typeof s.score === "number") {
+          score.textContent = `score ${s.score.toFixed(3)}`;
+          score.title =
+            `the mean logprob per character (nats): ${(-s.score / LN2).toFixed(3)} bits/char`;
+        }
+      }
+      const reasons = new Set(samples.map((s) => s.finish_reason));
+      if (reasons.size > 1) ui.finish.textContent = "mixed";
+      const held = samples.filter((s) => s.constraint);
+      if (held.length) {
+        const k = held.filter((s) => s.constraint.matched).length;
+        ui.match.textContent =
+          k === held.length ? "complete" : k === 0 ? "incomplete" : `${k}/${held.length}`;
+      }
     }
 
     onStreamError(data) {
@@ -753,8 +1057,16 @@
   function generate() {
     if (run) return;
     clearErrors();
-    const body = requestBody();
-    resetOutput(body.prime);
+    let body;
+    try {
+      body = requestBody();
+    } catch (e) {
+      if (!(e instanceof InputError)) throw e;
+      showFieldError(e.field, e.message); // nothing is sent; the last output stays
+      $(e.field)?.focus();
+      return;
+    }
+    resetOutput(body.prime, body.n ?? 1);
     shownModel = body.model;
     setState("connecting");
     run = new Run(body);
@@ -805,6 +1117,17 @@
     ui.text.addEventListener("focusout", (e) => {
       if (!ui.text.contains(e.relatedTarget)) hideAlts();
     });
+    ui.more.addEventListener("input", updateMoreCount);
+    ui.logitBias.addEventListener("change", () => {
+      // A fixed (or emptied) pair clears its message at once; a new mistake waits for Generate.
+      try {
+        parseLogitBias(ui.logitBias.value);
+        $("logit_bias-error").hidden = true;
+        ui.logitBias.removeAttribute("aria-invalid");
+      } catch {
+        // shown when Generate is pressed
+      }
+    });
     ui.reuseSeed.addEventListener("click", () => {
       ui.seed.value = ui.seedUsed.textContent;
       ui.seed.focus();
@@ -816,6 +1139,7 @@
       // storage may be disabled; the key then lives only in the field
     }
     checkPrime();
+    updateMoreCount();
     setState("idle");
     loadInfo();
   }
