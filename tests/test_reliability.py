@@ -25,7 +25,12 @@ from tests.server import ROOT, Server, run_server
 from training.__main__ import main as train_main
 from training.outputs import last_path
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [
+    pytest.mark.timeout(300),
+    # The server the hostile-input tests share (the ``server`` fixture); the load, fault and
+    # shutdown tests each start one of their own, which they load, kill or measure.
+    pytest.mark.server(max_new_chars_limit=500, stream_backlog=512),
+]
 
 
 def rss_kib(pid: int) -> int:
@@ -391,17 +396,6 @@ def test_startup_refuses_a_bad_setting_in_one_line(variable, value, message):
 
 
 # -- hostile input -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    with run_server(
-        tmp_path_factory.mktemp("hostile"),
-        f"tiny={tiny_checkpoint}",
-        max_new_chars_limit=500,
-        stream_backlog=512,
-    ) as s:
-        yield s
 
 
 J = "application/json"
