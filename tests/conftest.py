@@ -19,8 +19,10 @@ import contextlib
 import json
 import os
 import random
+import signal
 import string
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,9 @@ import torch
 from httpx_sse import aconnect_sse
 
 from charrnn import CharRNN, ModelConfig, Vocabulary, load_checkpoint, save_checkpoint
-from tests.server import Server, metric_values, run_server
+from tests.server import ROOT, Server, metric_values, run_server
+from training.config import FitConfig
+from training.fit import StopFlag
 
 torch.set_num_threads(1)
 
@@ -146,6 +150,70 @@ def tiny_fit_args(data: Path, out: Path, epochs: int, *more: str) -> list[str]:
         "--quiet",
         *more,
     ]
+
+
+def run_python(folder: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter (from a file: TorchScript reads functions' source),
+    which must succeed."""
+    script = folder / "script.py"
+    script.write_text(code)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+TINY = {
+    "hidden": 32,
+    "layers": 2,
+    "embed": 8,
+    "dropout": 0.1,
+    "batch_size": 8,
+    "seq_len": 25,
+    "threads": 1,
+    "progress": False,
+}
+
+
+def tiny_cfg(data: Path, out: Path, **overrides) -> FitConfig:
+    return FitConfig(data=data, out=out, **{**TINY, "epochs": 3, **overrides})
+
+
+class StopAfter(StopFlag):
+    """Acts as if SIGINT arrived once the loop has checked ``n`` times (after n steps)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.checks, self.n = 0, n
+
+    @property
+    def signum(self):  # type: ignore[override]
+        self.checks += 1
+        return signal.SIGINT if self.checks >= self.n else None
+
+    @signum.setter
+    def signum(self, _value):
+        pass
+
+
+def reference_interval(logits, temperature, top_k, top_p, u, pick) -> float:
+    """How far (in kept mass, float64) the draw lies outside ``pick``'s share of the CDF."""
+    z = logits.double() / temperature
+    p = torch.softmax(z, -1)
+    order = torch.sort(p, descending=True, stable=True).indices
+    sorted_p = p[order][: int(top_k)]
+    before = torch.cumsum(sorted_p, 0) - sorted_p
+    kept = sorted_p[(before < top_p * sorted_p.sum()) | (torch.arange(len(sorted_p)) == 0)]
+    edges = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(kept, 0)])
+    rank = int((order[: len(kept)] == pick).nonzero()[0, 0])
+    target = float(u) * float(edges[-1])
+    return max(float(edges[rank]) - target, target - float(edges[rank + 1]), 0.0) / float(edges[-1])
 
 
 def tiny_model(vocab: Vocabulary, cell: str = "lstm", seed: int = 0, hidden: int = 32) -> CharRNN:
