@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: small deterministic texts, a tiny checkpoint, and the two
-ways the service is tested.
+"""Shared fixtures and helpers: small deterministic texts, tiny models and checkpoints,
+training's tiny configurations, and the two ways the service is tested. What two test
+modules share lives here (or in tests/server.py, tests/crowd.py), never in a test module.
 
 - In-process (every route test that needs no socket): ``run(checkpoint, test, **settings)``
   builds the ASGI app, runs its lifespan (models loaded and warmed up, decode threads running)
