@@ -23,7 +23,7 @@ import pytest
 from charrnn import SamplingParams, load_checkpoint
 from charrnn.structured import Constraint, compile_constraint, generate_constrained
 from tests.conftest import Client, events, generate, run
-from tests.test_structured import LIST_GRAMMAR, NAME, PERSON
+from tests.constraint_examples import LIST_GRAMMAR, NAME, PERSON
 
 WORDS = r"[a-z]+( [a-z]+)*"
 LIST_RE = r"\[[1-9][0-9]?(,[1-9][0-9]?)*\]"
