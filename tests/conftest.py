@@ -1,23 +1,43 @@
-"""Shared fixtures: small deterministic texts and a tiny trained checkpoint.
+"""Shared fixtures and helpers: small deterministic texts, tiny models and checkpoints,
+training's tiny configurations, and the two ways the service is tested. What two test
+modules share lives here (or in tests/server.py, tests/crowd.py), never in a test module.
+
+- In-process (every route test that needs no socket): ``run(checkpoint, test, **settings)``
+  builds the ASGI app, runs its lifespan (models loaded and warmed up, decode threads running)
+  and hands ``test`` an ``httpx.AsyncClient`` over httpx's ASGI transport; ``generate``,
+  ``events``, ``score`` and ``scrape`` are the requests most tests make. No process, no
+  socket: these tests are in ``make test-fast``.
+- On a real server (``e2e``: what needs a socket, a signal or another process): the
+  module-scoped ``server`` fixture, ``python -m app`` on a loopback port (tests/server.py),
+  with the settings of the module's ``pytest.mark.server(...)``.
 
 Tests never read ../shared: users' clones do not have it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
 import string
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from httpx_sse import aconnect_sse
 
-from charrnn import CharRNN, ModelConfig, Vocabulary, save_checkpoint
+from charrnn import CharRNN, ModelConfig, Vocabulary, load_checkpoint, save_checkpoint
+from tests.server import ROOT, Server, metric_values, run_server
+from training.config import FitConfig
+from training.fit import StopFlag
 
 torch.set_num_threads(1)
 
@@ -40,6 +60,15 @@ def make_text(n_chars: int = 6000, seed: int = 0) -> str:
         out.append(sentence)
         size += len(sentence)
     return "".join(out)[:n_chars]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "server(checkpoint=fixture, name=..., models=..., **settings): the model and the "
+        "settings (CHARRNN_* without the prefix) of the module's real server, the ``server`` "
+        "fixture",
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -124,6 +153,70 @@ def tiny_fit_args(data: Path, out: Path, epochs: int, *more: str) -> list[str]:
     ]
 
 
+def run_python(folder: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter (from a file: TorchScript reads functions' source),
+    which must succeed."""
+    script = folder / "script.py"
+    script.write_text(code)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+TINY = {
+    "hidden": 32,
+    "layers": 2,
+    "embed": 8,
+    "dropout": 0.1,
+    "batch_size": 8,
+    "seq_len": 25,
+    "threads": 1,
+    "progress": False,
+}
+
+
+def tiny_cfg(data: Path, out: Path, **overrides) -> FitConfig:
+    return FitConfig(data=data, out=out, **{**TINY, "epochs": 3, **overrides})
+
+
+class StopAfter(StopFlag):
+    """Acts as if SIGINT arrived once the loop has checked ``n`` times (after n steps)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.checks, self.n = 0, n
+
+    @property
+    def signum(self):  # type: ignore[override]
+        self.checks += 1
+        return signal.SIGINT if self.checks >= self.n else None
+
+    @signum.setter
+    def signum(self, _value):
+        pass
+
+
+def reference_interval(logits, temperature, top_k, top_p, u, pick) -> float:
+    """How far (in kept mass, float64) the draw lies outside ``pick``'s share of the CDF."""
+    z = logits.double() / temperature
+    p = torch.softmax(z, -1)
+    order = torch.sort(p, descending=True, stable=True).indices
+    sorted_p = p[order][: int(top_k)]
+    before = torch.cumsum(sorted_p, 0) - sorted_p
+    kept = sorted_p[(before < top_p * sorted_p.sum()) | (torch.arange(len(sorted_p)) == 0)]
+    edges = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(kept, 0)])
+    rank = int((order[: len(kept)] == pick).nonzero()[0, 0])
+    target = float(u) * float(edges[-1])
+    return max(float(edges[rank]) - target, target - float(edges[rank + 1]), 0.0) / float(edges[-1])
+
+
 def tiny_model(vocab: Vocabulary, cell: str = "lstm", seed: int = 0, hidden: int = 32) -> CharRNN:
     torch.manual_seed(seed)
     cfg = ModelConfig(
@@ -140,6 +233,102 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta = {"metrics": {"best_val_nll": 3.0, "best_val_bpc": 4.3, "epochs": 0}}
     save_checkpoint(path, tiny_model(vocab), vocab, meta)
     return path
+
+
+@pytest.fixture(scope="session")
+def vocab(tiny_checkpoint: Path) -> Vocabulary:
+    """``tiny_checkpoint``'s vocabulary."""
+    return load_checkpoint(tiny_checkpoint).vocab
+
+
+# -- the service in-process ----------------------------------------------------------------
+
+Client = httpx.AsyncClient
+
+
+@contextlib.asynccontextmanager
+async def served(checkpoint: Path, **settings: object) -> AsyncIterator[Client]:
+    """A client of the app serving ``checkpoint`` as ``tiny``, once its models are loaded and
+    warmed up; ``settings`` are ``app.config.Settings`` fields."""
+    from app.config import Settings
+    from app.main import create_app
+
+    app = create_app(
+        Settings(models=f"tiny={checkpoint}", shutdown_grace_s=0, **settings)  # type: ignore[arg-type]
+    )
+    async with app.router.lifespan_context(app):
+        for _ in range(500):
+            if app.state.engine.ready:
+                break
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            yield client
+
+
+def run(checkpoint: Path, test: Callable[[Client], Awaitable[None]], **settings: object) -> None:
+    """``test(client)`` against the app (``served``), in an event loop of its own."""
+
+    async def main() -> None:
+        async with served(checkpoint, **settings) as client:
+            await test(client)
+
+    asyncio.run(main())
+
+
+async def generate(c: Client, **body: object) -> dict:
+    """``POST /generate``'s answer, which must be a 200."""
+    r = await c.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def events(c: Client, method: str = "POST", **body: object) -> list[tuple[str, dict]]:
+    """Every event of one ``/generate/stream`` (a 200 with SSE headers), as (name, data)."""
+    kwargs = {"json": body} if method == "POST" else {"params": body}
+    async with aconnect_sse(c, method, "/generate/stream", **kwargs) as es:
+        assert es.response.status_code == 200, await es.response.aread()
+        assert es.response.headers["content-type"].startswith("text/event-stream")
+        assert es.response.headers["cache-control"] == "no-cache"
+        assert es.response.headers["x-accel-buffering"] == "no"
+        return [(sse.event, json.loads(sse.data)) async for sse in es.aiter_sse()]
+
+
+async def score(c: Client, **body: object) -> dict:
+    """``POST /score``'s answer, which must be a 200."""
+    r = await c.post("/score", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def scrape(c: Client, *names: str, **labels: str) -> dict[str, float]:
+    """Samples of one ``/metrics`` scrape (0 when absent), as ``Server.metrics``."""
+    r = await c.get("/metrics")
+    assert r.status_code == 200
+    return metric_values(r.text, names, labels)
+
+
+# -- the service on a real server (e2e) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """``python -m app`` on a free loopback port, shared by a module's tests (which must be
+    marked ``e2e``), with the settings of the module's ``pytest.mark.server(...)``:
+    ``CHARRNN_*`` settings without the prefix, and which model it serves: ``checkpoint``, the
+    name of a checkpoint fixture (``tiny_checkpoint`` if not given) served as ``name``
+    (``tiny``), or ``models``, a ``CHARRNN_MODELS`` list."""
+    mark = request.node.get_closest_marker("server")
+    settings = dict(mark.kwargs) if mark else {}
+    if "models" in settings:
+        models = settings.pop("models")
+    else:
+        checkpoint = request.getfixturevalue(settings.pop("checkpoint", "tiny_checkpoint"))
+        models = f"{settings.pop('name', 'tiny')}={checkpoint}"
+    with run_server(tmp_path_factory.mktemp("server"), models, **settings) as s:
+        yield s
 
 
 def primed_row(backend, prime: str, temperature: float, top_k, top_p: float, seed: int):

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +40,20 @@ class Server:
 
     def metrics(self, *names: str, **labels: str) -> dict[str, float]:
         """Several samples from one scrape of /metrics, so they are seen at one moment."""
-        values = dict.fromkeys(names, 0.0)
-        text = httpx.get(f"{self.url}/metrics").text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in values and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    values[sample.name] = sample.value
-        return values
+        return metric_values(httpx.get(f"{self.url}/metrics").text, names, labels)
+
+
+def metric_values(
+    exposition: str, names: Iterable[str], labels: Mapping[str, str]
+) -> dict[str, float]:
+    """The value of each sample named in ``names`` whose labels include ``labels``, in a
+    Prometheus text exposition (0 when absent)."""
+    values = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name in values and all(sample.labels.get(k) == v for k, v in labels.items()):
+                values[sample.name] = sample.value
+    return values
 
 
 @contextmanager

@@ -18,10 +18,9 @@ from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.engine.stops import StopMatcher
-from tests.conftest import make_text
+from tests.conftest import make_text, run
 from tests.crowd import Case, Texts, crowd_and_alone, random_case
 from tests.server import run_server
-from tests.test_routes import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Texts(

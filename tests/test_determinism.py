@@ -18,8 +18,7 @@ from charrnn import Vocabulary, native, quantization
 from charrnn.checkpoint import Checkpoint
 from charrnn.decode import StepDecoder
 from charrnn.quantization import choose_precision, int8_is_exact
-from tests.conftest import make_text, primed_row, tiny_model
-from tests.test_model import run_python
+from tests.conftest import make_text, primed_row, run_python, tiny_model
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 

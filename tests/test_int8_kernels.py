@@ -12,7 +12,7 @@ from charrnn import SamplingParams, load_checkpoint, native
 from charrnn.decode import StepDecoder
 from charrnn.generate import generate
 from charrnn.quantization import WEIGHT_MAX, _worst_cases, int8_is_exact
-from tests.test_model import run_python
+from tests.conftest import run_python
 
 pytestmark = pytest.mark.skipif(not native.load(), reason="no C++ compiler for the native kernels")
 

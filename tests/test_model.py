@@ -2,7 +2,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,29 +9,12 @@ import torch
 from charrnn import Vocabulary, native
 from charrnn.decode import StepDecoder
 from charrnn.model import CharRNN
-from tests.conftest import tiny_model
+from tests.conftest import run_python, tiny_model
 from tests.server import ROOT
 
 # The int8 step and prime run native (C++) for an LSTM where a compiler or a prebuilt library
 # is at hand, else op by op (the eager reference): the int8 tests run both.
 KERNELS = [pytest.param(True, id="native"), pytest.param(False, id="eager")]
-
-
-def run_python(folder: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``code`` in a fresh interpreter (from a file: TorchScript reads functions' source),
-    which must succeed."""
-    script = folder / "script.py"
-    script.write_text(code)
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert out.returncode == 0, out.stderr
-    return out
 
 
 def int8_decoder(model: CharRNN, native_kernels: bool) -> StepDecoder:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,17 +29,12 @@ CHROMIUM_ARGS = [
 ]
 LONG = 100_000  # a generation that cannot finish before Stop is pressed
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.e2e]  # a server and a browser each
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(
-        tmp_path_factory.mktemp("playground"),
-        f"tiny={tiny_checkpoint}",
-        max_new_chars_limit=LONG,
-    ) as s:
-        yield s
+# A server (the ``server`` fixture) and a browser each.
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.e2e,
+    pytest.mark.server(max_new_chars_limit=LONG),
+]
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,20 @@ shapes and figures a reader sees are the ones the service gives."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from scripts.readme_examples import README, _events, examples, render, run
-from tests.server import ROOT, Server, run_server
+from tests.server import ROOT, Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # On the CPU, as the README's outputs were made (int8 sums are the same on every x86 CPU).
-    with run_server(
-        tmp_path_factory.mktemp("readme"), f"alice={ROOT / 'models/alice.pt'}", device="cpu"
-    ) as s:
-        yield s
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.e2e,
+    pytest.mark.timeout(300),
+    # The shipped model, on the CPU as the README's outputs were made (int8 sums are the same on
+    # every x86 CPU): the ``server`` fixture.
+    pytest.mark.server(models=f"alice={ROOT / 'models/alice.pt'}", device="cpu"),
+]
 
 
 def test_every_curl_example_gives_the_output_shown(server: Server):

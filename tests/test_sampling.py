@@ -4,6 +4,7 @@ import torch
 
 from charrnn import SamplingParams, native
 from charrnn.sampling import Sampler, sample_next, sampler, uniforms
+from tests.conftest import reference_interval
 
 
 @pytest.fixture(params=["torch", "native"])
@@ -114,20 +115,6 @@ def test_row_result_independent_of_batch_neighbours(sample):
         assert sample(logits[s], temps[s], ks[s], ps[s], u[s]).item() == together[i].item()
 
 
-def _reference_interval(logits, temperature, top_k, top_p, u, pick) -> float:
-    """How far (in kept mass, float64) the draw lies outside ``pick``'s share of the CDF."""
-    z = logits.double() / temperature
-    p = torch.softmax(z, -1)
-    order = torch.sort(p, descending=True, stable=True).indices
-    sorted_p = p[order][: int(top_k)]
-    before = torch.cumsum(sorted_p, 0) - sorted_p
-    kept = sorted_p[(before < top_p * sorted_p.sum()) | (torch.arange(len(sorted_p)) == 0)]
-    edges = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(kept, 0)])
-    rank = int((order[: len(kept)] == pick).nonzero()[0, 0])
-    target = float(u) * float(edges[-1])
-    return max(float(edges[rank]) - target, target - float(edges[rank + 1]), 0.0) / float(edges[-1])
-
-
 def _random_rows(g: torch.Generator, n: int, v: int) -> tuple[torch.Tensor, ...]:
     """``n`` rows of logits over ``v`` characters with every kind of sampling setting, and
     their uniforms: (logits, temperature, top_k, top_p, u)."""
@@ -155,7 +142,7 @@ def test_native_sampler_agrees_with_sample_next():
     for i in differ:
         for ids in (want, got):
             row = (logits[i], temperature[i], top_k[i], top_p[i], u[i], ids[i])
-            assert _reference_interval(*row) < 1e-5
+            assert reference_interval(*row) < 1e-5
 
 
 def test_native_sampler_refuses_bad_arguments():
@@ -305,7 +292,7 @@ def test_native_masked_sampler_agrees_with_sample_next():
         outcomes = _masked_outcomes(logits[i], allowed[i])
         for ids in (want, got):
             row = (outcomes, temperature[i], top_k[i], top_p[i], u[i], ids[i])
-            assert _reference_interval(*row) < 1e-5
+            assert reference_interval(*row) < 1e-5
 
 
 def test_native_sampler_refuses_a_bad_mask():

@@ -32,20 +32,7 @@ from charrnn.structured import (
 )
 from charrnn.structured.compile import _LRU
 from tests.conftest import WORDS, make_text, train_structured
-
-NAME = r"[A-Z][a-z]{3,9}(ia|or|wen)"
-TEMPLATE = r"Alice (said|cried|whispered) '[a-z ,]{10,60}'\."
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "enum": ["alice", "queen", "hatter"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "tags"],
-    "additionalProperties": False,
-}
-LIST_GRAMMAR = 'start: "[" NUM ("," NUM)* "]"\nNUM: /[1-9][0-9]?/'
+from tests.constraint_examples import LIST_GRAMMAR, NAME, PERSON, TEMPLATE
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,20 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from httpx_sse import aconnect_sse
 
 from charrnn import SamplingParams, load_checkpoint
 from charrnn.structured import Constraint, compile_constraint, generate_constrained
-from tests.server import run_server
-from tests.test_routes import Client, run
-from tests.test_structured import LIST_GRAMMAR, NAME, PERSON
+from tests.conftest import Client, events, generate, run
+from tests.constraint_examples import LIST_GRAMMAR, NAME, PERSON
 
 WORDS = r"[a-z]+( [a-z]+)*"
 LIST_RE = r"\[[1-9][0-9]?(,[1-9][0-9]?)*\]"
 JSON = {"content-type": "application/json"}
+THE = {"prime": "The ", "max_new_chars": 120}  # unless a request says otherwise
+# Room for the 10,000-deep schema's body and 64 others beside a request: in-process, and on
+# the real server the e2e tests share (the ``server`` fixture).
+SERVED = {"max_body_bytes": 1 << 20, "max_concurrent": 80}
+pytestmark = pytest.mark.server(checkpoint="structured_checkpoint", name="json", **SERVED)
 
 
 class Nested(dict):
@@ -74,17 +77,6 @@ BAD = [
 ]
 
 
-def _served_settings() -> dict[str, object]:
-    # Room for the 10,000-deep schema's body and 64 others beside a request.
-    return {"max_body_bytes": 1 << 20, "max_concurrent": 80}
-
-
-async def _generate(c: Client, **body: object) -> dict:
-    r = await c.post("/generate", json={"prime": "The ", "max_new_chars": 120, **body})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def _reference(checkpoint: Path, spec: dict, seed: int, prime: str = "The ", length: int = 120):
     ckpt = load_checkpoint(checkpoint)
     grammar = compile_constraint(ckpt.vocab, Constraint.parse(spec))
@@ -105,9 +97,9 @@ def test_bad_constraints_answer_422_naming_the_fix(structured_checkpoint):
             assert time.perf_counter() - start < 3.0  # the compile bound, and some
         r = await c.get("/generate/stream", params={"prime": "The ", "constraint": "{oops"})
         assert r.status_code == 422 and "must be a JSON object" in r.text
-        assert (await _generate(c, constraint={"choice": ["yes"]}))["generated_text"] == "yes"
+        assert (await generate(c, **THE, constraint={"choice": ["yes"]}))["generated_text"] == "yes"
 
-    run(structured_checkpoint, test, **_served_settings())
+    run(structured_checkpoint, test, **SERVED)
 
 
 def test_json_for_a_prose_model_names_the_missing_characters(tiny_checkpoint):
@@ -125,7 +117,9 @@ def test_json_for_a_prose_model_names_the_missing_characters(tiny_checkpoint):
 def test_catastrophic_patterns_answer_fast(structured_checkpoint, pattern):
     async def test(c: Client) -> None:
         start = time.perf_counter()
-        out = await _generate(c, constraint={"regex": pattern}, max_new_chars=30, seed=1)
+        out = await generate(
+            c, prime="The ", constraint={"regex": pattern}, max_new_chars=30, seed=1
+        )
         assert time.perf_counter() - start < 2.0
         if out["constraint"]["matched"]:
             assert re.fullmatch(pattern, out["generated_text"])
@@ -164,30 +158,30 @@ def test_openai_fields_answer_400_naming_them(structured_checkpoint):
 def test_how_a_match_ends(structured_checkpoint):
     async def test(c: Client) -> None:
         # A complete match that cannot go on.
-        out = await _generate(c, constraint={"choice": ["yes", "no"]}, seed=3)
+        out = await generate(c, **THE, constraint={"choice": ["yes", "no"]}, seed=3)
         assert out["generated_text"] in ("yes", "no") and out["finish_reason"] == "stop"
         assert out["constraint"] == {"matched": True}
         # One that could go on: "end" is drawn, and texts of several lengths come out.
         lengths = set()
         for seed in range(8):
-            out = await _generate(c, constraint={"regex": "[a-z]+"}, seed=seed)
+            out = await generate(c, **THE, constraint={"regex": "[a-z]+"}, seed=seed)
             assert out["finish_reason"] == "stop" and out["constraint"]["matched"]
             assert re.fullmatch("[a-z]+", out["generated_text"])
             lengths.add(len(out["generated_text"]))
         assert len(lengths) > 1
         # max_new_chars too short.
-        out = await _generate(c, constraint={"regex": NAME}, max_new_chars=3, seed=1)
+        out = await generate(c, prime="The ", constraint={"regex": NAME}, max_new_chars=3, seed=1)
         assert out["finish_reason"] == "length" and out["constraint"] == {"matched": False}
         assert len(out["generated_text"]) == 3
         # A stop string inside the constraint: matched is of the text without it.
-        out = await _generate(c, constraint={"choice": ["yes!", "no!"]}, stop=["!"], seed=3)
+        out = await generate(c, **THE, constraint={"choice": ["yes!", "no!"]}, stop=["!"], seed=3)
         assert out["generated_text"] in ("yes", "no") and out["finish_reason"] == "stop"
         assert out["constraint"] == {"matched": False}
-        out = await _generate(c, constraint={"regex": WORDS}, stop=[" "], seed=2)
+        out = await generate(c, **THE, constraint={"regex": WORDS}, stop=[" "], seed=2)
         assert re.fullmatch("[a-z]+", out["generated_text"]) and out["finish_reason"] == "stop"
         assert out["constraint"] == {"matched": True}
         # Unconstrained: no constraint field.
-        assert "constraint" not in await _generate(c, max_new_chars=5)
+        assert "constraint" not in await generate(c, prime="The ", max_new_chars=5)
 
     run(structured_checkpoint, test)
 
@@ -198,7 +192,7 @@ def test_the_service_gives_the_reference_loops_text(structured_checkpoint):
     async def test(c: Client) -> None:
         for spec in specs:
             for seed in range(6):
-                out = await _generate(c, constraint=spec, seed=seed)
+                out = await generate(c, **THE, constraint=spec, seed=seed)
                 ref = _reference(structured_checkpoint, spec, seed)
                 assert out["generated_text"] == ref.text, (spec, seed)
                 assert out["constraint"]["matched"] == ref.matched
@@ -209,11 +203,10 @@ def test_the_service_gives_the_reference_loops_text(structured_checkpoint):
 
 def test_the_done_event_says_whether_it_matched(structured_checkpoint):
     async def test(c: Client) -> None:
-        params = {"prime": "The ", "seed": 5, "constraint": json.dumps({"regex": NAME})}
-        async with aconnect_sse(c, "GET", "/generate/stream", params=params) as es:
-            events = [(s.event, json.loads(s.data)) async for s in es.aiter_sse()]
-        text = "".join(d["text"] for e, d in events if e == "token")
-        kind, done = events[-1]
+        constraint = json.dumps({"regex": NAME})
+        got = await events(c, "GET", prime="The ", seed=5, constraint=constraint)
+        text = "".join(d["text"] for e, d in got if e == "token")
+        kind, done = got[-1]
         assert kind == "done" and done["generated_text"] == text
         assert done["constraint"] == {"matched": True} and re.fullmatch(NAME, text)
 
@@ -248,14 +241,7 @@ def _check_kinds(url: str) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_each_kind_matches_on_a_real_server(tmp_path, structured_checkpoint):
-    with run_server(tmp_path, f"json={structured_checkpoint}") as s:
-        _check_kinds(s.url)
-
-
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_a_request_gives_its_text_alone_and_among_64_others(tmp_path, structured_checkpoint):
+def test_a_request_gives_its_text_alone_and_among_64_others(server):
     """Constrained and free requests together: each one's text equals its text alone."""
     specs = [{"regex": NAME}, None, {"json_schema": PERSON}, None, {"regex": "[a-z]+"}]
     bodies = [
@@ -276,13 +262,12 @@ def test_a_request_gives_its_text_alone_and_among_64_others(tmp_path, structured
         assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
         return [r.json() for r in rs]
 
-    with run_server(tmp_path, f"json={structured_checkpoint}", max_concurrent=80) as s:
-        together = asyncio.run(all_at_once(s.url))
-        with httpx.Client(base_url=s.url, timeout=60) as c:
-            for body, out in zip(bodies[:12], together[:12], strict=True):
-                alone = c.post("/generate", json=body).json()
-                assert alone["generated_text"] == out["generated_text"], body
-                assert alone.get("constraint") == out.get("constraint")
+    together = asyncio.run(all_at_once(server.url))
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for body, out in zip(bodies[:12], together[:12], strict=True):
+            alone = c.post("/generate", json=body).json()
+            assert alone["generated_text"] == out["generated_text"], body
+            assert alone.get("constraint") == out.get("constraint")
     for body, out in zip(bodies, together, strict=True):
         if body["constraint"] is None:
             assert "constraint" not in out
@@ -292,90 +277,87 @@ def test_a_request_gives_its_text_alone_and_among_64_others(tmp_path, structured
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_bad_input_never_stops_a_real_server(tmp_path, structured_checkpoint):
-    with run_server(tmp_path, f"json={structured_checkpoint}", max_body_bytes=1 << 20) as s:
-        with httpx.Client(base_url=s.url, timeout=30) as c:
-            for spec, message in BAD:
-                start = time.perf_counter()
-                body = _body({"prime": "The ", "constraint": spec})
-                r = c.post("/generate", content=body, headers=JSON)
-                assert r.status_code == 422, r.text
-                assert re.search(message, r.json()["detail"][0]["msg"], re.S), r.text
-                assert time.perf_counter() - start < 3.0
-                params = {"prime": "The ", "constraint": _body(spec)}
-                if len(params["constraint"]) < 4000:  # a URL's length
-                    assert c.get("/generate/stream", params=params).status_code == 422
-                r = c.post(
-                    "/v1/completions",
-                    json={"prompt": "The ", "structured_outputs": {"regex": "[a-"}},
-                )
-                assert r.status_code == 400
-            assert c.get("/ready").status_code == 200
-        _check_kinds(s.url)
+def test_bad_input_never_stops_a_real_server_and_each_kind_matches(server):
+    """Every bad constraint answered, on every route, and then each kind still matches."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for spec, message in BAD:
+            start = time.perf_counter()
+            body = _body({"prime": "The ", "constraint": spec})
+            r = c.post("/generate", content=body, headers=JSON)
+            assert r.status_code == 422, r.text
+            assert re.search(message, r.json()["detail"][0]["msg"], re.S), r.text
+            assert time.perf_counter() - start < 3.0
+            params = {"prime": "The ", "constraint": _body(spec)}
+            if len(params["constraint"]) < 4000:  # a URL's length
+                assert c.get("/generate/stream", params=params).status_code == 422
+            r = c.post(
+                "/v1/completions",
+                json={"prompt": "The ", "structured_outputs": {"regex": "[a-"}},
+            )
+            assert r.status_code == 400
+        assert c.get("/ready").status_code == 200
+    _check_kinds(server.url)
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_the_openai_sdk_with_response_format_and_structured_outputs(
-    tmp_path, structured_checkpoint
-):
-    with run_server(tmp_path, f"json={structured_checkpoint}") as s:
-        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="-")
-        out = client.completions.create(
-            model="json",
-            prompt="\n",
-            max_tokens=200,
-            seed=1,
-            extra_body={
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "p", "schema": PERSON},
-                }
-            },
-        )
-        jsonschema.validate(json.loads(out.choices[0].text), PERSON)
-        assert out.choices[0].finish_reason == "stop"
-        out = client.completions.create(
+def test_the_openai_sdk_with_response_format_and_structured_outputs(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-")
+    out = client.completions.create(
+        model="json",
+        prompt="\n",
+        max_tokens=200,
+        seed=1,
+        extra_body={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": PERSON},
+            }
+        },
+    )
+    jsonschema.validate(json.loads(out.choices[0].text), PERSON)
+    assert out.choices[0].finish_reason == "stop"
+    out = client.completions.create(
+        model="json",
+        prompt="The ",
+        max_tokens=50,
+        seed=2,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+    )
+    assert out.choices[0].text in ("yes", "no") and out.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.completions.create(
             model="json",
             prompt="The ",
             max_tokens=50,
-            seed=2,
-            extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
-        )
-        assert out.choices[0].text in ("yes", "no") and out.choices[0].finish_reason == "stop"
-        chunks = list(
-            client.completions.create(
-                model="json",
-                prompt="The ",
-                max_tokens=50,
-                seed=3,
-                stream=True,
-                extra_body={"structured_outputs": {"regex": NAME}},
-            )
-        )
-        text = "".join(c.choices[0].text for c in chunks if c.choices)
-        assert re.fullmatch(NAME, text)
-        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-        stream = client.completions.create(
-            model="json",
-            prompt="\n",
-            max_tokens=200,
-            seed=4,
+            seed=3,
             stream=True,
-            extra_body={"response_format": {"type": "json_object"}},
+            extra_body={"structured_outputs": {"regex": NAME}},
         )
-        chunks = [c for c in stream if c.choices]
-        text = "".join(c.choices[0].text for c in chunks)
-        if chunks[-1].choices[0].finish_reason == "stop":
-            assert isinstance(json.loads(text), dict)
-        else:  # any object may run past max_tokens: still a start of one
-            assert text.startswith("{") and len(text) == 200
-        with pytest.raises(openai.BadRequestError, match="structured_outputs"):
-            client.completions.create(
-                model="json",
-                prompt="The ",
-                extra_body={
-                    "response_format": {"type": "json_object"},
-                    "structured_outputs": {"regex": "a"},
-                },
-            )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert re.fullmatch(NAME, text)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    stream = client.completions.create(
+        model="json",
+        prompt="\n",
+        max_tokens=200,
+        seed=4,
+        stream=True,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    chunks = [c for c in stream if c.choices]
+    text = "".join(c.choices[0].text for c in chunks)
+    if chunks[-1].choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # any object may run past max_tokens: still a start of one
+        assert text.startswith("{") and len(text) == 200
+    with pytest.raises(openai.BadRequestError, match="structured_outputs"):
+        client.completions.create(
+            model="json",
+            prompt="The ",
+            extra_body={
+                "response_format": {"type": "json_object"},
+                "structured_outputs": {"regex": "a"},
+            },
+        )

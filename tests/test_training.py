@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,27 +13,11 @@ import torch
 
 from bench.notebook import get_batches as notebook_get_batches
 from charrnn import Vocabulary, load_checkpoint
-from tests.conftest import tiny_fit_args
+from tests.conftest import StopAfter, tiny_cfg, tiny_fit_args
 from training.__main__ import main
-from training.config import FitConfig
 from training.data import encode, make_batches
-from training.fit import StopFlag, fit
+from training.fit import fit
 from training.outputs import curve_path, last_path, metrics_path
-
-TINY = {
-    "hidden": 32,
-    "layers": 2,
-    "embed": 8,
-    "dropout": 0.1,
-    "batch_size": 8,
-    "seq_len": 25,
-    "threads": 1,
-    "progress": False,
-}
-
-
-def tiny_cfg(data: Path, out: Path, **overrides) -> FitConfig:
-    return FitConfig(data=data, out=out, **{**TINY, "epochs": 3, **overrides})
 
 
 def test_batches_are_shifted_streams_like_the_notebook(corpus_text):
@@ -89,23 +72,6 @@ def test_short_fit_lowers_validation_nll_and_writes_outputs(corpus_file, tmp_pat
     # Mixed precision changes the arithmetic, not what is stored.
     assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
     assert load_checkpoint(last_path(out)).extra["resume"]["progress"]["epoch"] == 4
-
-
-class StopAfter(StopFlag):
-    """Acts as if SIGINT arrived once the loop has checked ``n`` times (after n steps)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.checks, self.n = 0, n
-
-    @property
-    def signum(self):  # type: ignore[override]
-        self.checks += 1
-        return signal.SIGINT if self.checks >= self.n else None
-
-    @signum.setter
-    def signum(self, _value):
-        pass
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from charrnn import Vocabulary, load_checkpoint
-from tests.conftest import make_text, tiny_fit_args, tiny_model
-from tests.test_training import StopAfter, tiny_cfg
+from tests.conftest import StopAfter, make_text, tiny_cfg, tiny_fit_args, tiny_model
 from training.__main__ import main
 from training.config import AWD_FROM_EPOCHS, AWD_RECIPE, FitConfig
 from training.data import encode

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from charrnn import CharRNN, ModelConfig, Vocabulary, load_checkpoint
-from tests.conftest import make_text
-from tests.test_training import StopAfter, tiny_cfg
+from tests.conftest import StopAfter, make_text, tiny_cfg
 from training import regularize
 from training.__main__ import main
 from training.evaluate import Window, utf8_bytes

@@ -83,7 +83,7 @@ def test_native_sampler_agrees_with_sample_next_at_8000_characters():
 
     from charrnn import native
     from charrnn.sampling import sample_next
-    from tests.test_sampling import _reference_interval
+    from tests.conftest import reference_interval
 
     if not native.load():
         pytest.skip("the native kernels are not available here (no C++ compiler)")
@@ -103,4 +103,4 @@ def test_native_sampler_agrees_with_sample_next_at_8000_characters():
     for i in differ:
         for ids in (want, got):
             row = (logits[i], temperature[i], top_k[i], top_p[i], u[i], ids[i])
-            assert _reference_interval(*row) < 1e-5
+            assert reference_interval(*row) < 1e-5
