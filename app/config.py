@@ -19,7 +19,11 @@ def _csv(value: str) -> list[str]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHARRNN_", extra="ignore")
+    # Variables win over the file named by CHARRNN_ENV_FILE (a mounted ConfigMap, say), which
+    # SIGHUP reads again.
+    model_config = SettingsConfigDict(
+        env_prefix="CHARRNN_", extra="ignore", env_file=os.environ.get("CHARRNN_ENV_FILE")
+    )
 
     models: str = Field(
         "alice=models/alice.pt",
@@ -70,6 +74,14 @@ class Settings(BaseSettings):
         "compiled constraints are cached",
     )
     api_keys: str = Field("", description="comma-separated bearer keys; empty = no auth")
+    admin_keys: str = Field(
+        "",
+        description="comma-separated bearer keys of the /admin routes (load, swap, unload "
+        "models at run time); empty: the routes do not exist",
+    )
+    model_dir: str = Field(
+        "models", description="the folder the /admin routes load checkpoints from"
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS")
     threads: int = Field(
         default_factory=lambda: max(1, (os.cpu_count() or 2) // 2),
@@ -115,6 +127,10 @@ class Settings(BaseSettings):
     @cached_property
     def api_key_list(self) -> list[str]:
         return _csv(self.api_keys)
+
+    @cached_property
+    def admin_key_list(self) -> list[str]:
+        return _csv(self.admin_keys)
 
     @cached_property
     def cors_origin_list(self) -> list[str]:

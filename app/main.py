@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -24,7 +25,7 @@ from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.config import Settings
 from app.engine import Engine
 from app.metrics import Metrics
-from app.routes import native, openai, ops, scoring
+from app.routes import admin, native, openai, ops, scoring
 from charrnn.checkpoint import Checkpoint
 
 log = logging.getLogger("charrnn")
@@ -58,13 +59,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.begin_shutdown = lambda: asyncio.ensure_future(
         engine.drain(settings.shutdown_grace_s)
     )
+    reloads = _reload_on_sighup(engine)
     try:
         yield
     finally:
+        reloads()
         if not warm.done():
             warm.cancel()
         await engine.drain(0 if engine.closing else settings.shutdown_grace_s)
         await engine.close()
+
+
+def _reload_on_sighup(engine: Engine) -> Callable[[], None]:
+    """``SIGHUP`` (a Kubernetes ConfigMap change, ``docker kill -s HUP``) re-reads
+    ``CHARRNN_MODELS`` (the environment, then ``CHARRNN_ENV_FILE``) and applies the
+    difference: new names load, changed paths swap, names gone unload, all without dropping
+    a request. Returns what removes the handler."""
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers belong to the main thread (tests run elsewhere)
+
+    async def reload() -> None:
+        try:
+            changes = await engine.reload(Settings().model_paths)
+        except Exception as exc:  # a bad checkpoint or setting: the models served stay
+            log.error("SIGHUP: models not reloaded: %s", exc)
+            return
+        log.info("SIGHUP: %s", "; ".join(changes) or "no change to the models")
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 def _stop_if_failed(app: FastAPI, warm: asyncio.Task[None]) -> None:
@@ -98,6 +122,8 @@ def create_app(
     app.include_router(scoring.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    if settings.admin_key_list:
+        app.include_router(admin.router)
     app.mount("/static", StaticFiles(packages=[("app", "static")]), name="static")
     if settings.cors_origin_list:
         app.add_middleware(

@@ -398,6 +398,19 @@ class Info(BaseModel):
 # -- OpenAI-compatible ----------------------------------------------------------------------
 
 
+class LoadModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    path: str = Field(min_length=1, description="a checkpoint in the server's model folder")
+
+
+class SwapModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="a checkpoint in the server's model folder")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 

@@ -263,6 +263,7 @@ async def served(checkpoint: Path, **settings: object) -> AsyncIterator[Client]:
             await asyncio.sleep(0.01)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            client.app = app  # type: ignore[attr-defined]  # for tests that look inside
             yield client
 
 

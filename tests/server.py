@@ -71,7 +71,6 @@ def run_server(
     env = {
         **os.environ,
         **(env or {}),
-        "CHARRNN_MODELS": models,
         "CHARRNN_PORT": str(port),
         "CHARRNN_HOST": "127.0.0.1",
         "CHARRNN_THREADS": "1",
@@ -80,6 +79,10 @@ def run_server(
         "PYTHONUNBUFFERED": "1",
     }
     env.update({f"CHARRNN_{k.upper()}": str(v) for k, v in settings.items()})
+    if models:  # else they come from the file CHARRNN_ENV_FILE names
+        env["CHARRNN_MODELS"] = models
+    else:
+        env.pop("CHARRNN_MODELS", None)
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(

@@ -14,8 +14,8 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from app.engine.request import Done
+from tests.conftest import run
 from tests.fakes import FakeRunner, make_gen, make_loop
-from tests.test_routes import run
 
 
 def _finals(results: list) -> dict[int, Done]:

@@ -11,7 +11,7 @@ from httpx_sse import aconnect_sse
 
 from charrnn import Vocabulary
 from charrnn.lookalikes import fit
-from tests.test_routes import run
+from tests.conftest import run
 
 CURLY = Vocabulary.from_text("abcdefghijklmnopqrstuvwxyz .,\u2018\u2019\u201c\u201d-\n")
 STRAIGHT = Vocabulary.from_text("abcdefghijklmnopqrstuvwxyz .,'\"-\n")

@@ -1,4 +1,4 @@
-"""Optional bearer-key authentication for the generation routes."""
+"""Optional bearer-key authentication: the generation routes' keys, and the admin routes'."""
 
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ from fastapi import HTTPException, Request
 
 async def check_api_key(request: Request) -> None:
     """FastAPI dependency (async: see app/api/deps.py): 401 unless ``Authorization: Bearer <key>``
-    names a configured key.
-
-    Every key is compared in constant time, and all of them are compared, so the time taken
-    says nothing about which key or how much of it matched. Keys are never logged."""
+    names a configured key (none configured: open)."""
     keys: list[str] = request.app.state.settings.api_key_list
-    if not keys:
-        return
+    if keys:
+        _check(request, keys, "API key")
+
+
+async def check_admin_key(request: Request) -> None:
+    """401 unless ``Authorization: Bearer <key>`` names an admin key (``CHARRNN_ADMIN_KEYS``;
+    without any, the admin routes are not mounted at all)."""
+    _check(request, request.app.state.settings.admin_key_list, "admin key")
+
+
+def _check(request: Request, keys: list[str], what: str) -> None:
+    """Every key is compared in constant time, and all of them are compared, so the time
+    taken says nothing about which key or how much of it matched. Keys are never logged."""
     scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
     supplied_b = supplied.strip().encode("utf-8", "surrogateescape")
     ok = False
@@ -24,6 +32,6 @@ async def check_api_key(request: Request) -> None:
     if scheme.lower() != "bearer" or not ok:
         raise HTTPException(
             401,
-            "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+            f"missing or invalid {what}: send the header 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
