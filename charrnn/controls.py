@@ -389,7 +389,7 @@ class ControlsBatch:
         window = c.penalty_last_n if flags & PENALTIES else 0
         dry_window = c.dry_penalty_last_n if dry else 0
         keep = max(window, dry_window)
-        tail = prime[len(prime) - keep :] if keep else []
+        tail = prime[max(0, len(prime) - keep) :] if keep else []
         history = torch.zeros(1, 2 * keep, dtype=torch.int32)
         history[0, : len(tail)] = torch.tensor(tail, dtype=torch.int32)
         matches = torch.zeros(1, 2 * keep, dtype=torch.int32)
@@ -397,7 +397,7 @@ class ControlsBatch:
             matches[0, : len(tail)] = torch.tensor(_suffix_matches(tail), dtype=torch.int32)
         counts = torch.zeros(1, vocab_size, dtype=torch.int32)
         if window:
-            seen = torch.tensor(prime[len(prime) - window :], dtype=torch.int64)
+            seen = torch.tensor(prime[max(0, len(prime) - window) :], dtype=torch.int64)
             counts[0] = torch.bincount(seen, minlength=vocab_size).to(torch.int32)
         # A breaker or banned string that began in the prime may end in the text: the
         # automata start where the prime's tail leaves them.

@@ -132,6 +132,10 @@ def test_the_penalty_window_moves_with_the_generated_text():
     rows.record([4])  # "abc"
     rows.record([4])  # "bcc": "a" left the window
     assert rows.counts[0].tolist() == [0, 0, 0, 1, 2, 0, 0]
+    # A prime shorter than the window counts whole.
+    whole = _row("aabbbcc", frequency_penalty=1.0, penalty_last_n=10)
+    assert whole.counts[0].tolist() == [0, 0, 2, 3, 2, 0, 0]
+    assert whole.history[0, :7].tolist() == ENCODE("aabbbcc")
 
 
 def _dry(prime: str, **kwargs) -> ControlsBatch:
@@ -189,6 +193,50 @@ def test_dry_keeps_long_repeats_finite(sample):
     want[2] = -math.inf
     # (Fewer draws: the reference finds the 298-long repeat again for each.)
     _close(_frequencies(sample, LOGITS, rows, n=1500), _softmax(want), atol=0.04)
+
+
+def _llama_dry(text: list[int], singles: set[int], allowed: int, last_n: int) -> dict[int, int]:
+    """llama.cpp's DRY (llama_sampler_dry_apply) with one-character breakers, directly: the
+    repeat limit is the distance to the nearest breaker in the window."""
+    w = text[-last_n:]
+    n = len(w)
+    limit = next((i for i in range(n) if w[n - 1 - i] in singles), n)
+    out: dict[int, int] = {}
+    for end in range(n - 1):
+        length = 0
+        while length <= end and w[end - length] == w[n - 1 - length]:
+            length += 1
+        length = min(length, limit)
+        if length >= allowed and w[end + 1] not in singles:
+            out[w[end + 1]] = max(out.get(w[end + 1], 0), length)
+    return out
+
+
+def test_dry_follows_llama_cpp_as_the_text_grows():
+    """The state ``record`` keeps (history, matches, the breakers' automaton) gives llama.cpp's
+    repeats at every step, whatever the window and however often the history is compacted."""
+    rng = random.Random(9)
+    for trial in range(30):
+        breakers = rng.choice([("\n",), (" ", "a"), ()])
+        allowed, last_n = rng.choice([1, 2, 3]), rng.choice([4, 9, 30])
+        text = [rng.choice([0, 1, 2, 2, 3, 3]) for _ in range(rng.randrange(0, 20))]
+        rows = ControlsBatch.of(
+            Controls(
+                dry_multiplier=1.0,
+                dry_allowed_length=allowed,
+                dry_penalty_last_n=last_n,
+                dry_sequence_breakers=breakers,
+            ),
+            V,
+            text,
+            ENCODE,
+        )
+        singles = {ENCODE(b)[0] for b in breakers}
+        for _ in range(60):
+            assert rows.repeats(0) == _llama_dry(text, singles, allowed, last_n), trial
+            c = rng.choice([0, 1, 2, 2, 3, 3])
+            rows.record([c])
+            text.append(c)
 
 
 def test_suffix_matches_are_the_longest_common_suffixes():
