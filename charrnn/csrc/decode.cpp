@@ -112,10 +112,6 @@ struct Ranked {
   }
 };
 
-// One row of sample_next, step by step in its order and precision: softmax of (logits - max) / T
-// in float32; a stable descending sort; the top-k and nucleus masks on the sorted probabilities;
-// cumulative sums accumulated in double and rounded to float32 (as ATen's CPU cumsum does);
-// the first character whose cumulative mass exceeds u times the kept mass.
 // p = softmax((logits - max) / T), as sample_next: greedy where logits / T would overflow.
 void softmax_row(const float* logits, int64_t vocab, float temperature, float* p) {
   float top = -std::numeric_limits<float>::infinity();
@@ -139,6 +135,10 @@ void rank_keys(const float* p, int64_t vocab, uint64_t* keys) {
   }
 }
 
+// One row of sample_next, step by step in its order and precision: softmax of (logits - max) / T
+// in float32; a stable descending sort; the top-k and nucleus masks on the sorted probabilities;
+// cumulative sums accumulated in double and rounded to float32 (as ATen's CPU cumsum does);
+// the first character whose cumulative mass exceeds u times the kept mass.
 int64_t sample_row(const float* logits, int64_t vocab, float temperature, int64_t top_k,
                    float top_p, double u, Scratch& s) {
   float* p = s.probs.data();
@@ -225,8 +225,12 @@ int64_t sample_masked_row(const float* logits, int64_t vocab, const int32_t* wor
 
 // The columns of a ControlsBatch's tensors and of its automata's nodes: charrnn/controls.py
 // names the same numbers.
-enum Param { kRepetition, kPresence, kFrequency, kDryMultiplier, kDryBase, kTypicalP, kMinP, kParams };
-enum Limit { kFlags, kPenaltyLastN, kDryLastN, kDryAllowed, kCapacity, kBreakerBase, kBanBase, kLimits };
+enum Param {
+  kRepetition, kPresence, kFrequency, kDryMultiplier, kDryBase, kTypicalP, kMinP, kParams
+};
+enum Limit {
+  kFlags, kPenaltyLastN, kDryLastN, kDryAllowed, kCapacity, kBreakerBase, kBanBase, kLimits
+};
 enum Cursor { kLength, kSince, kBreakerState, kBanState, kCursors };
 enum Node { kEdgeBegin, kEdgeEnd, kFail, kDoneBegin, kDoneEnd, kEnds, kNodeColumns };
 enum Flag : int64_t { kBias = 1, kPenalties = 2, kDry = 4, kBans = 8, kShape = 16 };
@@ -370,7 +374,8 @@ void dry_row(const Controls& cs, int64_t b, float* y, Scratch& s) {
     repeat[c] = std::max(repeat[c], static_cast<int32_t>(n));
   }
   const int32_t *single = nullptr, *singles_end = nullptr;  // the one-character breakers
-  if (lim[kBreakerBase] >= 0) std::tie(single, singles_end) = cs.machine(lim[kBreakerBase]).done_after(0);
+  if (lim[kBreakerBase] >= 0)
+    std::tie(single, singles_end) = cs.machine(lim[kBreakerBase]).done_after(0);
   const double multiplier = cs.param(b)[kDryMultiplier], base = cs.param(b)[kDryBase];
   const int64_t top = static_cast<int64_t>(kDryMaxLog / std::log(base));
   for (const int32_t c : s.touched) {
