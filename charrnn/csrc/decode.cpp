@@ -366,9 +366,11 @@ void dry_row(const Controls& cs, int64_t b, float* y, Scratch& s) {
   const int32_t* m = cs.matches + b * cs.width;
   int32_t* repeat = s.repeat.data();
   s.touched.clear();
-  for (int64_t j = start; j + 1 < len; ++j) {
+  // (A repeat ending at j is at most j - start + 1 long: the scan starts where that reaches
+  // allowed, and looks further only where matches[j] does.)
+  for (int64_t j = start + allowed - 1; j + 1 < len; ++j) {
+    if (m[j] < allowed) continue;
     const int64_t n = std::min({static_cast<int64_t>(m[j]), j - start + 1, since});
-    if (n < allowed) continue;
     const int32_t c = h[j + 1];
     if (repeat[c] == 0) s.touched.push_back(c);
     repeat[c] = std::max(repeat[c], static_cast<int32_t>(n));
@@ -514,7 +516,12 @@ void push(const Controls& cs, int64_t b, int32_t c, int64_t flags) {
   if (flags & kDry) {
     // A match at i goes on where the character at i is c, from the one at i - 1.
     const int64_t lo = std::max<int64_t>(0, n + 1 - lim[kDryLastN]);
-    for (int64_t i = n - 1; i >= lo; --i) m[i] = h[i] == c ? (i > 0 ? m[i - 1] : 0) + 1 : 0;
+    int32_t before = lo > 0 ? m[lo - 1] : 0;  // the old match at i - 1
+    for (int64_t i = lo; i < n; ++i) {
+      const int32_t old = m[i];
+      m[i] = h[i] == c ? before + 1 : 0;
+      before = old;
+    }
   }
   m[n] = 0;
   h[n] = c;
