@@ -388,20 +388,26 @@ def _same_state(a: ControlsBatch, b: ControlsBatch) -> bool:
 def test_native_sampler_agrees_with_the_reference_and_moves_the_state_as_record():
     """Hundreds of rows with every kind of control, step after step: the same ids (but where
     a draw lies within float rounding of an edge, as without controls) and the same state
-    after the native op as after ``ControlsBatch.record``."""
+    after the native op as after ``ControlsBatch.record``. Every other step through a mask
+    that forbids characters in a third of the rows."""
     batch = _random_batch(random.Random(0), 300)
     g = torch.Generator().manual_seed(1)
-    n, differ = len(batch), 0
-    for _ in range(25):
+    n, differ, ended = len(batch), 0, 0
+    for step in range(24):
         logits = torch.randn(n, V, generator=g) * 3
         t = torch.rand(n, generator=g) + 0.3
         k = torch.randint(1, V + 2, (n,), generator=g)
         p = torch.rand(n, generator=g) * 0.9 + 0.1
         p[::3] = 1.0
         u = torch.rand(n, generator=g, dtype=torch.float64)
+        mask = None
+        if step % 2:
+            allowed = torch.rand(n, V + 1, generator=g) < 0.7
+            allowed[n // 3 :] = True
+            mask = _pack(allowed)
         copy = batch.select(range(n))
-        want = sample_next(logits, t, k, p, u, controls=batch)
-        got = _native(logits, t, k, p, u, None, copy)
+        want = sample_next(logits, t, k, p, u, mask, batch)
+        got = _native(logits, t, k, p, u, mask, copy)
         rows = (want != got).nonzero().flatten().tolist()
         for i in rows:
             # At an edge: a hair either way of the draw gives each of the two.
@@ -409,17 +415,22 @@ def test_native_sampler_agrees_with_the_reference_and_moves_the_state_as_record(
             near = {
                 int(
                     sample_next(
-                        *row, (u[i : i + 1] + d).clamp(0, 1 - 2**-53), None, batch.select([i])
+                        *row,
+                        (u[i : i + 1] + d).clamp(0, 1 - 2**-53),
+                        None if mask is None else mask[i : i + 1],
+                        batch.select([i]),
                     )
                 )
                 for d in (-1e-5, 1e-5)
             }
             assert near == {int(want[i]), int(got[i])}
         batch.record(want)
+        ended += int((want == V).sum())
         same = [b for b in range(n) if b not in rows]
         assert _same_state(batch.select(same), copy.select(same))
         differ += len(rows)
     assert differ <= 2
+    assert ended > 100  # "end" came up: masked rows, and rows whose bans left nothing
 
 
 def test_rows_sample_alike_alone_and_in_a_mixed_batch(sample):
