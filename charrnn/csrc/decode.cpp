@@ -366,14 +366,21 @@ void dry_row(const Controls& cs, int64_t b, float* y, Scratch& s) {
   const int32_t* m = cs.matches + b * cs.width;
   int32_t* repeat = s.repeat.data();
   s.touched.clear();
-  // (A repeat ending at j is at most j - start + 1 long: the scan starts where that reaches
-  // allowed, and looks further only where matches[j] does.)
-  for (int64_t j = start + allowed - 1; j + 1 < len; ++j) {
-    if (m[j] < allowed) continue;
-    const int64_t n = std::min({static_cast<int64_t>(m[j]), j - start + 1, since});
-    const int32_t c = h[j + 1];
-    if (repeat[c] == 0) s.touched.push_back(c);
-    repeat[c] = std::max(repeat[c], static_cast<int32_t>(n));
+  // A repeat ending at j is at most j - start + 1 long: the scan starts where that reaches
+  // allowed, and looks closer only at blocks where some matches[j] does (most have none).
+  constexpr int64_t kBlock = 64;
+  for (int64_t from = start + allowed - 1; from + 1 < len; from += kBlock) {
+    const int64_t to = std::min(from + kBlock, len - 1);
+    int32_t most = 0;
+    for (int64_t j = from; j < to; ++j) most = std::max(most, m[j]);
+    if (most < allowed) continue;
+    for (int64_t j = from; j < to; ++j) {
+      if (m[j] < allowed) continue;
+      const int64_t n = std::min({static_cast<int64_t>(m[j]), j - start + 1, since});
+      const int32_t c = h[j + 1];
+      if (repeat[c] == 0) s.touched.push_back(c);
+      repeat[c] = std::max(repeat[c], static_cast<int32_t>(n));
+    }
   }
   const int32_t *single = nullptr, *singles_end = nullptr;  // the one-character breakers
   if (lim[kBreakerBase] >= 0)
@@ -515,13 +522,11 @@ void push(const Controls& cs, int64_t b, int32_t c, int64_t flags) {
   }
   if (flags & kDry) {
     // A match at i goes on where the character at i is c, from the one at i - 1.
+    // (Downwards, each i reads m[i - 1] before it is written: the compiler vectorises it.)
     const int64_t lo = std::max<int64_t>(0, n + 1 - lim[kDryLastN]);
-    int32_t before = lo > 0 ? m[lo - 1] : 0;  // the old match at i - 1
-    for (int64_t i = lo; i < n; ++i) {
-      const int32_t old = m[i];
-      m[i] = h[i] == c ? before + 1 : 0;
-      before = old;
-    }
+    for (int64_t i = n - 1; i >= std::max<int64_t>(lo, 1); --i)
+      m[i] = h[i] == c ? m[i - 1] + 1 : 0;
+    if (lo == 0 && n > 0) m[0] = h[0] == c ? 1 : 0;
   }
   m[n] = 0;
   h[n] = c;
