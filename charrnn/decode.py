@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from charrnn import kernels, native
+from charrnn.controls import ControlsBatch
 from charrnn.model import CharRNN, State
 from charrnn.quantization import Precision, quantize
-from charrnn.sampling import Sampler, SamplingBatch, sampler
+from charrnn.sampling import Sampler, SamplingBatch, sample_next, sampler
 
 # How the step runs: the C++ LSTM kernels (native), or charrnn/kernels.py op by op (eager;
 # CUDA replays those from graphs).
@@ -181,7 +182,7 @@ class StepDecoder:
             self._recurrence = kernels.lstm_prime if lstm else kernels.gru_recurrence
             self.kernels = "eager"
         # Sampling from the step's logits, native under the same setting.
-        self.sample = sampler(device, native_kernels)
+        self._sample = sampler(device, native_kernels)
         self.batch_invariant, self.invariance = self._invariance(cfg.hidden, device)
 
     def _invariance(self, hidden: int, device: torch.device) -> tuple[bool, str]:
@@ -203,6 +204,27 @@ class StepDecoder:
             "do not have this limit"
         )
 
+    def sample(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        u: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        controls: ControlsBatch | None = None,
+    ) -> torch.Tensor:
+        """``charrnn.sampling.sample_next``, native where this decoder's step is. With
+        ``controls`` the rows draw through them and their state moves on by the ids drawn
+        (natively inside the op; otherwise the reference, then ``controls.record``)."""
+        if controls is None:
+            return self._sample(logits, temperature, top_k, top_p, u, mask)
+        if self._sample is sample_next:
+            ids = sample_next(logits, temperature, top_k, top_p, u, mask, controls)
+            controls.record(ids)
+            return ids
+        return self._sample(logits, temperature, top_k, top_p, u, mask, controls.tensors)
+
     @property
     def multi_step(self) -> bool:
         """Whether ``decode`` can sample and step many characters in one call."""
@@ -220,6 +242,7 @@ class StepDecoder:
         steps: int,
         seen: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        controls: ControlsBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """``steps`` characters per row in one native call (``multi_step`` decoders): sample
         each from the logits as ``charrnn.sampling.sample_next`` does, with the uniform of
@@ -230,7 +253,10 @@ class StepDecoder:
         the logits each character was sampled from are written into it (for logprobs). With
         ``mask`` (``charrnn.sampling.sample_next``'s: [B, W] for every step, or [steps, B, W]),
         the rows draw through it and one that draws "end" (id V) has the network read
-        character 0. In inference mode, like ``step``."""
+        character 0. With ``controls`` the rows draw through them and their state moves on
+        after every draw, as one ``sample`` per step moves it; a row whose banned strings
+        leave nothing draws "end" (id V) and reads character 0. In inference mode, like
+        ``step``."""
         ids, logits, h, c = self._decode(
             logits,
             state[0],
@@ -244,6 +270,7 @@ class StepDecoder:
             steps,
             seen,
             mask,
+            None if controls is None else controls.tensors,
         )
         return ids, logits, (h, c)
 
@@ -256,6 +283,7 @@ class StepDecoder:
         steps: int,
         seen: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        controls: ControlsBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """``decode`` for a batch's ``SamplingBatch`` and its rows' ``positions`` [B]
         (characters generated so far)."""
@@ -268,6 +296,7 @@ class StepDecoder:
             steps,
             seen,
             mask,
+            controls,
         )
 
     def sample_and_step(
@@ -277,12 +306,18 @@ class StepDecoder:
         sampling: SamplingBatch,
         u: torch.Tensor,
         sample: Sampler | None = None,
+        controls: ControlsBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """One character per row, one call at a time: sample it from ``logits`` with the
-        uniforms ``u`` [B] (with ``sample``, else this decoder's sampler), then step the
-        network on it. Returns ids [B], logits, state."""
-        ids = (sample or self.sample)(logits, *sampling.filters, u)
-        logits, state = self.step(ids, state)
+        uniforms ``u`` [B] (with ``sample``, else this decoder's sampler; with ``controls``,
+        this decoder's), then step the network on it ("end", id V, reads character 0).
+        Returns ids [B], logits, state."""
+        if controls is None:
+            ids = (sample or self.sample)(logits, *sampling.filters, u)
+            logits, state = self.step(ids, state)
+            return ids, logits, state
+        ids = self.sample(logits, *sampling.filters, u, None, controls)
+        logits, state = self.step(ids.masked_fill(ids == logits.shape[-1], 0), state)
         return ids, logits, state
 
     def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

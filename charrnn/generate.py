@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from charrnn.controls import Controls, ControlsBatch
 from charrnn.decode import StepDecoder
 from charrnn.model import CharRNN, State
 from charrnn.sampling import SamplingBatch, SamplingParams
@@ -34,18 +35,33 @@ def generate(
     length: int,
     params: SamplingParams,
     decoder: StepDecoder | None = None,
+    controls: Controls | None = None,
 ) -> str:
-    """Return ``length`` new characters following ``prime``."""
+    """Return ``length`` new characters following ``prime``; with ``controls``, fewer where
+    its banned strings leave no character to draw (the text ends there)."""
     decoder = decoder or StepDecoder(model)
     device = model.head.weight.device
-    logits, state = run_prime(decoder, vocab.encode(prime))
+    prime_ids = vocab.encode(prime)
+    logits, state = run_prime(decoder, prime_ids)
     sampling = SamplingBatch.of([params], len(vocab), device)
+    rows = None
+    if controls is not None and controls.active:
+        rows = ControlsBatch.of(controls, len(vocab), prime_ids, vocab.encode)
     if decoder.multi_step and length > 0:
-        ids, _, _ = decoder.decode_batch(logits, state, sampling, np.zeros(1, np.uint64), length)
-        return vocab.decode(ids[:, 0].tolist())
+        ids, _, _ = decoder.decode_batch(
+            logits, state, sampling, np.zeros(1, np.uint64), length, controls=rows
+        )
+        return vocab.decode(_until_end(ids[:, 0].tolist(), len(vocab)))
     out: list[int] = []
     for pos in range(length):
         u = sampling.uniforms(np.array([pos], dtype=np.uint64), device)
-        nxt, logits, state = decoder.sample_and_step(logits, state, sampling, u)
+        nxt, logits, state = decoder.sample_and_step(logits, state, sampling, u, controls=rows)
         out.append(int(nxt[0]))
-    return vocab.decode(out)
+        if out[-1] == len(vocab):
+            break
+    return vocab.decode(_until_end(out, len(vocab)))
+
+
+def _until_end(ids: list[int], end: int) -> list[int]:
+    """``ids`` up to the first "end" (id ``end``), which only controls draw."""
+    return ids[: ids.index(end)] if end in ids else ids

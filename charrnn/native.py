@@ -8,7 +8,8 @@ and per position of the prime, and no GIL held. Their int8 matmuls are our own k
 ``CHARRNN_INT8_KERNEL``) on weights packed once at load (``pack_int8``).
 ``decode.cpp`` registers ``torch.ops.charrnn.sample`` (``charrnn.sampling.sample_next`` for one
 row in a microsecond or two) and ``torch.ops.charrnn.lstm_decode``, which samples and steps
-many characters in one call.
+many characters in one call; both take a ``charrnn.controls.ControlsBatch``'s tensors as an
+optional last argument and advance their state in place.
 
 The library is built by torch's own extension builder (a C++ compiler and ``ninja``) once per
 source, torch build, machine and flags, into ``$CHARRNN_NATIVE_DIR`` (default

@@ -7,6 +7,10 @@ Sampling draws one uniform per row and inverts the filtered CDF, all vectorised 
 ``sampler`` picks how it runs: in C++ where the native kernels load (``charrnn/csrc/decode.cpp``,
 a microsecond or two a row), else ``sample_next`` op by op (the reference).
 
+Generation controls (``charrnn.controls``: logit bias, penalties, DRY, banned strings, typical
+and min-p) come as a ``ControlsBatch``, applied in their documented order around the mask and
+the filters; ``sample_next`` only reads their state (``ControlsBatch.record`` advances it).
+
 Structured generation (``charrnn/structured``) passes a mask of the characters that may
 continue a match. It applies before temperature, top-k and top-p: the characters it forbids
 leave the distribution, and their mass, the model's own way of saying "the match may end
@@ -21,10 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from charrnn.controls import ControlsBatch
 
 
 class Sampler(Protocol):
@@ -38,6 +45,7 @@ class Sampler(Protocol):
         top_p: torch.Tensor,
         u: torch.Tensor,
         mask: torch.Tensor | None = None,
+        controls: ControlsBatch | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -155,6 +163,7 @@ def sample_next(
     top_p: torch.Tensor,
     u: torch.Tensor,
     mask: torch.Tensor | None = None,
+    controls: ControlsBatch | None = None,
 ) -> torch.Tensor:
     """Pick one id per row.
 
@@ -164,8 +173,14 @@ def sample_next(
     may continue row b's match, bit V where the match may end; later bits are ignored), an id
     may also be V: "end", drawn with the forbidden characters' mass, or where nothing at all
     may follow (module docstring).
+    With ``controls`` (``charrnn.controls.ControlsBatch``, CPU), each row's controls apply in
+    their order: logit bias, penalties and DRY on the logits; banned strings and the mask;
+    temperature, top-k, typical-p, top-p, min-p. A row whose banned strings forbid every
+    character draws "end" (id V). The controls' state is read, not advanced.
     Plain tensor code: the reference for the native sampler, and what CUDA graphs capture.
     """
+    if controls is not None:
+        return _draw_controlled(logits, temperature, top_k, top_p, u, mask, controls)
     if mask is None:
         return _draw(logits, temperature, top_k, top_p, u)
     return _draw_masked(logits, temperature, top_k, top_p, u, mask)
@@ -177,6 +192,32 @@ def unpack_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
     return ((mask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :n]
 
 
+def _draw_controlled(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor | None,
+    controls: ControlsBatch,
+) -> torch.Tensor:
+    v = logits.shape[-1]
+    # Banned characters leave the row (renormalised away, unlike a mask's: no "end" mass).
+    banned = controls.forbidden().to(logits.device)
+    x = controls.adjusted(logits).masked_fill(banned, float("-inf"))
+    # A row with nothing left ends; it draws from any numbers meanwhile.
+    dead = banned.all(-1)
+    x = x.masked_fill(dead[:, None], 0.0)
+    shape = controls.shape()
+    if shape is not None:
+        shape = (shape[0].to(logits.device), shape[1].to(logits.device))
+    if mask is None:
+        ids = _draw(x, temperature, top_k, top_p, u, shape)
+    else:
+        ids = _draw_masked(x, temperature, top_k, top_p, u, mask, shape)
+    return torch.where(dead, v, ids)
+
+
 def _draw_masked(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -184,6 +225,7 @@ def _draw_masked(
     top_p: torch.Tensor,
     u: torch.Tensor,
     mask: torch.Tensor,
+    shape: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     v = logits.shape[-1]
     allowed = unpack_mask(mask, v + 1)
@@ -197,11 +239,11 @@ def _draw_masked(
     outcomes = torch.cat([x.masked_fill(~chars, ninf), end], -1)
     # Top-k needs no change: a masked row forbids at least one character, whose zero
     # probability sorts last, so "V for no limit" still keeps every outcome with any mass.
-    ids = _draw(outcomes, temperature, top_k, top_p, u)
+    ids = _draw(outcomes, temperature, top_k, top_p, u, shape)
     # Nothing may follow (an incomplete match no character continues): the row ends.
     ids = torch.where((outcomes != ninf).any(-1), ids, v)
     # Rows that forbid nothing sample exactly as without a mask, bit for bit.
-    return torch.where(chars.all(-1), _draw(logits, temperature, top_k, top_p, u), ids)
+    return torch.where(chars.all(-1), _draw(logits, temperature, top_k, top_p, u, shape), ids)
 
 
 def _draw(
@@ -210,6 +252,7 @@ def _draw(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     u: torch.Tensor,
+    shape: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     # (logits - max) / T: a temperature so small that logits / T would overflow (any T > 0 is
     # valid input) then gives 0 for the likeliest characters and -inf for the rest, which is
@@ -222,6 +265,8 @@ def _draw(
     p_sorted, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
     p_sorted = p_sorted * (ranks < top_k[:, None])
+    if shape is not None:
+        return _draw_shaped(p_sorted, idx, top_p, u, *shape)
     cum = torch.cumsum(p_sorted, -1)
     # Nucleus: keep the smallest prefix whose mass reaches top_p of the top-k mass. The first
     # character is always kept, even where top_p times the mass rounds to 0 in float32.
@@ -235,6 +280,50 @@ def _draw(
     # character the filters removed.
     kept = (p_sorted > 0).sum(-1, keepdim=True).clamp(min=1)
     return idx.gather(-1, torch.minimum(pick, kept - 1)).squeeze(-1)
+
+
+def _draw_shaped(
+    p_sorted: torch.Tensor,
+    idx: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
+    typical_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    """``_draw``'s end for rows with typical-p and min-p (``p_sorted``: the top-k's sorted
+    probabilities, 0 past k): typical-p, then the nucleus, then min-p, each removing
+    characters (so the kept ones need not be a prefix), then the draw. A row with typical_p 1
+    and min_p 0 draws exactly as ``_draw``."""
+    p_sorted = p_sorted * _typical(p_sorted, typical_p)
+    ranks = torch.arange(p_sorted.shape[-1], device=p_sorted.device)
+    cum = torch.cumsum(p_sorted, -1)
+    kept = p_sorted > 0
+    first = kept & (kept.cumsum(-1) == 1)  # the likeliest kept, always kept
+    p_sorted = p_sorted * (((cum - p_sorted) < top_p[:, None] * cum[:, -1:]) | first)
+    # min-p: at least min_p times the likeliest kept character's probability.
+    p_sorted = p_sorted * (p_sorted >= min_p[:, None] * p_sorted.amax(-1, keepdim=True))
+    cdf = torch.cumsum(p_sorted, -1)
+    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
+    pick = torch.searchsorted(cdf, target, right=True)
+    last = torch.where(p_sorted > 0, ranks, 0).amax(-1, keepdim=True)
+    return idx.gather(-1, torch.minimum(pick, last)).squeeze(-1)
+
+
+def _typical(p_sorted: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling's kept characters (bool, in ``p_sorted``'s order): by how far
+    each one's information -log q lies from the entropy of q (the renormalised ``p_sorted``),
+    the closest first, as many as reach typical_p of the mass (the one that crosses it
+    included). In float64, sums in order (``cumsum``), as decode.cpp computes them."""
+    w = p_sorted.double()
+    q = w / torch.cumsum(w, -1)[:, -1:]
+    log_q = torch.where(q > 0, q, 1.0).log()
+    entropy = torch.cumsum(-q * log_q, -1)[:, -1:]
+    score = torch.where(q > 0, (-log_q - entropy).abs(), float("inf"))
+    order = torch.sort(score, dim=-1, stable=True).indices
+    cum = torch.cumsum(q.gather(-1, order), -1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], -1)
+    keep = torch.zeros_like(q, dtype=torch.bool).scatter(-1, order, before <= typical_p[:, None])
+    return keep | (typical_p[:, None] >= 1)
 
 
 def sampler(device: torch.device, native_kernels: bool = True) -> Sampler:
