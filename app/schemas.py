@@ -41,10 +41,11 @@ Banned = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Fie
 
 
 def _json_list_or_object(value: Any) -> Any:
-    # On GET a list or an object comes as JSON text (one query value).
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+    # On GET a list or an object comes as JSON text (one query value, which FastAPI may
+    # hand over as a list of one).
+    if isinstance(value, list) and len(value) == 1 and str(value[0])[:1] in ("[", "{"):
         value = value[0]
-    if isinstance(value, str) and value[:1] in "[{":
+    if isinstance(value, str) and value[:1] in ("[", "{"):
         return _json_text(value)
     return value
 

@@ -3,8 +3,8 @@
 A ``Case`` is one client's request: a route (JSON, either SSE route, OpenAI completions,
 streamed or not, ``/score``) and a body drawn at random from every per-row option (logprobs
 none/0/n, a constraint, stop strings, greedy, top-k, top-p, seeds, cached, short and chunked
-primes, OpenAI echo with logprobs, many samples with ``n`` and ``best_of``), or a client
-that gives up part-way. ``perform`` runs a
+primes, OpenAI echo with logprobs, many samples with ``n`` and ``best_of``, the generation
+controls), or a client that gives up part-way. ``perform`` runs a
 case on a client (in-process or over a socket) and returns what it answered, without the
 parts that may differ from run to run (timings, ids): the same case must answer the same
 alone and in any crowd. The route tests (tests/test_crowd.py) run crowds in-process with the
@@ -92,6 +92,9 @@ def random_case(rng: random.Random, texts: Texts, max_new: int = 120) -> Case:
         if rng.random() < 0.25:
             body["constraint"] = _constraint(rng, texts)
             labels.append("constraint")
+    if rng.random() < 0.3:  # generation controls
+        body |= _controls(rng)
+        labels.append("controls")
     if route != "sse_get" and rng.random() < 0.15:  # many samples from one prime
         body["n"] = rng.randint(2, 3)
         labels.append("n")
@@ -103,6 +106,23 @@ def random_case(rng: random.Random, texts: Texts, max_new: int = 120) -> Case:
         give_up = rng.choice((0.0, 0.005, 0.02))
         labels.append("gives up")
     return Case(route, _model(body, texts), give_up, tuple(labels))
+
+
+def _controls(rng: random.Random) -> dict[str, Any]:
+    """A few generation controls drawn at random (the OpenAI route takes them too)."""
+    pool: list[dict[str, Any]] = [
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": 0.4, "penalty_last_n": 16},
+        {"repetition_penalty": 1.3},
+        {"dry_multiplier": 0.8, "dry_allowed_length": 3},
+        {"banned_strings": ["the", "e "]},
+        {"min_p": 0.1},
+        {"typical_p": 0.9},
+    ]
+    out: dict[str, Any] = {}
+    for extra in rng.sample(pool, rng.randint(1, 3)):
+        out |= extra
+    return out
 
 
 def _prime(rng: random.Random, text: str, labels: list[str]) -> str:

@@ -49,7 +49,9 @@ class FakeRunner:
         self.primed.append(len(ids))
         return torch.tensor([[0.0, 5.0]]), (torch.zeros(1, 1, 1),)
 
-    def new_row(self, logits, state, sampling, logprobs=None, constraint=None):  # type: ignore[no-untyped-def]
+    def new_row(
+        self, logits, state, sampling, logprobs=None, constraint=None, controls=None, prime=""
+    ):  # type: ignore[no-untyped-def]
         return Batch(logits, state, SamplingBatch.of([sampling], 2, self.device), np.array([-1]))
 
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from charrnn import CharRNN, SamplingParams, Vocabulary
+from charrnn.controls import DEFAULT, Controls
 from charrnn.decode import StepDecoder
 from charrnn.generate import generate, run_prime
 from charrnn.sampling import uniforms
@@ -421,7 +422,7 @@ def test_choice_limit_matches_the_contract():
     Constraint.parse({"choice": [f"w{i}" for i in range(MAX_CHOICES)]})
 
 
-def _runner_rows(trained, weights: str):
+def _runner_rows(trained, weights: str, controls: Controls = DEFAULT):
     from app.runner import Batch, ModelRunner
     from charrnn.checkpoint import Checkpoint
     from charrnn.native import load
@@ -443,7 +444,12 @@ def _runner_rows(trained, weights: str):
         for prime, seed, spec in specs:
             logits, state = runner.prime(runner.encode(prime), None)
             matcher = _compile(vocab, spec).matcher() if spec else None
-            rows.append(runner.new_row(logits, state, SamplingParams(seed=seed), 3, matcher))
+            row_controls = controls if seed % 2 else DEFAULT  # every other row has them
+            rows.append(
+                runner.new_row(
+                    logits, state, SamplingParams(seed=seed), 3, matcher, row_controls, prime
+                )
+            )
     return runner, Batch.concat(rows), len(vocab)
 
 
@@ -493,3 +499,18 @@ def test_guessed_masks_give_the_ids_of_one_step_a_call(trained, weights, monkeyp
     assert ids[4][-1] == end and len(ids[4]) < 8  # "yes" or "no", then "end"
     assert any(n > 1 and whole for n, _, whole in outcomes)  # a run of guesses that held
     assert any(not whole for _, _, whole in outcomes)  # and one replayed
+
+
+def test_controls_in_guessed_mask_runs_replay_from_their_state(trained, monkeypatch):
+    """Rows with controls (their state moves on as the native call draws) beside constrained
+    ones: a replayed run starts again from the controls' state before it, so calls of 32
+    characters give the ids of calls of one, and the controls do change the text."""
+    controls = Controls(presence_penalty=1.0, dry_multiplier=1.0, banned_strings=("e ", "th"))
+    runner, batch, _ = _runner_rows(trained, "int8", controls)
+    one = _drawn(runner, batch, 1, 96)
+    runner, batch, _ = _runner_rows(trained, "int8", controls)
+    assert _drawn(runner, batch, 32, 96) == one
+    runner, batch, _ = _runner_rows(trained, "int8")
+    plain = _drawn(runner, batch, 32, 96)
+    assert plain[0][1] == one[0][1]  # row 1 (seed 2) has no controls: the same
+    assert plain[0][0] != one[0][0] and plain[0][2] != one[0][2]  # rows with controls differ

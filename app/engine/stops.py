@@ -59,8 +59,8 @@ class StopMatcher:
         before = len(self.chars)
         self._pushed += len(text)
         reason = self._append_until_stop(text) if self.stop else self._append(text)
-        if self.constraint is not None and (ended or self.constraint.done):
-            reason = "stop"  # the match is over, whatever else ended with it
+        if ended or (self.constraint is not None and self.constraint.done):
+            reason = "stop"  # the match is over, or the bans left no character
         self._keep_logprobs(before, logprobs, top)
         upto = len(self.chars)
         if reason is None and self.stop:

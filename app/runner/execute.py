@@ -18,6 +18,7 @@ import torch
 from app.runner.batch import Batch, Sampled
 from app.runner.plan import NewRow, Output, Plan, Primed, PrimeScores, RowKey, RowRun, Top
 from app.runner.stage import network_chars, text_run
+from charrnn.controls import DEFAULT, Controls
 from charrnn.model import State
 from charrnn.sampling import SamplingParams
 from charrnn.structured import Matcher
@@ -57,6 +58,8 @@ class Steps(Protocol):
         sampling: SamplingParams,
         logprobs: int | None = None,
         constraint: Matcher | None = None,
+        controls: Controls = DEFAULT,
+        prime: str = "",
     ) -> Batch: ...
 
     def sample(self, batch: Batch, positions: np.ndarray) -> Sampled: ...
@@ -217,7 +220,15 @@ class Executor:
         return None
 
     def _row(self, new: NewRow, logits: torch.Tensor, state: State) -> Batch:
-        return self.steps.new_row(logits, state, new.sampling, new.logprobs, new.constraint)
+        return self.steps.new_row(
+            logits,
+            state,
+            new.sampling,
+            new.logprobs,
+            new.constraint,
+            new.controls,
+            new.prime,
+        )
 
     # -- the decode call ---------------------------------------------------------------------
 
@@ -246,7 +257,7 @@ class Executor:
 
     def _runs(self, sampled: Sampled, batch: Batch) -> list[RowRun]:
         vocab = self.steps.vocab
-        end = batch.stage.end if batch.stage is not None else -1
+        end = batch.stage.end if batch.stage is not None else -1  # "end" needs per-row work
         runs = []
         for key, ids, (lps, top) in zip(self.keys, sampled.runs(), sampled.logprobs, strict=True):
             text, ended = text_run(ids, end)

@@ -31,6 +31,7 @@ from app.runner.graphs import PaddedStep
 from app.runner.plan import Output, Plan, Top
 from app.runner.stage import BatchStage, RowStage, network_chars
 from charrnn.checkpoint import Checkpoint
+from charrnn.controls import DEFAULT, Controls, ControlsBatch
 from charrnn.decode import Precision, StepDecoder
 from charrnn.model import State
 from charrnn.quantization import choose_precision
@@ -114,8 +115,10 @@ class ModelRunner:
     def fusable(self, batch: Batch) -> bool:
         """Whether ``decode`` can run ``batch`` as one fused call (native kernels or a CUDA
         graph), which samples inside: only where no row has per-row work."""
-        fused = self.multi_step or self.graphed is not None
-        return fused and (batch.stage is None or batch.stage.fusable)
+        if batch.stage is None:
+            return self.multi_step or self.graphed is not None
+        # The native call reads the controls; a CUDA graph captures none.
+        return self.multi_step and batch.stage.fusable
 
     @property
     def splits_early(self) -> bool:
@@ -205,16 +208,32 @@ class ModelRunner:
         sampling: SamplingParams,
         logprobs: int | None = None,
         constraint: Matcher | None = None,
+        controls: Controls = DEFAULT,
+        prime: str = "",
     ) -> Batch:
-        """A one-row batch that starts from a primed state (``constraint``: the row's matcher,
-        which the per-row stage advances)."""
+        """A one-row batch that starts from a primed state. ``constraint``: the row's matcher;
+        ``controls``: its generation controls, their state taken from ``prime`` (both held
+        and advanced by the per-row stage)."""
+        stage = None
+        if constraint is not None or controls.active:
+            state_of_controls = None
+            if controls.active:
+                state_of_controls = ControlsBatch.of(
+                    controls, len(self.vocab), self.vocab.encode(prime), self._spell
+                )
+            row = RowStage(constraint, state_of_controls)
+            stage = BatchStage.of(row, self._mask_words, len(self.vocab))
         return Batch(
             logits,
             state,
             SamplingBatch.of([sampling], len(self.vocab), self.device),
             np.array([-1 if logprobs is None else logprobs]),
-            BatchStage.of(RowStage(constraint), self._mask_words) if constraint else None,
+            stage,
         )
+
+    def _spell(self, text: str) -> list[int] | None:
+        """``text``'s ids, or None where the vocabulary cannot write it."""
+        return None if self.vocab.unknown(text) else self.vocab.encode(text)
 
     @functools.cached_property
     def _mask_words(self) -> int:
@@ -245,12 +264,15 @@ class ModelRunner:
         masks filled, then the matchers moved on), and the characters the network reads
         next."""
         stage = batch.stage
-        if stage is None or stage.fusable:
+        if stage is None:
             ids = self.decoder.sample(logits, *batch.sampling.filters, u)
             return ids, ids
-        masks = stage.fill().to(self.device)
-        ids = self.decoder.sample(logits, *batch.sampling.filters, u, masks)
-        stage.advance(ids.tolist())
+        masks = stage.fill().to(self.device) if stage.matchers else None
+        ids = self.decoder.sample(
+            logits, *batch.sampling.filters, u, masks, controls=stage.controls
+        )
+        if stage.matchers:
+            stage.advance(ids.tolist())
         return ids, network_chars(ids, stage)
 
     def decode(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
@@ -280,8 +302,9 @@ class ModelRunner:
         seen = None
         if batch.logprobs.max() >= 0:
             seen = torch.empty(steps, *batch.logits.shape, dtype=batch.logits.dtype)
+        controls = batch.stage.controls if batch.stage is not None else None
         ids, logits, state = self.decoder.decode_batch(
-            batch.logits, batch.state, batch.sampling, positions, steps, seen
+            batch.logits, batch.state, batch.sampling, positions, steps, seen, controls=controls
         )
         return Sampled(ids, self._row_logprobs(batch, seen, ids)), batch.moved(logits, state)
 
@@ -318,7 +341,15 @@ class ModelRunner:
         def call(n: int, masks: torch.Tensor):  # type: ignore[no-untyped-def]
             seen = torch.empty(n, *batch.logits.shape) if asking else None
             ids, logits, state = self.decoder.decode(
-                batch.logits, batch.state, *batch.sampling.filters, seeds, at, n, seen, masks
+                batch.logits,
+                batch.state,
+                *batch.sampling.filters,
+                seeds,
+                at,
+                n,
+                seen,
+                masks,
+                controls=stage.controls,  # read at each call: a replay restores them first
             )
             return ids, logits, state, seen
 

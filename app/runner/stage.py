@@ -1,14 +1,18 @@
 """The per-row stage between the network and the sampler: each row's own sampling work, held
 with the batch so that its rows' order is theirs.
 
-Today one kind of work lives here, a constraint (charrnn/structured): the row's matcher, the
-mask of characters that may continue its match, and "end" (id V), one more outcome of the
-draw. A batch in which no row has per-row work has no stage (``Batch.stage`` is None) and
-takes the fused multi-character call, paying nothing. With a stage, the rows without work
-keep a mask that allows everything, so they draw exactly as without one.
+Two kinds of work live here:
 
-The stage owns what its rows need across calls: the matchers, the masks, how many steps the
-next call guesses the masks hold for, and the replay when a guess fails (``masked_steps``).
+- the generation controls (charrnn/controls.py: biases, penalties, DRY, bans, min-p,
+  typical-p), whose state the native sampler reads and advances inside the fused
+  multi-character call: rows with controls keep it;
+- a constraint (charrnn/structured): the row's matcher and the mask of characters that may
+  continue its match. A mask depends on every character drawn before it, so a batch with a
+  constrained row decodes in runs of masked steps instead (``masked_steps``).
+
+Either may draw "end" (id V): a constraint's match is over, or the bans forbid every
+character. A batch in which no row has per-row work has no stage (``Batch.stage`` is None)
+and pays nothing. With a stage, the rows without work sample exactly as without one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from charrnn.controls import ControlsBatch
 from charrnn.model import State
 from charrnn.structured import MaskStepper, Matcher
 
@@ -34,9 +39,10 @@ MaskedCall = Callable[
 @dataclass(frozen=True)
 class RowStage:
     """One row's own sampling work, which the runner owns for as long as the row decodes:
-    today its constraint's matcher (the generation controls add theirs here)."""
+    its constraint's matcher, and its controls' state (one row of a ``ControlsBatch``)."""
 
     matcher: Matcher | None = None
+    controls: ControlsBatch | None = None
 
 
 @dataclass
@@ -46,6 +52,9 @@ class BatchStage:
 
     rows: list[RowStage | None]
     masks: torch.Tensor
+    end: int  # "end": the vocabulary's size
+    # Every row's controls (rows without: plain ones), or None when no row has any.
+    controls: ControlsBatch | None = None
     # How many steps the next masked call guesses the masks hold for: it doubles while
     # guesses hold, up to MAX_RUN, and drops to what held when one fails. A row that joins
     # starts it again (its first masks often change: "end" once a match is complete); rows
@@ -53,8 +62,8 @@ class BatchStage:
     run: int = 4
 
     @classmethod
-    def of(cls, row: RowStage, words: int) -> BatchStage:
-        return cls([row], _allow_all(1, words))
+    def of(cls, row: RowStage, words: int, end: int) -> BatchStage:
+        return cls([row], _allow_all(1, words), end, row.controls)
 
     @functools.cached_property
     def matchers(self) -> list[tuple[int, Matcher]]:
@@ -67,17 +76,17 @@ class BatchStage:
         not while a row's mask depends on the characters drawn before it."""
         return not self.matchers
 
-    @property
-    def end(self) -> int:
-        """The id of "end": the vocabulary's size."""
-        return self.matchers[0][1].end if self.matchers else -1
-
     def select(self, keep: list[int]) -> BatchStage | None:
         """The rows ``keep``; None when none of them has per-row work."""
         rows = [self.rows[i] for i in keep]
         if all(r is None for r in rows):
             return None
-        return BatchStage(rows, self.masks[keep], self.run)  # their guesses still hold
+        controls = None
+        if any(r is not None and r.controls is not None for r in rows):
+            assert self.controls is not None
+            controls = self.controls.select(keep)
+        # Their guesses still hold.
+        return BatchStage(rows, self.masks[keep], self.end, controls, self.run)
 
     @staticmethod
     def concat(parts: Sequence[tuple[BatchStage | None, int]]) -> BatchStage | None:
@@ -85,13 +94,23 @@ class BatchStage:
         present = [c for c, _ in parts if c is not None]
         if not present:
             return None
-        words = present[0].masks.shape[1]
+        words, end = present[0].masks.shape[1], present[0].end
         rows: list[RowStage | None] = []
         masks = []
         for c, n in parts:
             rows += c.rows if c is not None else [None] * n
             masks.append(c.masks if c is not None else _allow_all(n, words))
-        return BatchStage(rows, torch.cat(masks))
+        controls = None
+        if any(c.controls is not None for c in present):
+            controls = ControlsBatch.concat(
+                [
+                    c.controls
+                    if c is not None and c.controls is not None
+                    else ControlsBatch.plain(n, end)
+                    for c, n in parts
+                ]
+            )
+        return BatchStage(rows, torch.cat(masks), end, controls)
 
     @functools.cached_property
     def stepper(self) -> MaskStepper:
@@ -120,6 +139,8 @@ class BatchStage:
         stepper = self.stepper
         stepper.fill()
         run = min(steps, self.run)
+        # The controls move on in place as the call draws: a replay starts from a copy.
+        before = self.controls.select(range(len(self.rows))) if self.controls else None
         out = call(run, stepper.masks)
         walk = stepper.walk(out[0].tolist())
         if walk.true is None:
@@ -128,6 +149,7 @@ class BatchStage:
         held = walk.held
         masks = stepper.masks.expand(held + 1, *stepper.masks.shape).clone()
         masks[held] = walk.true
+        self.controls = before
         out = call(held + 1, masks)
         stepper.settle(walk, out[0][held].tolist())
         self.run = held + 1
@@ -145,7 +167,7 @@ def _allow_all(rows: int, words: int) -> torch.Tensor:
 def network_chars(ids: torch.Tensor, stage: BatchStage | None) -> torch.Tensor:
     """The characters the network reads after drawing ``ids``: "end" reads as character 0
     (the row's text is over; what the network makes of it is never used)."""
-    if stage is None or stage.fusable:
+    if stage is None:
         return ids
     return torch.where(ids == stage.end, 0, ids)
 
