@@ -297,7 +297,7 @@ class TextIndex:
             return False
         h = np.uint64(line_hash(line))
         at = int(np.searchsorted(self.lines, h))
-        return at < len(self.lines) and self.lines[at] == h
+        return at < len(self.lines) and bool(self.lines[at] == h)
 
 
 def index_path(checkpoint: str | os.PathLike[str]) -> Path:
