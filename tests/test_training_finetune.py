@@ -22,6 +22,7 @@ from tests.conftest import make_text, tiny_model
 from tests.test_routes import Client, run
 from tests.test_training import StopAfter, tiny_cfg
 from training.__main__ import main
+from training.errors import TrainingError
 from training.finetune import CALIBRATION_CHARS
 from training.fit import Trainer, fit
 from training.outputs import last_path
@@ -177,7 +178,7 @@ def test_incompatible_checkpoints_are_refused_in_one_line(parent, new_file, tmp_
     # The same architecture given again is no contradiction; nor in the API.
     cfg = tiny_cfg(new_file, out, init_from=parent)
     assert Trainer(cfg).model.config.hidden == 32
-    with pytest.raises(Exception, match="--embed 16 contradicts"):
+    with pytest.raises(TrainingError, match="--embed 16 contradicts"):
         Trainer(tiny_cfg(new_file, out, init_from=parent, embed=16))
 
 

@@ -1,4 +1,5 @@
-"""Files written beside a checkpoint: the resumable last checkpoint, metrics.jsonl, the curve."""
+"""Files written beside a checkpoint: the resumable last checkpoint, metrics.jsonl, the curve
+and the training text's index."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def write_index(data: Path, vocab: Vocabulary, corpus_sha256: str, dest: Path) -
         text = data.read_text(encoding="utf-8")
     except OSError as e:
         raise TrainingError(f"cannot read data file {data}: {e.strerror}") from None
-    index = TextIndex.build(text, vocab, corpus_sha256)
+    try:
+        index = TextIndex.build(text, vocab, corpus_sha256)
+    except ValueError as e:  # a text past the int32 suffix array's reach
+        raise TrainingError(f"cannot index {data}: {e}") from None
     built = time.perf_counter() - t
     try:
         index.save(dest)
