@@ -4,6 +4,8 @@
 #   make test    add the dev tools (pytest, ruff, Playwright, lm-eval, ...), then run lint and
 #                the test suite
 #   make model   retrain models/alice.pt from ALICE (Project Gutenberg ebook #11), if present
+#   make finetune DATA=your.txt   continue training models/alice.pt on your text (README,
+#                "Your own text")
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev serve test test-fast lint bench soak model docker-smoke clean
+.PHONY: install install-dev serve test test-fast lint bench soak model finetune docker-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,10 +67,27 @@ model: install
 	Gutenberg ebook #11 (Alice's Adventures in Wonderland, plain text UTF-8) and run \
 	make model ALICE=path/to/alice.txt" >&2; exit 2; }
 	rm -rf runs/alice
-	$(PY) -m training fit --data "$(ALICE)" --out runs/alice/alice.pt $(MODEL_RECIPE)
-	cp runs/alice/alice.pt runs/alice/alice.metrics.jsonl runs/alice/alice.loss.png models/
+	$(PY) -m training fit --data "$(ALICE)" --out runs/alice/alice.pt $(MODEL_RECIPE) --keep-index
+	cp runs/alice/alice.pt runs/alice/alice.metrics.jsonl runs/alice/alice.loss.png \
+		runs/alice/alice.index.npz models/
 	$(PY) -m training evaluate --checkpoint models/alice.pt --data "$(ALICE)" --tail-frac 0.1
 	$(PY) -m training evaluate --checkpoint models/alice.pt --data "$(ALICE)" --tail-frac 0.1 \
+		--decode int8
+
+# Your own text in minutes: continue training INIT on DATA for MINUTES (the budget recipe),
+# the vocabulary grown by DATA's new characters; the checkpoint, its curve and its text index
+# go to OUT (serve it with CHARRNN_MODELS=mine=OUT).
+INIT ?= models/alice.pt
+MINUTES ?= 5
+FT_NAME = $(basename $(notdir $(DATA)))
+FT_OUT = $(or $(OUT),runs/$(FT_NAME)/$(FT_NAME).pt)
+finetune: install
+	@test -n "$(DATA)" -a -f "$(DATA)" || { echo "make finetune: DATA=path/to/text.txt is \
+	needed (a UTF-8 text file)" >&2; exit 2; }
+	$(PY) -m training fit --init-from "$(INIT)" --data "$(DATA)" --out "$(FT_OUT)" \
+		--max-minutes $(MINUTES) --keep-index
+	$(PY) -m training evaluate --checkpoint "$(FT_OUT)" --data "$(DATA)" --tail-frac 0.1
+	$(PY) -m training evaluate --checkpoint "$(FT_OUT)" --data "$(DATA)" --tail-frac 0.1 \
 		--decode int8
 
 docker-smoke:

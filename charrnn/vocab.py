@@ -1,8 +1,12 @@
-"""Character vocabulary with a stable order.
+"""Character vocabulary with a stable order: a character's id is its position in ``chars``.
 
 The notebook built it from ``tuple(set(text))``, whose order changes with the hash seed, so a
-checkpoint's ids meant different characters in the next process. Here the characters are
-sorted, which makes the mapping a pure function of the corpus.
+checkpoint's ids meant different characters in the next process. Here a text's vocabulary is
+its characters sorted, which makes the mapping a pure function of the corpus. A vocabulary
+grown for continued training (``grow``) is its parent's, unchanged, followed by the new
+text's characters that it lacks (sorted among themselves), so every old id keeps its meaning
+and the parent's weights stay valid for them. Any string of unique characters is therefore a
+vocabulary; old checkpoints' sorted ones load as they always did.
 """
 
 from __future__ import annotations
@@ -28,13 +32,19 @@ class Vocabulary:
     def __post_init__(self) -> None:
         if not self.chars:
             raise ValueError("a vocabulary needs at least one character")
-        if list(self.chars) != sorted(set(self.chars)):
-            raise ValueError("vocabulary characters must be unique and sorted")
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("vocabulary characters must be unique")
         object.__setattr__(self, "_index", {ch: i for i, ch in enumerate(self.chars)})
 
     @classmethod
     def from_text(cls, text: str) -> Vocabulary:
         return cls("".join(sorted(set(text))))
+
+    def grow(self, chars: Iterable[str]) -> Vocabulary:
+        """This vocabulary with the characters of ``chars`` it lacks appended, sorted among
+        themselves: old ids keep their meaning. ``self`` when nothing is new."""
+        new = sorted(set(chars) - self._index.keys())
+        return Vocabulary(self.chars + "".join(new)) if new else self
 
     def __len__(self) -> int:
         return len(self.chars)

@@ -49,10 +49,21 @@ def test_unknown_characters_listed_with_first_positions():
     assert "'\\x00' at position 2" in str(e.value)
 
 
-def test_rejects_unsorted_or_duplicate_chars():
-    with pytest.raises(ValueError):
-        Vocabulary("ba")
+def test_rejects_duplicate_or_no_chars():
     with pytest.raises(ValueError):
         Vocabulary("aab")
     with pytest.raises(ValueError):
         Vocabulary("")
+
+
+def test_grow_appends_new_characters_and_keeps_old_ids():
+    old = Vocabulary.from_text("hello world")
+    grown = old.grow("wörld, hello! 42")
+    assert grown.chars == old.chars + "!,24ö"  # the new ones sorted among themselves, at the end
+    assert grown.encode("hello world") == old.encode("hello world")
+    assert grown.decode(grown.encode("wörld, 42")) == "wörld, 42"
+    assert old.grow("low") is old
+    # A grown vocabulary is not sorted, and still a vocabulary (it round-trips through a
+    # checkpoint's string); grown again, it keeps its order too.
+    assert Vocabulary(grown.chars) == grown
+    assert grown.grow("zé").chars == grown.chars + "zé"

@@ -1,4 +1,5 @@
-"""``python -m training fit|evaluate|sample`` — train, score and sample CharRNN checkpoints.
+"""``python -m training fit|evaluate|sample|index`` — train, score and sample CharRNN checkpoints,
+and index their training text.
 
 Every refusal (bad data, bad settings, unwritable output, bad checkpoint) is one line on
 stderr and exit status 2."""
@@ -19,11 +20,14 @@ from charrnn.checkpoint import CheckpointError, load_checkpoint
 from charrnn.decode import StepDecoder
 from charrnn.generate import generate
 from charrnn.sampling import MAX_SEED, SamplingParams
+from charrnn.textindex import index_path
 from charrnn.vocab import UnknownCharactersError
 from training.config import BUDGET_RECIPE, FitConfig
-from training.data import tail_ids
+from training.data import file_sha256, tail_ids
 from training.errors import TrainingError
 from training.evaluate import bpc, eval_windows, step_nll, utf8_bytes, windows_nll
+from training.finetune import ARCHITECTURE, check_architecture, open_parent
+from training.outputs import write_index
 from training.precision import PRECISIONS
 
 # Options whose default depends on whether the run has a time budget (BUDGET_RECIPE).
@@ -35,9 +39,22 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="train a model on a UTF-8 text file")
     p.add_argument("--data", type=Path, required=True, help="UTF-8 text to learn from")
     p.add_argument("--out", type=Path, required=True, help="best checkpoint path, e.g. models/x.pt")
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--embed", type=int, default=d.embed, help="character embedding size")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="continued training: start from this checkpoint's weights and architecture; the "
+        "vocabulary is its own with the text's new characters appended",
+    )
+    p.add_argument(
+        "--keep-index",
+        action="store_true",
+        help="write the training text's index (OUT's NAME.index.npz) for the service",
+    )
+    arch = " (with --init-from: the checkpoint's)"
+    p.add_argument("--hidden", type=int, help=f"default {d.hidden}{arch}")
+    p.add_argument("--layers", type=int, help=f"default {d.layers}{arch}")
+    p.add_argument("--embed", type=int, help=f"character embedding size, default {d.embed}{arch}")
     p.add_argument(
         "--dropout",
         type=float,
@@ -86,7 +103,7 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
         help="temporal activation regularisation: BETA x the mean square of the last layer's "
         "change from one step to the next (default 0: off)",
     )
-    p.add_argument("--cell", choices=["lstm", "gru"], default=d.cell)
+    p.add_argument("--cell", choices=["lstm", "gru"], help=f"default {d.cell}{arch}")
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
@@ -187,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="score through the service's one-character decode step in this precision "
         "(default: the training forward pass)",
     )
+    i = sub.add_parser(
+        "index",
+        help="build the index of a checkpoint's training text (NAME.index.npz beside it), "
+        "checking the text's sha256 against the one the checkpoint records",
+    )
+    i.add_argument("--checkpoint", type=Path, required=True)
+    i.add_argument(
+        "--data", type=Path, required=True, help="the text the checkpoint was trained on"
+    )
+    i.add_argument("--out", type=Path, help="where to write it (default: beside the checkpoint)")
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("--prime", default="The")
@@ -204,19 +231,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
         getattr(args, k) is None for k in ("dropout", "embed_dropout", "weight_decay")
     )
     awd_given = args.locked_dropout or any((args.weight_drop, args.ar, args.tar))  # off: 0
+    arch = {k: getattr(args, k) for k in ARCHITECTURE if getattr(args, k) is not None}
+    if args.init_from is not None:  # the parent's, and a contradicting flag refused
+        parent = open_parent(args.init_from)
+        check_architecture(arch, parent)
+        arch = parent.architecture()
     cfg = FitConfig(
         data=args.data,
         out=args.out,
-        hidden=args.hidden,
-        layers=args.layers,
-        embed=args.embed,
+        init_from=args.init_from,
+        keep_index=args.keep_index,
+        **arch,
         embed_dropout=args.embed_dropout or 0.0,
         weight_drop=args.weight_drop,
         locked_dropout=args.locked_dropout,
         char_dropout=args.char_dropout,
         ar=args.ar,
         tar=args.tar,
-        cell=args.cell,
         seq_len=args.seq_len,
         weight_decay=args.weight_decay or 0.0,
         clip=args.clip,
@@ -294,6 +325,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    ckpt = load_checkpoint(args.checkpoint)
+    recorded = ckpt.meta.get("metrics", {}).get("corpus_sha256")
+    if not recorded:
+        raise TrainingError(
+            f"{args.checkpoint} records no corpus sha256: cannot check that {args.data} is its "
+            "training text"
+        )
+    sha = file_sha256(args.data)
+    if sha != recorded:
+        raise TrainingError(
+            f"{args.data} is not {args.checkpoint}'s training text (sha256 {sha[:12]}…, the "
+            f"checkpoint records {recorded[:12]}…)"
+        )
+    dest = args.out or index_path(args.checkpoint)
+    print(json.dumps(write_index(args.data, ckpt.vocab, sha, dest)))
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.length < 1:
         raise TrainingError("--length must be >= 1")
@@ -315,7 +365,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample}
+    commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "index": cmd_index}
     try:
         return commands[args.command](args)
     except (TrainingError, CheckpointError, UnknownCharactersError) as e:

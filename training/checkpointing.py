@@ -96,13 +96,18 @@ class Checkpointer:
         device: torch.device,
         vocab: Vocabulary,
         facts: RunFacts,
+        parent: dict[str, Any] | None = None,
     ):
         self.cfg, self.dist, self.device, self.vocab, self.facts = cfg, dist, device, vocab, facts
+        self.parent = parent  # with --init-from: what meta.train.parent records
 
     def meta(self, p: Progress) -> dict[str, Any]:
         f, best = self.facts, p.best_val_nll
+        train = self.cfg.to_meta()
+        if self.parent is not None:
+            train["parent"] = self.parent
         return {
-            "train": self.cfg.to_meta(),
+            "train": train,
             "metrics": {
                 "best_val_nll": best if math.isfinite(best) else None,
                 "best_val_bpc": bpc(best) if math.isfinite(best) else None,
@@ -176,8 +181,16 @@ class Checkpointer:
         metrics, train = ckpt.meta.get("metrics", {}), ckpt.meta.get("train", {})
         if metrics.get("corpus_sha256") != self.facts.corpus_sha256:
             raise TrainingError(f"cannot resume: {path} was trained on a different text")
+        was_parent = (train.get("parent") or {}).get("sha256")
+        if was_parent != (self.parent or {}).get("sha256"):
+            since = f"--init-from {train['parent']['path']}" if was_parent else "no --init-from"
+            raise TrainingError(
+                f"cannot resume: {path} was trained with {since}; resume with the same"
+            )
         if ckpt.model.config != model.config:
             raise TrainingError(f"cannot resume: {path} has a different architecture")
+        if ckpt.vocab != self.vocab:
+            raise TrainingError(f"cannot resume: {path} has a different vocabulary")
         world = metrics.get("world_size", 1)
         if world != self.dist.world:
             raise TrainingError(

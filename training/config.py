@@ -89,6 +89,12 @@ class FitConfig:
     # With auto_regularization, and --epochs and the AWD flags not given either: take
     # AWD_RECIPE where the budget buys AWD_FROM_EPOCHS epochs or more.
     auto_awd: bool = False
+    # Continued training: start from this checkpoint's weights and architecture (hidden,
+    # layers, embed and cell must be its own), its vocabulary grown by the text's new
+    # characters (training/finetune.py).
+    init_from: Path | None = None
+    # Write the training text's index (charrnn/textindex.py) beside the checkpoint.
+    keep_index: bool = False
     cache_dir: Path | None = None  # the id cache; None: training.data.default_cache_dir()
     threads: int | None = None
     resume: bool = False
@@ -145,6 +151,7 @@ class FitConfig:
         meta = asdict(self)
         meta["data"] = str(self.data)
         meta["out"] = str(self.out)
+        meta["init_from"] = str(self.init_from) if self.init_from is not None else None
         for key in ("resume", "progress", "threads", "cache_dir"):
             meta.pop(key)
         return meta

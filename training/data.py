@@ -169,8 +169,16 @@ class Corpus:
         return self.ids[:cut], self.ids[cut:]
 
 
-def _cache_paths(cache_dir: Path, sha: str) -> tuple[Path, Path]:
-    return cache_dir / f"{sha}.ids.npy", cache_dir / f"{sha}.vocab.json"
+def _cache_key(sha: str, base: Vocabulary | None) -> str:
+    """The corpus's sha256, and for ids under a vocabulary grown from ``base`` (continued
+    training) a digest of ``base`` too: the grown vocabulary is a function of the two."""
+    if base is None:
+        return sha
+    return f"{sha}.{hashlib.sha256(base.chars.encode('utf-8')).hexdigest()[:16]}"
+
+
+def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
+    return cache_dir / f"{key}.ids.npy", cache_dir / f"{key}.vocab.json"
 
 
 def _temp_prefix(sha: str) -> str:
@@ -192,8 +200,8 @@ def _remove_stale_temps(cache_dir: Path, sha: str) -> None:
             pass  # alive, someone else's
 
 
-def _open_cached(cache_dir: Path, sha: str) -> Corpus | None:
-    ids_path, vocab_path = _cache_paths(cache_dir, sha)
+def _open_cached(cache_dir: Path, sha: str, base: Vocabulary | None = None) -> Corpus | None:
+    ids_path, vocab_path = _cache_paths(cache_dir, _cache_key(sha, base))
     try:
         info = json.loads(vocab_path.read_text(encoding="utf-8"))
         if info.get("version") != CACHE_VERSION:
@@ -207,16 +215,18 @@ def _open_cached(cache_dir: Path, sha: str) -> Corpus | None:
     return Corpus(ids, vocab, sha)
 
 
-def _build(path: Path, cache_dir: Path) -> Corpus:
+def _build(path: Path, cache_dir: Path, base: Vocabulary | None = None) -> Corpus:
     info = scan(path)
-    vocab = Vocabulary("".join(map(chr, np.flatnonzero(info.counts).tolist())))
+    chars = "".join(map(chr, np.flatnonzero(info.counts).tolist()))
+    vocab = base.grow(chars) if base is not None else Vocabulary(chars)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainingError(f"cannot create the id cache {cache_dir}: {e.strerror}") from None
-    _remove_stale_temps(cache_dir, info.sha256)
-    ids_path, vocab_path = _cache_paths(cache_dir, info.sha256)
-    tmp = cache_dir / f"{_temp_prefix(info.sha256)}{os.getpid()}.tmp"
+    key = _cache_key(info.sha256, base)
+    _remove_stale_temps(cache_dir, key)
+    ids_path, vocab_path = _cache_paths(cache_dir, key)
+    tmp = cache_dir / f"{_temp_prefix(key)}{os.getpid()}.tmp"
     table, _ = lookup_table(vocab)
     try:
         # Plain writes, not a writable memory map: the written pages would count in the
@@ -243,16 +253,23 @@ def _build(path: Path, cache_dir: Path) -> Corpus:
     # The vocabulary file is written last: its presence says the ids beside it are complete.
     meta = {"version": CACHE_VERSION, "vocab": vocab.chars, "n_chars": info.n_chars}
     atomic_write(vocab_path, lambda f: f.write(json.dumps(meta).encode("utf-8")))
-    corpus = _open_cached(cache_dir, info.sha256)
+    corpus = _open_cached(cache_dir, info.sha256, base)
     assert corpus is not None
     return corpus
 
 
-def load_corpus(path: str | Path, cache_dir: Path | None = None, sha: str | None = None) -> Corpus:
-    """The corpus's memory-mapped ids, encoded now if the cache does not hold them yet."""
+def load_corpus(
+    path: str | Path,
+    cache_dir: Path | None = None,
+    sha: str | None = None,
+    base: Vocabulary | None = None,
+) -> Corpus:
+    """The corpus's memory-mapped ids, encoded now if the cache does not hold them yet. With
+    ``base`` (continued training), under ``base`` grown by the text's new characters
+    (``Vocabulary.grow``) instead of the text's own sorted vocabulary."""
     path, cache_dir = Path(path), cache_dir or default_cache_dir()
     sha = sha or file_sha256(path)
-    return _open_cached(cache_dir, sha) or _build(path, cache_dir)
+    return _open_cached(cache_dir, sha, base) or _build(path, cache_dir, base)
 
 
 # -- reading a tail with a given vocabulary (``training evaluate``) ------------------------------

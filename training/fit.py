@@ -19,7 +19,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from charrnn.model import CharRNN, ModelConfig, State, resolve_device
-from training import checkpointing, distributed, outputs, plan, precision
+from charrnn.textindex import index_path
+from charrnn.vocab import Vocabulary
+from training import checkpointing, distributed, finetune, outputs, plan, precision
 from training.checkpointing import Checkpointer, RunFacts, Trainables
 from training.config import FitConfig
 from training.data import Batches, Corpus, default_cache_dir, load_corpus
@@ -93,6 +95,7 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop or StopFlag()
         self._open_device()
+        self.parent = self._open_parent()
         self._open_data()
         self.planner = plan.Planner(
             cfg, self.dist, self.batches.n_batches, self.windows, self.t_start
@@ -100,7 +103,9 @@ class Trainer:
         self.planned_epochs = self._settle_regularization()
         self._build_model()
         self._build_optimizer()
-        self.ckpt = Checkpointer(cfg, self.dist, self.device, self.vocab, self._facts())
+        self.ckpt = Checkpointer(
+            cfg, self.dist, self.device, self.vocab, self._facts(), self._parent_meta()
+        )
         self.progress = Progress(total_steps=self.planner.step_cap())
         self.parts.sched = plan.make_schedule(cfg, self.parts.opt, self.planner.step_cap())
         self.state: State | None = None
@@ -123,6 +128,22 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
 
+    def _open_parent(self) -> finetune.Parent | None:
+        """With --init-from, the checkpoint to continue from (its architecture checked
+        against the settings)."""
+        cfg = self.cfg
+        if cfg.init_from is None:
+            return None
+        parent = distributed.agree(self.dist, lambda: finetune.open_parent(cfg.init_from))
+        given = {k: getattr(cfg, k) for k in finetune.ARCHITECTURE}
+        finetune.check_architecture(given, parent)
+        return parent
+
+    def _parent_meta(self) -> dict[str, Any] | None:
+        if self.parent is None:
+            return None
+        return self.parent.meta(self.vocab.chars[len(self.parent.vocab) :])
+
     def _open_data(self) -> None:
         cfg, d = self.cfg, self.dist
         # Every step that can fail on one rank alone is followed by an agreement, so a
@@ -131,6 +152,7 @@ class Trainer:
         self.corpus = distributed.agree(d, lambda: self._open_corpus(corpus_sha))
         self.vocab = self.corpus.vocab
         train_ids, self.val_ids = self.corpus.split(cfg.val_frac)
+        self.train_ids = train_ids
         self.batches = distributed.agree(
             d,
             lambda: Batches(train_ids, cfg.batch_size, cfg.seq_len, d.rank, d.world, self.device),
@@ -141,6 +163,14 @@ class Trainer:
             )
         self.train_chars = len(train_ids)
         self.windows = self._eval_windows()
+        if cfg.keep_index:
+            distributed.agree(d, self._write_index)
+
+    def _write_index(self) -> None:
+        """--keep-index: the text's index beside the checkpoint (rank 0 writes it)."""
+        if self.dist.is_main:
+            dest = index_path(self.cfg.out)
+            outputs.write_index(self.cfg.data, self.vocab, self.corpus.sha256, dest)
 
     def _prepare(self) -> str:
         """Rank 0 makes the output folder and encodes the corpus (once: the ids are cached)."""
@@ -148,13 +178,17 @@ class Trainer:
         if self.dist.is_main:
             outputs.prepare_out(cfg.out)
         if self.dist.rank == 0:
-            return load_corpus(cfg.data, cfg.cache_dir).sha256
+            return load_corpus(cfg.data, cfg.cache_dir, base=self._base_vocab()).sha256
         return ""
+
+    def _base_vocab(self) -> Vocabulary | None:
+        """With --init-from, the parent's vocabulary, which the text's new characters grow."""
+        return self.parent.vocab if self.parent is not None else None
 
     def _open_corpus(self, sha: str) -> Corpus:
         # The other ranks open the ids rank 0 wrote (or build them where the cache folder is
         # not shared with it: another machine).
-        return load_corpus(self.cfg.data, self.cfg.cache_dir, sha)
+        return load_corpus(self.cfg.data, self.cfg.cache_dir, sha, self._base_vocab())
 
     def _eval_windows(self) -> list[Window]:
         n, chars = len(self.val_ids), self.cfg.eval_chars
@@ -187,6 +221,8 @@ class Trainer:
             cell=cfg.cell,
         )
         self.model = CharRNN(config).to(self.device)
+        if self.parent is not None:  # the parent's weights; the new characters' rows set
+            finetune.grow(self.model, self.parent, self.train_ids)
         if d.rank > 0:  # same initial weights (DDP broadcasts rank 0's), own dropout masks
             torch.manual_seed(rank_seed(cfg.seed, d.rank))
         forward = precision.TrainForward(self.model, self.precision, cfg.regularizers())

@@ -1,14 +1,18 @@
-"""Files written beside a checkpoint: the resumable last checkpoint, metrics.jsonl, the curve."""
+"""Files written beside a checkpoint: the resumable last checkpoint, metrics.jsonl, the curve
+and the training text's index."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from charrnn.checkpoint import atomic_write
+from charrnn.textindex import TextIndex
+from charrnn.vocab import Vocabulary
 from training.errors import TrainingError
 
 
@@ -22,6 +26,33 @@ def metrics_path(out: Path) -> Path:
 
 def curve_path(out: Path) -> Path:
     return out.with_name(out.stem + ".loss.png")
+
+
+def write_index(data: Path, vocab: Vocabulary, corpus_sha256: str, dest: Path) -> dict[str, Any]:
+    """Build the text index of ``data`` (charrnn/textindex.py) and save it at ``dest``; what
+    it cost, as a summary."""
+    t = time.perf_counter()
+    try:
+        text = data.read_text(encoding="utf-8")
+    except OSError as e:
+        raise TrainingError(f"cannot read data file {data}: {e.strerror}") from None
+    try:
+        index = TextIndex.build(text, vocab, corpus_sha256)
+    except ValueError as e:  # a text past the int32 suffix array's reach
+        raise TrainingError(f"cannot index {data}: {e}") from None
+    built = time.perf_counter() - t
+    try:
+        index.save(dest)
+    except OSError as e:
+        raise TrainingError(f"cannot write the text index {dest}: {e.strerror}") from None
+    return {
+        "index": str(dest),
+        "chars": len(index),
+        "lines": len(index.lines),
+        "build_s": round(built, 3),
+        "bytes": dest.stat().st_size,
+        "memory_bytes": index.nbytes,
+    }
 
 
 def prepare_out(out: Path) -> None:
