@@ -15,10 +15,12 @@ from pathlib import Path
 from bench import (
     burst,
     concurrency,
+    controls,
     decode_step,
     scoring,
     serve_throughput,
     structured,
+    swap,
     train_corpus,
     train_throughput,
 )
@@ -193,6 +195,8 @@ def main() -> None:
             "train_corpus",
             "concurrency",
             "structured",
+            "controls",
+            "swap",
         ],
     )
     p.add_argument("--checkpoint", default=str(DEFAULT_MODEL))
@@ -207,6 +211,8 @@ def main() -> None:
         "train_corpus": lambda: train_corpus.run(),
         "concurrency": lambda: concurrency.run(Path(args.checkpoint)),
         "structured": lambda: structured.run(args.checkpoint),
+        "controls": lambda: controls.run(),
+        "swap": lambda: swap.run(Path(args.checkpoint)),
     }
     for name, fn in runs.items():
         if args.only and name != args.only:

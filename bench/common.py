@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -158,3 +159,18 @@ def largest_gap(arrivals: list[float], start: float, end: float) -> tuple[float,
     inside = [t for t in arrivals if start <= t <= end]
     edges = [start, *inside, end]
     return max((b - a, a - start) for a, b in itertools.pairwise(edges))
+
+
+async def streams_at_once(url: str, bodies: list[dict]) -> tuple[float, float]:
+    """Every body streamed at once: aggregate chars/s (from the first request to the last
+    token) and the largest gap within any stream (between its first and last character)."""
+    arrivals: list[list[float]] = [[] for _ in bodies]
+    limits = httpx.Limits(max_connections=len(bodies) + 36)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(stream_tokens(c, url, b, a) for b, a in zip(bodies, arrivals, strict=True))
+        )
+        elapsed = time.perf_counter() - t0
+    gaps = [max(b - a for a, b in itertools.pairwise(s)) for s in arrivals if len(s) > 1]
+    return sum(map(len, arrivals)) / elapsed, max(gaps)

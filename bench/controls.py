@@ -1,23 +1,40 @@
-"""What generation controls cost the decode: µs per character of the shipped model
-(``models/alice.pt``, int8, the native multi-step decode in calls of 16 characters, as the
-service runs it) for one row and for 64 rows, without controls and with presence and
-frequency penalties, DRY and two banned strings on every row, timed in turns in the same run;
-and the native sampler alone (one ``StepDecoder.sample`` of the batch) both ways. Target:
-with controls >= 0.85x the characters per second without.
+"""What generation controls and many samples cost, in the same run as their base.
+
+- The decode alone: µs per character of the shipped model (``models/alice.pt``, int8, the
+  native multi-step decode in calls of 16 characters, as the service runs it) for one row
+  and for 64 rows, without controls and with presence and frequency penalties, DRY and two
+  banned strings on every row, timed in turns; and the native sampler alone both ways.
+- Over real HTTP (a served model, SSE): one stream with those controls against the same
+  stream without (chars/s, in turns); 64 streams, half with them, against 64 plain ones
+  (aggregate chars/s, and the running streams' largest gap); and ``n: 8`` from one request
+  against ``n: 1`` (characters per second in all).
+
+Targets: with controls >= 0.85x the characters per second without, at one stream and at 64;
+the largest gap <= 50 ms; ``n: 8`` >= 4x ``n: 1``.
 
 ``python -m bench.controls`` prints one JSON object."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 
-from bench.common import DEFAULT_MODEL, emit, machine
+from bench.common import (
+    DEFAULT_MODEL,
+    emit,
+    machine,
+    served,
+    stream_tokens,
+    streams_at_once,
+)
 from charrnn.checkpoint import load_checkpoint
 from charrnn.controls import Controls, ControlsBatch
 from charrnn.decode import StepDecoder
@@ -88,6 +105,83 @@ def _batch(
     }
 
 
+# The same controls as a request's fields.
+FIELDS = {
+    "presence_penalty": 0.3,
+    "frequency_penalty": 0.2,
+    "dry_multiplier": 0.8,
+    "banned_strings": ["the ", "said"],
+}
+
+
+def _body(seed: int, n: int, controls: bool, samples: int = 1) -> dict:
+    body = {"prime": "Alice", "max_new_chars": n, "seed": seed, "top_k": 5}
+    if samples > 1:
+        body["n"] = samples
+    return body | (FIELDS if controls else {})
+
+
+async def _stream_rate(c: httpx.AsyncClient, url: str, body: dict) -> float:
+    """One request's characters per second, all its samples together, from its first
+    character to its last."""
+    arrivals: list[float] = []
+    await stream_tokens(c, url, body, arrivals)
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
+async def _one_stream(url: str, reps: int) -> tuple[float, float]:
+    """One stream without and with the controls, in turns: median chars/s of each."""
+    rates: tuple[list[float], list[float]] = ([], [])
+    async with httpx.AsyncClient(timeout=120) as c:
+        for controls in (False, True):
+            await _stream_rate(c, url, _body(0, 200, controls))  # warm
+        for rep in range(reps):
+            for controls in (False, True):
+                rates[controls].append(await _stream_rate(c, url, _body(rep, 2000, controls)))
+    return statistics.median(rates[0]), statistics.median(rates[1])
+
+
+async def _streams(url: str, with_controls: int, seed: int) -> tuple[float, float]:
+    """64 streams at once, the first ``with_controls`` with the controls: aggregate chars/s
+    and the largest gap within any stream."""
+    return await streams_at_once(url, [_body(seed + i, 500, i < with_controls) for i in range(64)])
+
+
+async def _samples(url: str, reps: int) -> tuple[float, float]:
+    """``n: 1`` and ``n: 8`` of one request, in turns: median chars/s in all of each."""
+    rates: tuple[list[float], list[float]] = ([], [])
+    async with httpx.AsyncClient(timeout=120) as c:
+        for rep in range(reps):
+            for k, samples in enumerate((1, 8)):
+                body = _body(rep, 1000, False, samples)
+                rates[k].append(await _stream_rate(c, url, body))
+    return statistics.median(rates[0]), statistics.median(rates[1])
+
+
+def serve(checkpoint: Path = DEFAULT_MODEL, port: int = 8768, reps: int = 3) -> dict[str, float]:
+    with served(checkpoint, port) as url:
+        plain1, controls1 = asyncio.run(_one_stream(url, reps))
+        plain64 = [asyncio.run(_streams(url, 0, 1000 * r)) for r in range(reps)]
+        half64 = [asyncio.run(_streams(url, 32, 1000 * r)) for r in range(reps)]
+        n1, n8 = asyncio.run(_samples(url, reps))
+    agg_plain = statistics.median(a for a, _ in plain64)
+    agg_half = statistics.median(a for a, _ in half64)
+    return {
+        "one_stream_chars_per_s": round(plain1),
+        "one_stream_controls_chars_per_s": round(controls1),
+        "one_stream_controls_vs_base": round(controls1 / plain1, 3),
+        "streams64_chars_per_s": round(agg_plain),
+        "streams64_half_controls_chars_per_s": round(agg_half),
+        "streams64_half_controls_vs_base": round(agg_half / agg_plain, 3),
+        "streams64_half_controls_largest_gap_ms": round(
+            statistics.median(g for _, g in half64) * 1e3, 1
+        ),
+        "n1_chars_per_s": round(n1),
+        "n8_chars_per_s": round(n8),
+        "n8_vs_n1": round(n8 / n1, 2),
+    }
+
+
 @torch.inference_mode()  # as the service's decode thread runs
 def run(batches: tuple[int, ...] = BATCHES, reps: int = 30) -> dict[str, object]:
     ckpt = load_checkpoint(DEFAULT_MODEL)
@@ -104,6 +198,7 @@ def run(batches: tuple[int, ...] = BATCHES, reps: int = 30) -> dict[str, object]
         "banned 'the ', 'said'",
         "target_ratio": TARGET,
         "rows": [_batch(decoder, ckpt.vocab, prime, b, reps) for b in batches],
+        "serving": serve(),
         "machine": machine(),
     }
 

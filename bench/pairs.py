@@ -13,16 +13,14 @@ usage: python -m bench.pairs --base-ref REV [--pairs 3] [--only burst,structured
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench.common import ROOT
+from bench.concurrency import checkout
 
 # The figures compared, per module: name -> "higher" or "lower" is better.
 FIGURES: dict[str, dict[str, str]] = {
@@ -44,24 +42,6 @@ FIGURES: dict[str, dict[str, str]] = {
 }
 
 
-@contextlib.contextmanager
-def worktree(ref: str) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="charrnn-base-") as tmp:
-        path = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(path), ref],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        try:
-            yield path
-        finally:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=False
-            )
-
-
 def run_module(module: str, root: Path) -> dict[str, object]:
     """``python -m bench.<module>`` in checkout ``root``: the JSON object it printed."""
     out = subprocess.run(
@@ -77,7 +57,7 @@ def run_module(module: str, root: Path) -> dict[str, object]:
 
 def compare(base_ref: str, pairs: int, modules: list[str]) -> dict[str, object]:
     figures: dict[str, dict[str, list[float]]] = {}
-    with worktree(base_ref) as base:
+    with checkout(base_ref) as base:
         for _ in range(pairs):
             for module in modules:
                 for side, root in (("base", base), ("new", ROOT)):

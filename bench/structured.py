@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import statistics
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.common import DEFAULT_MODEL, emit, machine, served, stream_tokens
+from bench.common import (
+    DEFAULT_MODEL,
+    emit,
+    machine,
+    served,
+    stream_tokens,
+    streams_at_once,
+)
 from charrnn.checkpoint import load_checkpoint
 from charrnn.structured import Constraint, MaskStepper, cache, compile_constraint, new_masks
 from charrnn.vocab import Vocabulary
@@ -66,20 +72,8 @@ async def _one_stream(url: str, constrained: bool, reps: int) -> float:
 
 async def _streams(url: str, constrained: int, seed: int) -> tuple[float, float]:
     """64 streams at once, the first ``constrained`` under the regex: aggregate chars/s and
-    the largest gap within any stream (between its first and last character)."""
-    arrivals: list[list[float]] = [[] for _ in range(64)]
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as c:
-        t0 = time.perf_counter()
-        await asyncio.gather(
-            *(
-                stream_tokens(c, url, _body(seed + i, 500, i < constrained), arrivals[i])
-                for i in range(64)
-            )
-        )
-        elapsed = time.perf_counter() - t0
-    chars = sum(map(len, arrivals))
-    gaps = [max(b - a for a, b in itertools.pairwise(s)) for s in arrivals if len(s) > 1]
-    return chars / elapsed, max(gaps)
+    the largest gap within any stream."""
+    return await streams_at_once(url, [_body(seed + i, 500, i < constrained) for i in range(64)])
 
 
 def compile_ms(chars: str, reps: int = 5) -> dict[str, float]:

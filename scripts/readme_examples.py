@@ -117,7 +117,10 @@ def render(output: str) -> list[str]:
             name if name == "…" else f"{name} {_json(json.loads(data))}" for name, data in keep
         ]
     else:
-        parts = [_json(json.loads(output))]
+        value = json.loads(output)
+        names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        # A list of short texts (samples picked out with jq) is shown whole.
+        parts = [json.dumps(value, ensure_ascii=False) if names else _json(value)]
     lines: list[str] = []
     for part in parts:
         lines += textwrap.wrap(part, WIDTH - 4, break_long_words=False, break_on_hyphens=False)

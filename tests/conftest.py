@@ -359,12 +359,22 @@ def train_structured() -> tuple[CharRNN, Vocabulary]:
     "end" outcome draws on."""
     text = make_text(4000) + json_text(150)
     vocab = Vocabulary.from_text(text + string.ascii_letters + "'")
-    model = tiny_model(vocab, hidden=64).train()
+    model, losses = fit_tiny(text, vocab, hidden=64, lr=0.01, steps=150)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0  # it learnt something
+    return model, vocab
+
+
+def fit_tiny(
+    text: str, vocab: Vocabulary, hidden: int, lr: float, steps: int
+) -> tuple[CharRNN, list[float]]:
+    """A tiny LSTM fitted on ``text`` for ``steps`` Adam steps of 16 windows (seeded): the
+    eval-mode model and its training losses."""
+    model = tiny_model(vocab, hidden=hidden).train()
     ids = torch.tensor(vocab.encode(text))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(150):
+    for _ in range(steps):
         starts = torch.randint(0, len(ids) - 33, (16,), generator=g)
         batch = torch.stack([ids[s : s + 33] for s in starts.tolist()])
         logits, _ = model(batch[:, :-1])
@@ -373,8 +383,7 @@ def train_structured() -> tuple[CharRNN, Vocabulary]:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0  # it learnt something
-    return model.eval(), vocab
+    return model.eval(), losses
 
 
 @pytest.fixture(scope="session")
@@ -384,3 +393,13 @@ def structured_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "structured.pt"
     save_checkpoint(path, model, vocab, {"metrics": {"epochs": 1}})
     return path
+
+
+def pack_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """The int32 bitmask [B, ceil(n / 32)] of a bool [B, n], as llguidance fills it."""
+    b, n = allowed.shape
+    words = (n + 31) // 32
+    bits = torch.zeros(b, words * 32, dtype=torch.int64)
+    bits[:, :n] = allowed.long()
+    packed = (bits.view(b, words, 32) << torch.arange(32)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)

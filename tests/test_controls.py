@@ -23,8 +23,7 @@ from charrnn.controls import (
 from charrnn.decode import StepDecoder
 from charrnn.generate import generate
 from charrnn.sampling import SamplingBatch, sample_next, uniforms
-from tests.conftest import make_text, tiny_model
-from tests.test_sampling import _pack
+from tests.conftest import fit_tiny, make_text, pack_mask
 
 VOCAB = Vocabulary("\n abcde")  # ids: "\n" 0, " " 1, a 2, b 3, c 4, d 5, e 6
 V = len(VOCAB)
@@ -320,7 +319,7 @@ def test_every_character_banned_ends_the_row(sample):
     after = _row("ba", banned_strings=tuple("a" + c for c in VOCAB.chars)).repeat(3)
     assert sample(torch.randn(3, V), *args, None, after).tolist() == [V, V, V]
     # With a mask too: "end", as a mask that allows nothing.
-    mask = _pack(torch.ones(3, V + 1, dtype=torch.bool))
+    mask = pack_mask(torch.ones(3, V + 1, dtype=torch.bool))
     rows = _row(banned_strings=everything).repeat(3)
     assert sample(torch.randn(3, V), *args, mask, rows).tolist() == [V, V, V]
 
@@ -333,7 +332,7 @@ def test_a_ban_with_a_mask_gives_end_only_the_masks_forbidden_mass(sample):
     x = torch.tensor([LOGITS]).expand(n, V).contiguous()
     u = torch.from_numpy(uniforms(np.zeros(n, np.uint64), np.arange(n, dtype=np.uint64)))
     args = torch.ones(n), torch.full((n,), V), torch.ones(n), u
-    ids = sample(x, *args, _pack(allowed.expand(n, -1)), rows.repeat(n))
+    ids = sample(x, *args, pack_mask(allowed.expand(n, -1)), rows.repeat(n))
     freq = torch.bincount(ids, minlength=V + 1).double() / n
     outcomes = torch.tensor(LOGITS, dtype=torch.float64)
     end = outcomes[3].clone()  # the mask forbids 3 and 4; 4 is banned: only 3's mass ends
@@ -404,7 +403,7 @@ def test_native_sampler_agrees_with_the_reference_and_moves_the_state_as_record(
         if step % 2:
             allowed = torch.rand(n, V + 1, generator=g) < 0.7
             allowed[n // 3 :] = True
-            mask = _pack(allowed)
+            mask = pack_mask(allowed)
         copy = batch.select(range(n))
         want = sample_next(logits, t, k, p, u, mask, batch)
         got = _native(logits, t, k, p, u, mask, copy)
@@ -450,7 +449,7 @@ def test_rows_sample_alike_alone_and_in_a_mixed_batch(sample):
         masked = [rng.random() < 0.4 for _ in picks]
         allowed = torch.rand(8, V + 1, generator=g) < 0.6
         allowed[[not m for m in masked]] = True
-        mask = _pack(allowed)
+        mask = pack_mask(allowed)
         logits = torch.randn(8, V, generator=g) * 2
         t, k, p = torch.rand(8, generator=g) + 0.5, torch.randint(1, V + 1, (8,)), torch.ones(8)
         u = torch.rand(8, generator=g, dtype=torch.float64)
@@ -515,19 +514,7 @@ def trained() -> tuple[torch.nn.Module, Vocabulary]:
     """A tiny LSTM fitted for a second on the test text: it writes its frequent strings."""
     text = make_text(4000)
     vocab = Vocabulary.from_text(text)
-    model = tiny_model(vocab, hidden=48).train()
-    ids = torch.tensor(vocab.encode(text))
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        starts = torch.randint(0, len(ids) - 33, (16,), generator=g)
-        batch = torch.stack([ids[s : s + 33] for s in starts.tolist()])
-        logits, _ = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), vocab
+    return fit_tiny(text, vocab, hidden=48, lr=0.02, steps=120)[0], vocab
 
 
 BANNED = ("the", "e ", "at")

@@ -246,11 +246,11 @@ def test_a_burst_of_long_primes_does_not_stall_running_rows(int8_backend, monkey
         batcher = sched.loop
 
         def watching(batch, positions, n):
-            calls.append((len(batcher.rows), len(batcher.priming)))
+            calls.append((len(batch), len(batcher.priming)))
             return decode(batch, positions, n)
 
         def watching_sample(batch, positions):
-            calls.append((len(batcher.rows), len(batcher.priming)))
+            calls.append((len(batch), len(batcher.priming)))
             return sample(batch, positions)
 
         monkeypatch.setattr(int8_backend, "decode", watching)

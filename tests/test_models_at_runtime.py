@@ -186,6 +186,17 @@ def _check(seen: dict, old: str, new: str) -> None:
     assert after and set(after) == {new} and before and set(before) == {old}
 
 
+def _one_model_under_load(server) -> float:  # type: ignore[no-untyped-def]
+    """The server's RSS with one model after the same load without a swap (its caches and
+    buffers grown as they will be)."""
+
+    async def nothing() -> None:
+        return None
+
+    asyncio.run(_swap_under_load(server.url, nothing))
+    return _rss_mib(server.proc.pid)
+
+
 def _retired(pid: int, one_model: float) -> float:
     """The server's RSS once the old model is gone (polled: it goes with its last stream)."""
     import time
@@ -209,7 +220,7 @@ def test_a_swap_under_32_live_streams_drops_nothing(tmp_path, shipped_pair):
         tmp_path, f"alice={folder / 'a.pt'}", admin_keys="admin-key", model_dir=str(folder)
     ) as s:
         old = httpx.get(f"{s.url}/v1/models").json()["data"][0]["checkpoint"]
-        one_model = _rss_mib(s.proc.pid)
+        one_model = _one_model_under_load(s)
 
         async def swap() -> None:
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
@@ -235,7 +246,7 @@ def test_sighup_rereads_the_models(tmp_path, shipped_pair):
     env_file.write_text(f"CHARRNN_MODELS=alice={folder / 'a.pt'}\n")
     with run_server(tmp_path, "", env={"CHARRNN_ENV_FILE": str(env_file)}) as s:
         old = httpx.get(f"{s.url}/v1/models").json()["data"][0]["checkpoint"]
-        one_model = _rss_mib(s.proc.pid)
+        one_model = _one_model_under_load(s)
 
         async def swap() -> None:
             env_file.write_text(f"CHARRNN_MODELS=alice={folder / 'b.pt'}\n")

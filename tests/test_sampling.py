@@ -4,7 +4,7 @@ import torch
 
 from charrnn import SamplingParams, native
 from charrnn.sampling import Sampler, sample_next, sampler, uniforms
-from tests.conftest import reference_interval
+from tests.conftest import pack_mask, reference_interval
 
 
 @pytest.fixture(params=["torch", "native"])
@@ -183,20 +183,10 @@ def test_params_validated(kwargs):
         SamplingParams(**kwargs)
 
 
-def _pack(allowed: torch.Tensor) -> torch.Tensor:
-    """The int32 bitmask [B, ceil(n / 32)] of a bool [B, n], as llguidance fills it."""
-    b, n = allowed.shape
-    words = (n + 31) // 32
-    bits = torch.zeros(b, words * 32, dtype=torch.int64)
-    bits[:, :n] = allowed.long()
-    packed = (bits.view(b, words, 32) << torch.arange(32)).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
 def _masked_draw(logits, allowed, n, sample, temperature=1.0, top_k=None, top_p=1.0):
     v = logits.shape[-1]
     u = torch.from_numpy(uniforms(np.zeros(n, np.uint64), np.arange(n, dtype=np.uint64)))
-    mask = _pack(allowed.expand(n, -1))
+    mask = pack_mask(allowed.expand(n, -1))
     args = (torch.full((n,), temperature), torch.full((n,), top_k or v), torch.full((n,), top_p))
     return sample(logits.expand(n, v).contiguous(), *args, u, mask)
 
@@ -251,7 +241,7 @@ def test_a_mask_that_allows_every_character_changes_nothing(sample):
     for end in (True, False):
         allowed = torch.ones(n, v + 1, dtype=torch.bool)
         allowed[:, v] = end
-        assert torch.equal(sample(logits, t, k, p.clamp(max=1), u, _pack(allowed)), plain)
+        assert torch.equal(sample(logits, t, k, p.clamp(max=1), u, pack_mask(allowed)), plain)
 
 
 def test_a_mask_that_allows_nothing_ends(sample):
@@ -279,7 +269,7 @@ def test_native_masked_sampler_agrees_with_sample_next():
     allowed = torch.rand(n, v + 1, generator=g) < torch.rand(n, 1, generator=g)
     allowed[::11] = True
     allowed[1::13, :v] = False
-    mask = _pack(allowed)
+    mask = pack_mask(allowed)
     want = sample_next(logits, temperature, top_k, top_p, u, mask)
     got = torch.ops.charrnn.sample(logits, temperature, top_k, top_p, u, mask)
     # Every kind of row occurs: unmasked, ended, forbidden-nothing-possible, a character.
@@ -317,6 +307,6 @@ def test_mask_bits_past_end_are_ignored(sample):
     u = torch.rand(n, generator=g, dtype=torch.float64)
     allowed = torch.rand(n, v + 1, generator=g) < 0.5
     wide = torch.cat([allowed, torch.rand(n, 100, generator=g) < 0.5], 1)
-    narrow = sample(logits, t, k, p, u, _pack(allowed))
-    assert _pack(wide).shape[1] > _pack(allowed).shape[1]
-    assert torch.equal(sample(logits, t, k, p, u, _pack(wide)), narrow)
+    narrow = sample(logits, t, k, p, u, pack_mask(allowed))
+    assert pack_mask(wide).shape[1] > pack_mask(allowed).shape[1]
+    assert torch.equal(sample(logits, t, k, p, u, pack_mask(wide)), narrow)

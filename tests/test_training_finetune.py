@@ -18,9 +18,7 @@ import torch
 from charrnn import SamplingParams, Vocabulary, load_checkpoint, save_checkpoint
 from charrnn.generate import generate
 from charrnn.textindex import TextIndex, index_path
-from tests.conftest import make_text, tiny_model
-from tests.test_routes import Client, run
-from tests.test_training import StopAfter, tiny_cfg
+from tests.conftest import Client, StopAfter, make_text, run, tiny_cfg, tiny_model
 from training.__main__ import main
 from training.errors import TrainingError
 from training.finetune import CALIBRATION_CHARS

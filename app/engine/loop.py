@@ -199,13 +199,13 @@ class DecodeLoop:
             self._cache[new.key in cached].inc()
             if new.key in cached:
                 self._joined(self.priming.pop(new.key).gen, now)
+        self._primes(out)  # first: a prime's scores go before its first character
         if out.decode_error is not None:
             self._failed([r.key for r in out.rows], out.decode_error)
         elif out.rows:
             self._emit(out.rows, now)
             self._decode_costs(out)
             self.outbox.succeeded()
-        self._primes(out)
         self._drop_finished()
         self.outbox.after_call(self._urgent, bool(self.priming))
         self._urgent = False
@@ -258,7 +258,7 @@ class DecodeLoop:
         self._set_gauges()
 
     def _primed(self, gen: Generation, scores: PrimeScores | None) -> None:
-        """A finished prime: its scores go out, and its row runs from the next call on."""
+        """A finished prime: its scores go out, and its row runs (from this call's decode)."""
         if scores is not None:
             start = gen.request.score_from or 0
             tokens = gen.request.prime[start:]

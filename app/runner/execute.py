@@ -128,7 +128,7 @@ class Executor:
         self.keys: list[RowKey] = []  # the batch's rows, in order
         self.positions = np.zeros(0, dtype=np.uint64)  # characters each row has drawn
         self.unread: torch.Tensor | None = None  # characters drawn that the network has not read
-        self.ready: list[tuple[RowKey, Batch]] = []  # rows of primes finished in the last call
+        self.ready: list[tuple[RowKey, Batch]] = []  # rows that join before this call's decode
         self.primes: dict[RowKey, Prime] = {}  # in arrival order
         # Admissions waiting for a prime in progress with the same text, by its key.
         self.followers: dict[RowKey, list[NewRow]] = {}
@@ -139,9 +139,10 @@ class Executor:
             self._drop(plan.drop, out)
             self._read_unread()
             self._admit(plan.admit, out)
+            self._prime(plan, out)
+            self._join()
             if plan.steps and self.batch is not None:
                 self._decode(plan.steps, out)
-            self._prime(plan, out)
         except Exception:  # a bug, not a failed unit: start again from nothing
             self.__init__(self.steps)  # type: ignore[misc]
             raise
@@ -190,8 +191,8 @@ class Executor:
         self.unread = None
 
     def _admit(self, admit: tuple[NewRow, ...], out: Output) -> None:
-        """Rows of finished primes and of cached primes join; the other primes start."""
-        joining, self.ready = self.ready, []
+        """Rows of cached primes are ready to join; the other primes start (or follow one in
+        progress with the same text)."""
         for new in admit:
             cached = None if new.score_from is not None else self.steps.cached_prime(new.prime)
             if cached is None:
@@ -202,13 +203,19 @@ class Executor:
                 else:
                     self.primes[new.key] = Prime(new, self.steps.encode(new.prime))
                 continue
-            joining.append((new.key, self._row(new, *cached)))
+            self.ready.append((new.key, self._row(new, *cached)))
             out.primed.append(Primed(new.key, 0, 0, cached=True))
-        if joining:
-            parts = [b for _, b in joining]
-            self.batch = Batch.concat([self.batch, *parts] if self.batch is not None else parts)
-            self.keys += [k for k, _ in joining]
-            self.positions = np.concatenate([self.positions, np.zeros(len(joining), np.uint64)])
+
+    def _join(self) -> None:
+        """The ready rows (cached primes, primes finished in this call) join the batch, so
+        that this call's decode hands them their first character."""
+        joining, self.ready = self.ready, []
+        if not joining:
+            return
+        parts = [b for _, b in joining]
+        self.batch = Batch.concat([self.batch, *parts] if self.batch is not None else parts)
+        self.keys += [k for k, _ in joining]
+        self.positions = np.concatenate([self.positions, np.zeros(len(joining), np.uint64)])
 
     def _same_prime(self, new: NewRow) -> RowKey | None:
         """The prime in progress that ``new`` can wait for: the same text, neither scored."""
@@ -317,8 +324,8 @@ class Executor:
             progress[p.new.key] = Primed(p.new.key, n, p.left)
 
     def _finished(self, p: Prime, progress: dict[RowKey, Primed]) -> None:
-        """A finished prime: its scores go out, and its row, and its followers', join at the
-        next call."""
+        """A finished prime: its scores go out, and its row, and its followers', are ready
+        to join."""
         assert p.logits is not None and p.state is not None
         primed = progress[p.new.key]
         primed.left = 0

@@ -9,12 +9,12 @@ for; per prime, how far it went and its scores; the steps the decode call ran an
 it took. Which native path serves a plan (fused, masked, stepwise, a CUDA graph, sampling
 before the network step) is the runner's own business.
 
-A call runs, in order: forget ``drop``; join the rows that are ready (primes finished in the
-last call, admissions whose prime is cached); the decode call over every running row; the
-admissions' primes start, and ``prime_parts`` / ``side_by_side`` run. A prime that finishes
-joins the batch at the start of the next call. An admission whose prime (unscored) is
-already in progress follows it instead of running it again: the samples of one request,
-or popular primes."""
+A call runs, in order: forget ``drop``; the admissions' primes start (an admission whose
+prime is cached is ready at once; one whose prime, unscored, is in progress follows it
+instead of running it again: the samples of one request, or popular primes);
+``prime_parts`` / ``side_by_side`` run; the rows that are ready (cached primes, primes that
+finished) join; then the decode call over every running row, which hands the rows that
+just joined their first character."""
 
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ class PrimeScores:
 @dataclass
 class Primed:
     """One prime's progress in this call. ``left == 0``: it finished, and its row (if it
-    generates) joins at the next call; ``cached``: it was in the prime cache, and its row
-    joined at the start of this call. ``error``: its work failed (it is forgotten)."""
+    generates) joined this call's decode; ``cached``: it was in the prime cache. ``error``:
+    its work failed (it is forgotten)."""
 
     key: RowKey
     positions: int
