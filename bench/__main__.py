@@ -83,6 +83,26 @@ def table(results: dict) -> str:
             f"first char | {b['short_prime_mid_burst_first_char_ms']} ms | "
             f"{base['short_prime_mid_burst_first_char_ms']} ms | |",
         ]
+    if (k := results.get("controls")) and "serving" in k:
+        v = k["serving"]
+        lines += [
+            f"| one stream with presence + frequency penalties, DRY, two bans | "
+            f"{v['one_stream_controls_chars_per_s']:,} chars/s | "
+            f"{v['one_stream_chars_per_s']:,} (without) | {v['one_stream_controls_vs_base']}x |",
+            f"| 64 streams, half with those controls: aggregate / largest gap | "
+            f"{v['streams64_half_controls_chars_per_s']:,} chars/s / "
+            f"{v['streams64_half_controls_largest_gap_ms']} ms | "
+            f"{v['streams64_chars_per_s']:,} (all plain) | "
+            f"{v['streams64_half_controls_vs_base']}x |",
+            f"| `n: 8` from one request, chars/s in all | {v['n8_chars_per_s']:,} | "
+            f"{v['n1_chars_per_s']:,} (`n: 1`) | {v['n8_vs_n1']}x |",
+        ]
+    if w := results.get("swap"):
+        lines.append(
+            f"| a model swapped under {w['streams']} streams: their largest gap | "
+            f"{w['largest_gap_during_swap_ms']} ms | {w['largest_gap_before_swap_ms']} ms "
+            f"(before it) | |"
+        )
     lines.append(
         f"| training chars/s (batch 128, seq 100, 2x512) | {t['ours_chars_per_s']:,} | "
         f"{t['notebook_chars_per_s']:,} | {t['speedup']}x |"

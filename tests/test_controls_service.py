@@ -184,3 +184,43 @@ def test_the_openai_sdk_with_n_logit_bias_and_penalties(tiny_checkpoint):
         assert [ch.text for ch in out.choices] == [s["generated_text"] for s in native["samples"]]
 
     run(tiny_checkpoint, test)
+
+
+def test_langchains_openai_with_n_logit_bias_and_penalties(tiny_checkpoint):
+    """LangChain's ``OpenAI`` (completions) as its users call it: ``n``, ``logit_bias`` and
+    the penalties are its own fields; each generation equals the native sample."""
+    from langchain_openai import OpenAI
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    e = ckpt.vocab.encode("e")[0]
+
+    async def test(c: Client) -> None:
+        llm = OpenAI(
+            model="tiny",
+            base_url="http://app/v1",
+            api_key="-",
+            http_async_client=c,
+            max_tokens=60,
+            temperature=1.0,
+            n=3,
+            logit_bias={str(e): -100},
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+            seed=4,
+        )
+        result = await llm.agenerate([PRIME])
+        texts = [g.text for g in result.generations[0]]
+        native = await generate(
+            c,
+            prime=PRIME,
+            max_new_chars=60,
+            seed=4,
+            n=3,
+            logit_bias={"e": -100},
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+        )
+        assert texts == [s["generated_text"] for s in native["samples"]]
+        assert all("e" not in t for t in texts)
+
+    run(tiny_checkpoint, test)

@@ -32,9 +32,11 @@ import torch
 from charrnn import SamplingParams, Vocabulary, native
 from charrnn.decode import StepDecoder
 from charrnn.generate import generate
+from charrnn.controls import Controls
 from charrnn.quantization import int8_is_exact
 from tests.conftest import tiny_model
 
+CONTROLS = Controls(presence_penalty=0.5, dry_multiplier=1.0, banned_strings=("ab", "c."))
 vocab = Vocabulary(" .abcdefghijklmnop")
 model = tiny_model(vocab, seed=4, hidden=96)
 with torch.no_grad():
@@ -54,7 +56,10 @@ with torch.inference_mode():
         p_logits, (ph, pc) = d.prime(ids[:37])
         h.update(p_logits.numpy().tobytes() + ph.numpy().tobytes() + pc.numpy().tobytes())
         text = generate(model, vocab, "abc", 300, SamplingParams(1.0, None, 1.0, 7), d)
-        out[d.kernels] = [h.hexdigest(), text]
+        controlled = generate(
+            model, vocab, "abc", 300, SamplingParams(1.0, None, 1.0, 7), d, CONTROLS
+        )
+        out[d.kernels] = [h.hexdigest(), text, controlled]
 print(json.dumps(out), flush=True)
 import os; os._exit(0)  # skip teardown: after torch.jit.fork it sometimes aborts (PyTorch)
 """
@@ -74,9 +79,10 @@ def test_int8_decode_is_bit_identical_whatever_kernels_onednn_picks(tmp_path):
     assert runs["AVX512_CORE"].pop("eight_bit_weights_exact") is False
     runs["default"].pop("eight_bit_weights_exact")
     assert runs["AVX2"] == runs["AVX512_CORE"] == runs["default"]
-    # The generation is a real one, not a constant.
-    for _, text in runs["default"].values():
+    # The generation is a real one, not a constant; the controls change it.
+    for _, text, controlled in runs["default"].values():
         assert len(text) == 300 and len(set(text)) > 5
+        assert controlled != text and "ab" not in controlled
 
 
 def test_the_self_test_catches_sums_that_are_not_exact(monkeypatch):
