@@ -35,7 +35,8 @@ def test_every_curl_example_gives_the_output_shown(server: Server):
             text = "".join(json.loads(d)["text"] for n, d in events if n == "token")
             assert json.loads(events[-1][1])["generated_text"] == text
         else:
-            assert isinstance(json.loads(output), dict), output
+            value = json.loads(output)  # an answer, or texts picked out of one with jq
+            assert isinstance(value, dict) or all(isinstance(v, str) for v in value), output
         if render(output) != ex.shown:
             wrong.append(ex.command)
     assert not wrong, f"run scripts/readme_examples.py --write; outputs differ for: {wrong}"
