@@ -403,3 +403,23 @@ def pack_mask(allowed: torch.Tensor) -> torch.Tensor:
     bits[:, :n] = allowed.long()
     packed = (bits.view(b, words, 32) << torch.arange(32)).sum(-1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+# The contract's generation controls (docs/api.md, "Generation controls"), besides n/best_of.
+CONTROLS = frozenset(
+    {
+        "logit_bias",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "penalty_last_n",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_sequence_breakers",
+        "dry_penalty_last_n",
+        "banned_strings",
+        "min_p",
+        "typical_p",
+    }
+)

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import CONTROLS
 from tests.server import Server, run_server
 
 CHROMIUM = Path(os.environ.get("CHARRNN_CHROMIUM", "/usr/bin/chromium"))
@@ -453,21 +454,8 @@ def test_a_constraint_holds_the_text_and_its_compile_error_shows_inline(page):
 
 # -- samples and more controls ----------------------------------------------------------------
 
-CONTROLS = {  # the "More controls" fields: none is sent while it holds its default
-    "logit_bias",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "penalty_last_n",
-    "dry_multiplier",
-    "dry_base",
-    "dry_allowed_length",
-    "dry_sequence_breakers",
-    "dry_penalty_last_n",
-    "banned_strings",
-    "min_p",
-    "typical_p",
-}
+# The "More controls" fields are the contract's controls (CONTROLS): none is sent while it
+# holds its default.
 
 
 def generate_and_capture(pg) -> dict:

@@ -14,7 +14,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from app.engine.request import Done
-from tests.conftest import run
+from tests.conftest import CONTROLS, run
 from tests.fakes import FakeRunner, make_gen, make_loop
 
 
@@ -217,23 +217,7 @@ def test_info_lists_the_controls_and_their_rules(tiny_checkpoint):
         limits = (await c.get("/info")).json()["limits"]
         assert limits["max_n"] == 5
         rules = {r["name"]: r for r in limits["controls"]}
-        assert set(rules) >= {
-            "n",
-            "best_of",
-            "logit_bias",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-            "penalty_last_n",
-            "dry_multiplier",
-            "dry_base",
-            "dry_allowed_length",
-            "dry_sequence_breakers",
-            "dry_penalty_last_n",
-            "banned_strings",
-            "min_p",
-            "typical_p",
-        }
+        assert set(rules) >= {"n", "best_of", *CONTROLS}
         assert rules["n"]["maximum"] == 5 and rules["best_of"]["default"] is None
         assert rules["dry_base"] == {**rules["dry_base"], "minimum": 1, "exclusive_minimum": True}
         assert rules["banned_strings"]["max_items"] == 64
