@@ -1,5 +1,5 @@
 """The scheduling policy on numbers alone, the decode loop against a fake runner, and the
-per-row logits stage: microseconds each, no model beyond a tiny one."""
+per-row stage: microseconds each, no model beyond a tiny one."""
 
 from __future__ import annotations
 
