@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from app.engine import Logprobs, Top
+from app.engine import Done, Logprobs, Top
 
 
 def native_top(top: Top | None) -> list[dict[str, Any]] | None:
@@ -97,7 +98,12 @@ def token_event(
     return data + "}"
 
 
-def mean(token_logprobs: list[float | None]) -> float | None:
-    """A sample's score: the mean logprob per character (None for no character)."""
-    scored = [lp for lp in token_logprobs if lp is not None]
-    return sum(scored) / len(scored) if scored else None
+def best_first(dones: Sequence[Done]) -> list[int]:
+    """The samples' indices by their score (the mean logprob per character), best first; a
+    sample without one last, ties in order."""
+
+    def key(i: int) -> tuple[bool, float, int]:
+        score = dones[i].score
+        return score is None, -(score or 0.0), i
+
+    return sorted(range(len(dones)), key=key)

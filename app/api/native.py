@@ -118,24 +118,16 @@ def _ranked(asked: Asked, dones: list[Done]) -> list[int]:
     else all in order."""
     if not asked.ranked:
         return list(range(len(dones)))
-    scores = [_score(d) for d in dones]
-    best = sorted(range(len(dones)), key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
-    return best[: asked.n]
+    return logprobs.best_first(dones)[: asked.n]
 
 
-def _score(done: Done) -> float | None:
-    return logprobs.mean(done.logprobs.token_logprobs) if done.logprobs is not None else None
-
-
-def _sample(
-    index: int, handle: Handle, done: Done, with_logprobs: bool, score: float | None = None
-) -> dict[str, Any]:
+def _sample(index: int, handle: Handle, done: Done, with_logprobs: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "index": index,
         "generated_text": done.generated_text,
         "finish_reason": done.finish_reason,
         "seed": handle.request.sampling.seed,
-        "score": _score(done) if score is None else score,
+        "score": done.score,
     }
     if with_logprobs and done.logprobs is not None:
         out["logprobs"] = logprobs.native(done.logprobs)
@@ -155,9 +147,6 @@ def _encoder(asked: Asked, handles: list[Handle]) -> tuple[Encode, Tail]:
     every sample closes the stream."""
     many = asked.many
     dones: dict[int, Done] = {}
-    # A stream's Done has no logprobs (its runs carried them): each sample's score is the
-    # mean of those its runs carried.
-    carried: list[list[float]] = [[] for _ in handles]
     tokens = [
         CharEvents('event: token\ndata: {"index":', f',"sample":{i},"text":', "}\n\n")
         if many
@@ -167,8 +156,6 @@ def _encoder(asked: Asked, handles: list[Handle]) -> tuple[Encode, Tail]:
 
     def encode(i: int, event: Event) -> bytes:
         if isinstance(event, TextRun):  # one event per character
-            if many and event.logprobs is not None:
-                carried[i] += event.logprobs
             if event.logprobs is None or not asked.logprobs:
                 return tokens[i].run(event.index, event.text)
             tops = event.top if event.top is not None else [None] * len(event.text)
@@ -200,28 +187,18 @@ def _encoder(asked: Asked, handles: list[Handle]) -> tuple[Encode, Tail]:
         if not many or failed or len(dones) < len(handles):
             return b""
         done = [dones[i] for i in range(len(handles))]
-        scores = [logprobs.mean(carried[i]) for i in range(len(handles))]
-        payload = response_fields(asked, handles, done, scores)
-        return sse("done", json.dumps(payload))
+        return sse("done", json.dumps(response_fields(asked, handles, done)))
 
     return encode, tail
 
 
-def response_fields(
-    asked: Asked,
-    handles: list[Handle],
-    dones: list[Done],
-    scores: list[float | None] | None = None,
-) -> dict[str, Any]:
+def response_fields(asked: Asked, handles: list[Handle], dones: list[Done]) -> dict[str, Any]:
     """The ``done`` event of several samples: the JSON answer's fields, without the
-    logprobs (the token events carried them; ``scores``: each sample's, from them)."""
+    logprobs (the token events carried them)."""
     order = _ranked(asked, dones)
     out = _result(handles[order[0]], dones[order[0]], False)
     out["usage"] = _usage(handles[order[0]].request, dones).model_dump()
-    out["samples"] = [
-        _sample(k, handles[i], dones[i], False, scores[i] if scores else None)
-        for k, i in enumerate(order)
-    ]
+    out["samples"] = [_sample(k, handles[i], dones[i], False) for k, i in enumerate(order)]
     return out
 
 

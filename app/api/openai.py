@@ -177,10 +177,10 @@ def completion(
     samples with the best mean logprob per character, best first."""
     choices = []
     for start in range(0, len(handles), drawn):
-        group = range(start, start + drawn)
+        group = list(range(start, start + drawn))
         if req.best_of is not None:
-            group = sorted(group, key=lambda i: _rank(dones[i]))
-        for i in list(group)[: req.n]:
+            group = [start + i for i in lp.best_first(dones[start : start + drawn])]
+        for i in group[: req.n]:
             choices.append(_choice(len(choices), handles[i], dones[i], req))
     generated = sum(len(d.generated_text) for d in dones)
     usage = _usage(handles, drawn, generated)
@@ -193,12 +193,6 @@ def completion(
         input=inputs,
         checkpoint=handles[0].checkpoint,
     )
-
-
-def _rank(done: Done) -> tuple[bool, float]:
-    """Best first: the highest mean logprob per character; a sample without one last."""
-    score = lp.mean(done.logprobs.token_logprobs) if done.logprobs is not None else None
-    return score is None, -(score or 0.0)
 
 
 class _Chunks:

@@ -83,6 +83,10 @@ class Done:
     logprobs: Logprobs | None = None  # of generated_text, when the request asked
     prime_scores: Scored | None = None  # when the request asked
     matched: bool | None = None  # whether the text matches its constraint (None: none)
+    # The mean logprob per generated character (with logprobs, and a character or more): a
+    # sample's score, which ``best_of`` ranks by. A stream's runs carry the logprobs, so
+    # its final event carries only this.
+    score: float | None = None
 
 
 @dataclass

@@ -74,11 +74,13 @@ class StopMatcher:
         if reason is not None:
             self.finished = True
             text = "".join(self.chars)
-            lp = None
+            lp, score = None, None
+            if self.logprobs:
+                score = sum(self.logprobs) / len(self.logprobs)
             if self.logprobs is not None and not self.stream:  # a stream's runs carried them
                 alts: list[Top | None] | None = list(self.top) if self.top is not None else None
                 lp = Logprobs(text, list(self.logprobs), alts)
-            out.append(Done(text, reason, lp, self.scored, self._matched()))
+            out.append(Done(text, reason, lp, self.scored, self._matched(), score))
         return out
 
     def _matched(self) -> bool | None:
