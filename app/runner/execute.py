@@ -2,9 +2,9 @@
 says what a plan and an output are; app/runner/runner.py has the work itself).
 
 Between calls the runner holds the batch (each row's logits, state, sampling and stage, with
-its key and how many characters it has drawn), the primes in progress, the rows of primes
-that finished in the last call, and, after a call that handed characters out before the
-network read them, those characters."""
+its key and how many characters it has drawn), the primes in progress and the admissions
+following them, and, after a call that handed characters out before the network read them,
+those characters."""
 
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ class Executor:
         self.keys: list[RowKey] = []  # the batch's rows, in order
         self.positions = np.zeros(0, dtype=np.uint64)  # characters each row has drawn
         self.unread: torch.Tensor | None = None  # characters drawn that the network has not read
-        self.ready: list[tuple[RowKey, Batch]] = []  # rows that join before this call's decode
+        # Within a call: the rows that join before its decode (empty between calls).
+        self.ready: list[tuple[RowKey, Batch]] = []
         self.primes: dict[RowKey, Prime] = {}  # in arrival order
         # Admissions waiting for a prime in progress with the same text, by its key.
         self.followers: dict[RowKey, list[NewRow]] = {}
@@ -157,7 +158,6 @@ class Executor:
             self.followers[leader] = [n for n in rows if n.key not in keys]
         for key in keys & self.primes.keys():
             self._forget_prime(key, out)
-        self.ready = [(k, b) for k, b in self.ready if k not in keys]
         keep = [i for i, k in enumerate(self.keys) if k not in keys]
         if len(keep) < len(self.keys):
             self._keep(keep)
@@ -312,7 +312,6 @@ class Executor:
         try:
             logits, state = self.steps.prime_batched(ids, [p.state for p in group], every)
         except Exception as exc:
-            out.side_error = exc
             progress.update({p.new.key: Primed(p.new.key, 0, p.left, error=exc) for p in group})
             return
         out.side = (len(group), n, time.perf_counter() - t0)

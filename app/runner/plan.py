@@ -115,4 +115,3 @@ class Output:
     primed: list[Primed] = field(default_factory=list)
     # The side-by-side group's rows, positions and seconds (None: no group ran).
     side: tuple[int, int, float] | None = None
-    side_error: Exception | None = None

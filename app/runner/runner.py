@@ -219,7 +219,7 @@ class ModelRunner:
             state_of_controls = None
             if controls.active:
                 state_of_controls = ControlsBatch.of(
-                    controls, len(self.vocab), self.vocab.encode(prime), self._spell
+                    controls, len(self.vocab), self.vocab.encode(prime), self.vocab.encode
                 )
             row = RowStage(constraint, state_of_controls)
             stage = BatchStage.of(row, self._mask_words, len(self.vocab))
@@ -230,10 +230,6 @@ class ModelRunner:
             np.array([-1 if logprobs is None else logprobs]),
             stage,
         )
-
-    def _spell(self, text: str) -> list[int] | None:
-        """``text``'s ids, or None where the vocabulary cannot write it."""
-        return None if self.vocab.unknown(text) else self.vocab.encode(text)
 
     @functools.cached_property
     def _mask_words(self) -> int:

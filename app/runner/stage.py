@@ -160,8 +160,9 @@ def _allow_all(rows: int, words: int) -> torch.Tensor:
     return torch.full((rows, words), -1, dtype=torch.int32)
 
 
-# "End" (id V, one past the vocabulary) is a constrained row's last draw: its match is over.
-# These two read it, for the network and for the row's text; nothing else in the service does.
+# "End" (id V, one past the vocabulary) is a row's last draw: its match is over, or its bans
+# left no character. These two read it, for the network and for the row's text; nothing else
+# in the service does.
 
 
 def network_chars(ids: torch.Tensor, stage: BatchStage | None) -> torch.Tensor:
