@@ -101,6 +101,27 @@ def test_load_swap_and_unload(model_dir):
     )
 
 
+def test_a_checkpoint_that_cannot_generate_is_refused_and_the_old_one_serves(
+    model_dir, monkeypatch
+):
+    from app.engine.engine import Engine, WarmUpFailed
+
+    async def test(c: httpx.AsyncClient) -> None:
+        before = (await c.post("/generate", json={"prime": "Alice", "seed": 1})).json()
+
+        async def cannot_generate(self, model) -> None:  # type: ignore[no-untyped-def]
+            await model.scheduler.close()
+            raise WarmUpFailed(f"warm-up of model {model.name} failed: injected")
+
+        monkeypatch.setattr(Engine, "_warm", cannot_generate)
+        r = await c.put("/admin/models/tiny", json={"path": "b.pt"}, headers=ADMIN)
+        assert r.status_code == 422 and "injected" in r.text
+        after = (await c.post("/generate", json={"prime": "Alice", "seed": 1})).json()
+        assert after == {**before, "timings": after["timings"]}
+
+    run(model_dir / "a.pt", test, admin_keys="admin-key", model_dir=str(model_dir))
+
+
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "alice.pt"
 
 

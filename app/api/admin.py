@@ -10,7 +10,14 @@ from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
 from app.config import Settings
-from app.engine import DefaultModel, Engine, LoadedModel, ModelExists, UnknownModel
+from app.engine import (
+    DefaultModel,
+    Engine,
+    LoadedModel,
+    ModelExists,
+    UnknownModel,
+    WarmUpFailed,
+)
 from charrnn.checkpoint import CheckpointError
 
 
@@ -52,7 +59,7 @@ async def _apply(work: Any) -> Any:
         raise HTTPException(404, str(exc)) from None
     except (ModelExists, DefaultModel) as exc:
         raise HTTPException(409, str(exc)) from None
-    except CheckpointError as exc:
+    except (CheckpointError, WarmUpFailed) as exc:  # it does not load, or cannot generate
         msg = f"the checkpoint cannot be used: {exc}"
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("body", "path"), "msg": msg}]

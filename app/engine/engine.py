@@ -271,7 +271,8 @@ class Engine:
         """Stop serving ``name`` once its generations end (the default model stays)."""
         if name == self.default:
             raise DefaultModel(name)
-        self._retire(self.models.pop(self.get(name).name))
+        self.get(name)  # UnknownModel where it is not loaded
+        self._retire(self.models.pop(name))
 
     async def reload(self, wanted: dict[str, str]) -> list[str]:
         """Serve the models ``wanted`` (name -> path): load the new names, swap the changed
