@@ -126,6 +126,18 @@ class SamplesAndControls(BaseModel):
     typical_p: Float = Field(
         1.0, gt=0, le=1, allow_inf_nan=False, description="locally typical sampling's mass"
     )
+    max_copy_chars: Int | None = Field(
+        None,
+        ge=4,
+        le=256,
+        description="copy guard: no run of more than this many generated characters occurs "
+        "in the training text (needs the model's text index; null: off)",
+    )
+    novel_lines: bool = Field(
+        False,
+        description="copy guard: no generated line is a line of the training text (needs "
+        "the model's text index)",
+    )
 
 
 class GenerateRequest(SamplesAndControls):
@@ -324,6 +336,12 @@ class Architecture(BaseModel):
     vocab_size: int
 
 
+class TextIndexInfo(BaseModel):
+    chars: int = Field(description="characters of the training text")
+    lines: int = Field(description="its distinct non-empty lines")
+    corpus_sha256: str
+
+
 class ModelInfo(BaseModel):
     name: str
     default: bool
@@ -351,6 +369,11 @@ class ModelInfo(BaseModel):
         description="whether a request's text is the same alone or among other requests"
     )
     batch_invariance: str = Field(description="why it is or is not")
+    text_index: TextIndexInfo | None = Field(
+        None,
+        description="the training text's index, which the copy guard (max_copy_chars, "
+        "novel_lines) reads; null: this model has none and refuses the guard",
+    )
 
 
 class ConstraintLimits(BaseModel):

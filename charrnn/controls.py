@@ -12,7 +12,16 @@ state in place after each draw; the reference (``charrnn.sampling.sample_next``)
 same tensors and ``ControlsBatch.record`` advances them the same way. The state is each
 row's recent text (``history``, with the penalty window's character ``counts`` and DRY's
 ``matches``) and its place in two Aho–Corasick automata over character ids (``Machine``):
-DRY's sequence breakers and the banned strings."""
+DRY's sequence breakers and the banned strings.
+
+The copy guard (the contract's "Your own models") rides here too, for a model saved with its
+training text's index (charrnn/textindex.py, shared by the batch's rows): ``max_copy_chars``
+follows the longest suffix of the generated text that occurs in the training text, at most
+that long, and once it is, forbids the characters that would make it longer; ``novel_lines``
+keeps the current line's key and forbids the newline (and "end") that would close a
+training line, and at the generation's last step each character that would finish one. Both
+act as masks ("end" takes the forbidden mass, as for a constraint), computed only at the
+steps where they bite: elsewhere the row samples as without them."""
 
 from __future__ import annotations
 
@@ -24,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from charrnn.textindex import LINE_P, Match, TextIndex
+
 MAX_BIAS = 100.0
 MAX_PENALTY_LAST_N = 4096
 MAX_DRY_BREAKERS = 16
@@ -31,6 +42,8 @@ MAX_DRY_BREAKER_CHARS = 16
 MAX_DRY_ALLOWED_LENGTH = 256
 MAX_BANNED_STRINGS = 64
 MAX_BANNED_CHARS = 64
+MIN_COPY_CHARS, MAX_COPY_CHARS = 4, 256
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,13 @@ class Controls:
     banned_strings: tuple[str, ...] = ()
     min_p: float = 0.0
     typical_p: float = 1.0
+    # The copy guard: no run of more than this many generated characters occurs in the
+    # training text (None: off); no generated line is a line of the training text.
+    max_copy_chars: int | None = None
+    novel_lines: bool = False
+    # novel_lines: the generation's max_new_chars, whose last step must not finish a
+    # training line either (0 without novel_lines).
+    length: int = 0
 
     def __post_init__(self) -> None:
         for i, b in self.logit_bias:
@@ -82,6 +102,14 @@ class Controls:
             raise ValueError("min_p must be in [0, 1)")
         if not 0 < self.typical_p <= 1:
             raise ValueError("typical_p must be in (0, 1]")
+        copy = self.max_copy_chars
+        if copy is not None and not MIN_COPY_CHARS <= copy <= MAX_COPY_CHARS:
+            raise ValueError(f"max_copy_chars must be in [{MIN_COPY_CHARS}, {MAX_COPY_CHARS}]")
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the copy guard is asked for (it needs the model's text index)."""
+        return self.max_copy_chars is not None or self.novel_lines
 
     @property
     def active(self) -> bool:
@@ -97,16 +125,24 @@ DEFAULT = Controls()
 # ``params`` (float64): the row's numbers.
 REPETITION, PRESENCE, FREQUENCY, DRY_MULTIPLIER, DRY_BASE, TYPICAL_P, MIN_P = range(7)
 # ``limits`` (int64): which controls the row has (FLAGS), its windows, its history's capacity,
-# and where its automata's nodes begin in the batch's (-1: none).
+# where its automata's nodes begin in the batch's (-1: none), max_copy_chars (0: off) and the
+# newline's id (-1: none).
 FLAGS, PENALTY_LAST_N, DRY_LAST_N, DRY_ALLOWED, CAPACITY, BREAKER_BASE, BAN_BASE = range(7)
+MAX_COPY, NEWLINE = 7, 8
+LIMITS = 9
 # ``cursor`` (int64): the row's state besides its history: the characters in ``history``,
-# those read since a DRY sequence breaker last ended, and its two automata's states.
+# those read since a DRY sequence breaker last ended, its two automata's states; the copy
+# guard's match (a ``textindex.Match``: suffix-array rows [COPY_LO, COPY_HI), COPY_LEN long),
+# the current line's key (``textindex.line_key``, its 64 bits as int64) and length, and the
+# characters left to generate.
 LENGTH, SINCE, BREAKER_STATE, BAN_STATE = range(4)
+COPY_LO, COPY_HI, COPY_LEN, LINE_KEY, LINE_LEN, LEFT = range(4, 10)
+CURSORS = 10
 # A Machine's ``nodes`` (int32): its edges and done ids (into the batch's), its fail link (a
 # state of the same machine, -1 for the root) and whether a string ends there.
 EDGE_BEGIN, EDGE_END, FAIL, DONE_BEGIN, DONE_END, ENDS = range(6)
 # The bits of FLAGS. A row without any samples exactly as without controls.
-BIAS, PENALTIES, DRY, BANS, SHAPE = 1, 2, 4, 8, 16
+BIAS, PENALTIES, DRY, BANS, SHAPE, COPY, LINES = 1, 2, 4, 8, 16, 32, 64
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # llama.cpp's bound on DRY's exponent, log(FLT_MAX): base ** exponent stays finite.
@@ -270,7 +306,22 @@ def _flags(c: Controls, bias: torch.Tensor, bans: Machine | None) -> int:
         | (DRY if c.dry_multiplier > 0 and c.dry_penalty_last_n > 0 else 0)
         | (BANS if bans is not None else 0)
         | (SHAPE if c.typical_p < 1 or c.min_p > 0 else 0)
+        | (COPY if c.max_copy_chars is not None else 0)
+        | (LINES if c.novel_lines else 0)
     )
+
+
+def _index_tensors(index: TextIndex | None) -> list[torch.Tensor]:
+    """The native code's view of a text index: its ids then -1 (int32), its suffix array
+    (int32) and its line keys (uint64 bits as int64, sorted as unsigned)."""
+    if index is None:
+        end = torch.full((1,), -1, dtype=torch.int32)
+        return [end, torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)]
+    return [
+        torch.from_numpy(index._keys),
+        torch.from_numpy(np.ascontiguousarray(index.sa, dtype=np.int32)),
+        torch.from_numpy(index.line_keys.view(np.int64)),
+    ]
 
 
 def _since(breakers: Machine | None, chars: Iterable[int]) -> tuple[int, int]:
@@ -299,19 +350,23 @@ class ControlsBatch:
 
     bias: torch.Tensor  # float32 [B, V], added to the logits
     params: torch.Tensor  # float64 [B, 7]: REPETITION .. MIN_P
-    limits: torch.Tensor  # int64 [B, 7]: FLAGS .. BAN_BASE
+    limits: torch.Tensor  # int64 [B, LIMITS]: FLAGS .. NEWLINE
     counts: torch.Tensor  # int32 [B, V]
     history: torch.Tensor  # int32 [B, C], C >= each row's CAPACITY
     matches: torch.Tensor  # int32 [B, C]
-    cursor: torch.Tensor  # int64 [B, 4]: LENGTH .. BAN_STATE
+    cursor: torch.Tensor  # int64 [B, CURSORS]: LENGTH .. LEFT
     breakers: list[Machine | None]  # each row's DRY sequence breakers
     bans: list[Machine | None]  # each row's banned strings
+    # The training text's index that the copy guard reads (one model's: all rows share it).
+    index: TextIndex | None = None
     # The rows' automata side by side (``_side_by_side``), as the native code reads them.
     nodes: torch.Tensor = field(init=False)
     edges: torch.Tensor = field(init=False)
     done: torch.Tensor = field(init=False)
+    _index_tensors: list[torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._index_tensors = _index_tensors(self.index)
         unique = list({id(m): m for m in self.breakers + self.bans if m is not None}.values())
         self.nodes, self.edges, self.done = _side_by_side(unique)
         base, at = {}, 0
@@ -344,6 +399,7 @@ class ControlsBatch:
             self.nodes,
             self.edges,
             self.done,
+            *self._index_tensors,
         ]
 
     @classmethod
@@ -354,11 +410,11 @@ class ControlsBatch:
         return cls(
             torch.zeros(rows, vocab_size),
             torch.tensor([numbers] * rows, dtype=torch.float64).view(rows, 7),
-            torch.zeros(rows, 7, dtype=torch.int64),
+            torch.zeros(rows, LIMITS, dtype=torch.int64),
             torch.zeros(rows, vocab_size, dtype=torch.int32),
             torch.zeros(rows, 0, dtype=torch.int32),
             torch.zeros(rows, 0, dtype=torch.int32),
-            torch.zeros(rows, 4, dtype=torch.int64),
+            torch.zeros(rows, CURSORS, dtype=torch.int64),
             [None] * rows,
             [None] * rows,
         )
@@ -370,12 +426,16 @@ class ControlsBatch:
         vocab_size: int,
         prime_ids: Sequence[int] | torch.Tensor,
         char_ids_of: Callable[[str], Sequence[int] | None],
+        index: TextIndex | None = None,
     ) -> ControlsBatch:
         """One row of ``controls``, its state after the prime ``prime_ids``. Banned strings
         and sequence breakers are text, turned into ids by ``char_ids_of`` (for instance
         ``Vocabulary.encode``); one that the vocabulary cannot spell is dropped. ValueError
-        for a ``logit_bias`` id outside the vocabulary."""
+        for a ``logit_bias`` id outside the vocabulary, or for the copy guard without
+        ``index`` (the training text's, under the same vocabulary)."""
         c = controls
+        if c.guarded and (index is None or len(index.vocab) != vocab_size):
+            raise ValueError("the copy guard needs the model's training text index")
         prime = [int(i) for i in prime_ids]
         bias = torch.zeros(1, vocab_size)
         for i, value in c.logit_bias:
@@ -417,6 +477,9 @@ class ControlsBatch:
             c.min_p,
         )
         limits = (flags, window, dry_window, c.dry_allowed_length, 2 * keep, -1, -1)
+        limits += (c.max_copy_chars or 0, index.newline if index is not None else -1)
+        # The guard starts with the generation: the prime is the client's text, not a copy.
+        guard = (0, len(index) if index is not None else 0, 0, 0, 0, c.length)
         return cls(
             bias,
             torch.tensor([numbers], dtype=torch.float64),
@@ -424,9 +487,10 @@ class ControlsBatch:
             counts,
             history,
             matches,
-            torch.tensor([[len(tail), since, breaker_state, ban_state]], dtype=torch.int64),
+            torch.tensor([[len(tail), since, breaker_state, ban_state, *guard]], dtype=torch.int64),
             [breakers],
             [bans],
+            index if c.guarded else None,
         )
 
     def select(self, keep: Sequence[int]) -> ControlsBatch:
@@ -444,6 +508,7 @@ class ControlsBatch:
             self.cursor.index_select(0, idx),
             [self.breakers[i] for i in keep],
             [self.bans[i] for i in keep],
+            self.index,
         )
 
     @staticmethod
@@ -464,6 +529,7 @@ class ControlsBatch:
             torch.cat([p.cursor for p in parts]),
             [m for p in parts for m in p.breakers],
             [m for p in parts for m in p.bans],
+            next((p.index for p in parts if p.index is not None), None),
         )
 
     def repeat(self, n: int) -> ControlsBatch:
@@ -492,12 +558,33 @@ class ControlsBatch:
                 cursor[SINCE] = 0 if breakers.ends[cursor[BREAKER_STATE]] else cursor[SINCE] + 1
         if flags & BANS:
             cursor[BAN_STATE] = self.bans[b].next(int(cursor[BAN_STATE]), c)  # type: ignore[union-attr]
+        if flags & (COPY | LINES):
+            self._guard_advance(b, c, flags)
+
+    def _guard_advance(self, b: int, c: int, flags: int) -> None:
+        index, cursor = self.index, self.cursor[b].numpy()
+        assert index is not None
+        if flags & COPY:
+            m = Match(int(cursor[COPY_LO]), int(cursor[COPY_HI]), int(cursor[COPY_LEN]))
+            m = index.advance(m, c, int(self.limits[b, MAX_COPY]))
+            cursor[COPY_LO], cursor[COPY_HI], cursor[COPY_LEN] = m.lo, m.hi, m.length
+        if flags & LINES:
+            if c == index.newline:
+                key, length = 0, 0
+            else:
+                key, length = (self._line_key(b) * LINE_P + c + 1) & _MASK64, cursor[LINE_LEN] + 1
+            cursor[LINE_KEY] = np.array(key, dtype=np.uint64).view(np.int64)
+            cursor[LINE_LEN] = length
+        cursor[LEFT] -= 1
+
+    def _line_key(self, b: int) -> int:
+        return int(self.cursor[b, LINE_KEY]) & _MASK64
 
     def _push(self, b: int, c: int, flags: int) -> None:
         """Appends ``c`` to row b's history, and moves its penalty counts and DRY matches."""
         history, matches = self.history[b].numpy(), self.matches[b].numpy()
         cursor = self.cursor[b].numpy()
-        _, window, dry_window, _, capacity, _, _ = self.limits[b].tolist()
+        _, window, dry_window, _, capacity = self.limits[b, :5].tolist()
         n = int(cursor[LENGTH])
         if n == capacity:  # full: keep the newer half
             keep = capacity // 2
@@ -586,6 +673,37 @@ class ControlsBatch:
             if bans is not None:
                 out[b, list(bans.done[int(self.cursor[b, BAN_STATE])])] = True
         return out
+
+    def guard(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(bool [B, V]: the characters the copy guard forbids at each row's next step, bool
+        [B]: whether the row may draw "end" there), or None where no row has the guard."""
+        flags = self.limits[:, FLAGS].tolist()
+        if not any(f & (COPY | LINES) for f in flags):
+            return None
+        index, v = self.index, self.vocab_size
+        assert index is not None
+        forbid = torch.zeros(len(self), v, dtype=torch.bool)
+        end = torch.ones(len(self), dtype=torch.bool)
+        for b, f in enumerate(flags):
+            cursor = self.cursor[b].tolist()
+            if f & COPY and cursor[COPY_LEN] == int(self.limits[b, MAX_COPY]):
+                m = Match(cursor[COPY_LO], cursor[COPY_HI], cursor[COPY_LEN])
+                forbid[b, index.next_chars(m).tolist()] = True
+            if f & LINES:
+                key, newline = self._line_key(b), index.newline
+                if cursor[LINE_LEN] > 0 and index.is_line_key(key):
+                    end[b] = False  # the text would end on a training line
+                    if newline >= 0:
+                        forbid[b, newline] = True
+                if cursor[LEFT] == 1:  # the last character: it ends the last line
+                    ids = np.arange(1, v + 1, dtype=np.uint64)
+                    with np.errstate(over="ignore"):
+                        keys = np.uint64(key) * np.uint64(LINE_P) + ids
+                    last = torch.from_numpy(np.isin(keys, index.line_keys))
+                    if newline >= 0:
+                        last[newline] = False
+                    forbid[b] |= last
+        return forbid, end
 
     def shape(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(typical_p float64 [B], min_p float32 [B]) where a row has either, else None."""

@@ -13,6 +13,7 @@ from charrnn.controls import Controls, ControlsBatch
 from charrnn.decode import StepDecoder
 from charrnn.model import CharRNN, State
 from charrnn.sampling import SamplingBatch, SamplingParams
+from charrnn.textindex import TextIndex
 from charrnn.vocab import Vocabulary
 
 
@@ -36,9 +37,11 @@ def generate(
     params: SamplingParams,
     decoder: StepDecoder | None = None,
     controls: Controls | None = None,
+    index: TextIndex | None = None,
 ) -> str:
     """Return ``length`` new characters following ``prime``; with ``controls``, fewer where
-    its banned strings leave no character to draw (the text ends there)."""
+    its banned strings leave no character to draw, or where a mask (the copy guard, which
+    reads the training text's ``index``) draws "end": the text ends there."""
     decoder = decoder or StepDecoder(model)
     device = model.head.weight.device
     prime_ids = vocab.encode(prime)
@@ -46,7 +49,7 @@ def generate(
     sampling = SamplingBatch.of([params], len(vocab), device)
     rows = None
     if controls is not None and controls.active:
-        rows = ControlsBatch.of(controls, len(vocab), prime_ids, vocab.encode)
+        rows = ControlsBatch.of(controls, len(vocab), prime_ids, vocab.encode, index)
     if decoder.multi_step and length > 0:
         ids, _, _ = decoder.decode_batch(
             logits, state, sampling, np.zeros(1, np.uint64), length, controls=rows

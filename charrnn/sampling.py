@@ -211,11 +211,28 @@ def _draw_controlled(
     shape = controls.shape()
     if shape is not None:
         shape = (shape[0].to(logits.device), shape[1].to(logits.device))
+    guard = controls.guard()
+    if guard is not None:  # the copy guard: a mask of its own, over the constraint's
+        mask = _guarded_mask(mask, *guard, v).to(logits.device)
     if mask is None:
         ids = _draw(x, temperature, top_k, top_p, u, shape)
     else:
         ids = _draw_masked(x, temperature, top_k, top_p, u, mask, shape)
     return torch.where(dead, v, ids)
+
+
+def _guarded_mask(
+    mask: torch.Tensor | None, forbid: torch.Tensor, end: torch.Tensor, v: int
+) -> torch.Tensor:
+    """``mask`` (or one allowing everything) without the characters ``forbid`` [B, V] and,
+    where ``end`` [B] is False, without "end" (bit V)."""
+    words = mask.shape[1] if mask is not None else (v + 32) // 32
+    allowed = torch.ones(forbid.shape[0], words * 32, dtype=torch.bool)
+    allowed[:, :v] = ~forbid.cpu()
+    allowed[:, v] = end.cpu()
+    packed = np.packbits(allowed.numpy(), axis=1, bitorder="little").view(np.int32)
+    guard = torch.from_numpy(packed.copy())
+    return guard if mask is None else mask.cpu() & guard
 
 
 def _draw_masked(

@@ -34,6 +34,11 @@ FORMAT = "charrnn-textindex"
 FORMAT_VERSION = 1
 # Intervals this small are read whole (a vectorised gather) instead of binary searched.
 SMALL = 64
+# A line's key for the copy guard: the polynomial hash sum((id + 1) * P**(m - 1 - i)) modulo
+# 2**64 of its m ids, which a generated line updates one character at a time (h * P + id + 1),
+# here and in charrnn/csrc/decode.cpp. A collision can only forbid a line that is new.
+LINE_P = 0x100000001B3
+_MASK64 = (1 << 64) - 1
 
 
 class TextIndexError(Exception):
@@ -88,6 +93,36 @@ def line_hash(line: str) -> int:
     return int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def line_key(ids: Sequence[int]) -> int:
+    """The key (``LINE_P``) of the line ``ids`` (without its newline)."""
+    h = 0
+    for i in ids:
+        h = (h * LINE_P + int(i) + 1) & _MASK64
+    return h
+
+
+def line_keys(ids: np.ndarray, newline: int) -> np.ndarray:
+    """The sorted distinct keys of the non-empty lines of ``ids`` (uint64), all at once: with
+    S[j] = sum over i < j of (id_i + 1) * P**-i, the line [a, b) has the key
+    P**(b - 1) * (S[b] - S[a]), modulo 2**64 (P is odd, so it has an inverse)."""
+    n = len(ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        powers = np.multiply.accumulate(np.full(n, LINE_P, dtype=np.uint64))
+        powers = np.concatenate(([np.uint64(1)], powers[:-1]))
+        inverse = np.multiply.accumulate(np.full(n, pow(LINE_P, -1, 1 << 64), dtype=np.uint64))
+        inverse = np.concatenate(([np.uint64(1)], inverse[:-1]))
+        s = np.concatenate(([np.uint64(0)], np.cumsum((ids.astype(np.uint64) + 1) * inverse)))
+        breaks = np.flatnonzero(ids == newline) if newline >= 0 else np.zeros(0, dtype=np.int64)
+        starts = np.concatenate(([0], breaks + 1))
+        ends = np.concatenate((breaks, [n]))
+        full = ends > starts
+        starts, ends = starts[full], ends[full]
+        keys = powers[ends - 1] * (s[ends] - s[starts])
+    return np.unique(keys)
+
+
 def _id_dtype(vocab_size: int) -> type[np.integer]:
     """The narrowest array type that holds every id (as training's id cache stores them)."""
     return np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.int32
@@ -117,6 +152,9 @@ class TextIndex:
         self._sa: Sequence[int] = memoryview(np.ascontiguousarray(sa, dtype=np.int32))
         # The same as ints, and one past the end (-1), for vectorised gathers.
         self._keys = np.append(ids.astype(np.int32), np.int32(-1))
+        self.newline = vocab.chars.find("\n")  # -1: the text is one line
+        # The lines' keys for the copy guard (LINE_P), sorted as unsigned.
+        self.line_keys = line_keys(ids, self.newline)
 
     # -- building and files --------------------------------------------------------------------
 
@@ -288,6 +326,11 @@ class TextIndex:
             m = self.shorten(m)
 
     # -- lines -----------------------------------------------------------------------------------
+
+    def is_line_key(self, key: int) -> bool:
+        """Whether a line with the key ``key`` (``line_key``) is a line of the text."""
+        at = int(np.searchsorted(self.line_keys, np.uint64(key)))
+        return at < len(self.line_keys) and int(self.line_keys[at]) == key
 
     def is_line(self, line: str) -> bool:
         """Whether ``line`` (a trailing newline ignored) is a whole line of the text. Empty

@@ -712,8 +712,12 @@ def test_native_ops_refuse_bad_controls():
     logits, t, k, p = torch.zeros(2, V), torch.ones(2), torch.full((2,), V), torch.ones(2)
     u = torch.zeros(2, dtype=torch.float64)
     good = _row("ab", presence_penalty=1.0).repeat(2).tensors
-    with pytest.raises(RuntimeError, match="a ControlsBatch's 10 tensors"):
+    with pytest.raises(RuntimeError, match="a ControlsBatch's 13 tensors"):
         torch.ops.charrnn.sample(logits, t, k, p, u, None, good[:9])
+    bad = list(good)
+    bad[10] = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="the index text must be its suffix array's"):
+        torch.ops.charrnn.sample(logits, t, k, p, u, None, bad)
     bad = list(good)
     bad[3] = bad[3].long()
     with pytest.raises(RuntimeError, match="controls: counts must be a contiguous Int"):

@@ -115,6 +115,14 @@ def test_a_ban_that_leaves_no_character_ends_the_sample(tiny_checkpoint):
             c, prime="Alice", banned_strings=[ch for ch in vocab if ch != "a"], max_new_chars=9
         )
         assert out["generated_text"] == "a" * 9
+        # With logprobs and several samples (their scores need them) in one fused call: the
+        # row that drew "end" has no logprob there, and every sample answers.
+        bans = [ch for ch in vocab if ch != "a"] + ["aaa"]  # "aa", then nothing is left
+        out = await generate(
+            c, prime="Alice", banned_strings=bans, logprobs=2, n=2, max_new_chars=9
+        )
+        assert [s["generated_text"] for s in out["samples"]] == ["aa", "aa"]
+        assert out["logprobs"]["tokens"] == ["a", "a"]
 
     run(tiny_checkpoint, test)
 

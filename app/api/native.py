@@ -48,7 +48,7 @@ async def to_requests(
         req = req.model_copy(update={"prime": fitted.text})
     request = _validated(req, model, settings, source, stream)
     drawn, controls = validate_samples_and_controls(
-        model, settings, req, source=source, stream=stream
+        model, settings, req, source=source, stream=stream, request=request
     )
     constraint = await constraints.compile_for(
         model, settings, req.constraint, (source, "constraint")

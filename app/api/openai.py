@@ -91,7 +91,7 @@ async def to_requests(
     is compiled once, after the other fields pass, for them all."""
     requests, inputs = _validated(req, model, settings)
     drawn, controls = validate_samples_and_controls(
-        model, settings, req, source="body", stream=req.stream, token_ids=True
+        model, settings, req, source="body", stream=req.stream, request=requests[0], token_ids=True
     )
     spec, loc = constraints.openai_spec(req.response_format, req.structured_outputs)
     grammar = await constraints.compile_for(model, settings, spec, loc, located=True)

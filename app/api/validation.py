@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -177,12 +178,13 @@ def validate_samples_and_controls(
     *,
     source: str,
     stream: bool,
+    request: GenerationRequest,
     token_ids: bool = False,
 ) -> tuple[int, Controls]:
     """How many samples to draw (``best_of``, else ``n``) and the generation controls, or a
     422 naming every problem. ``token_ids``: ``logit_bias`` keys are token ids (OpenAI's),
-    else characters."""
-    errors: list[dict[str, Any]] = []
+    else characters. ``request``: the validated generation (its length and stop strings)."""
+    errors: list[dict[str, Any]] = _copy_guard_errors(model, fields, source, request.stop)
     n, best_of = fields.n, fields.best_of
     if n > settings.max_n:
         errors.append(_error((source, "n"), f"at most {settings.max_n} samples (max_n)"))
@@ -220,8 +222,36 @@ def validate_samples_and_controls(
         banned_strings=tuple(fields.banned_strings),
         min_p=fields.min_p,
         typical_p=fields.typical_p,
+        max_copy_chars=fields.max_copy_chars,
+        novel_lines=fields.novel_lines,
+        length=request.max_new if fields.novel_lines else 0,
     )
     return drawn, controls
+
+
+def _copy_guard_errors(
+    model: LoadedModel, fields: SamplesAndControls, source: str, stop: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The copy guard needs the model's training text index; and with ``novel_lines`` a stop
+    string must begin with a newline: one that cuts a line short could leave a training line
+    as the text's last."""
+    errors = []
+    asked = [f for f in ("max_copy_chars", "novel_lines") if getattr(fields, f)]
+    if asked and not model.has_text_index:
+        for f in asked:
+            msg = (
+                f"{f} needs the model's training text index, and model {model.name!r} has "
+                "none (GET /info: text_index; `python -m training index` builds one)"
+            )
+            errors.append(_error((source, f), msg))
+    cutting = [s for s in stop if not s.startswith("\n")]
+    if fields.novel_lines and cutting:
+        msg = (
+            f"with novel_lines a stop string must begin with a newline, not {cutting[0]!r}: "
+            "one that cuts a line short could leave a training line as the last"
+        )
+        errors.append(_error((source, "stop"), msg))
+    return errors
 
 
 def _logit_bias(

@@ -27,6 +27,7 @@ from app.runner.graphs import prepare
 from charrnn.checkpoint import Checkpoint, load_checkpoint
 from charrnn.model import resolve_device
 from charrnn.sampling import SamplingParams
+from charrnn.textindex import TextIndex, TextIndexError, index_path
 from charrnn.vocab import Vocabulary
 
 log = logging.getLogger("charrnn.engine")
@@ -46,6 +47,24 @@ def checkpoint_id(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
+
+
+def _text_index(checkpoint: str, vocab: Vocabulary) -> TextIndex | None:
+    """The checkpoint's training text index (``NAME.index.npz`` beside it), for the copy
+    guard; None without one. One that cannot serve this model is logged and left out: the
+    model serves without the guard rather than not at all."""
+    path = index_path(checkpoint)
+    if not path.exists():
+        return None
+    try:
+        index = TextIndex.load(path)
+    except TextIndexError as e:
+        log.warning("text index %s left out: %s", path, e.problem)
+        return None
+    if index.vocab != vocab:
+        log.warning("text index %s left out: its vocabulary is not the checkpoint's", path)
+        return None
+    return index
 
 
 WARMUP_PRIME_CHARS = 8
@@ -73,6 +92,8 @@ class ModelFacts:
     decode_reason: str
     batch_invariant: bool
     batch_invariance: str
+    # The training text's index that the copy guard reads: its size, or None without one.
+    text_index: dict[str, Any] | None = None
 
 
 @dataclass(eq=False)
@@ -95,6 +116,11 @@ class LoadedModel:
         """Why this model's decode keeps failing, or None."""
         return self.scheduler.failing
 
+    @property
+    def has_text_index(self) -> bool:
+        """Whether the copy guard can serve this model (its training text's index loaded)."""
+        return self.runner.index is not None
+
     def facts(self) -> ModelFacts:
         r = self.runner
         cfg = r.model.config
@@ -113,6 +139,13 @@ class LoadedModel:
             decode_reason=r.decode_reason,
             batch_invariant=r.decoder.batch_invariant,
             batch_invariance=r.decoder.invariance,
+            text_index=None
+            if r.index is None
+            else {
+                "chars": len(r.index),
+                "lines": len(r.index.line_keys),
+                "corpus_sha256": r.index.corpus_sha256,
+            },
         )
 
 
@@ -215,14 +248,16 @@ class Engine:
         assert settings is not None and metrics is not None
         device = resolve_device(settings.device)
         weights, why = decode_precision(settings.decode_weights, device)
+        ckpt = ckpt or load_checkpoint(path, device)
         runner = ModelRunner(
-            ckpt or load_checkpoint(path, device),
+            ckpt,
             device,
             cache_size=settings.prime_cache_size,
             weights=weights,
             threads=settings.threads,
             native_kernels=settings.native_kernels,
             decode_reason=why,
+            index=_text_index(path, ckpt.vocab),
         )
         scheduler = Scheduler(
             name,

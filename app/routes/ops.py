@@ -67,6 +67,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
                 decode_reason=f.decode_reason,
                 batch_invariant=f.batch_invariant,
                 batch_invariance=f.batch_invariance,
+                text_index=f.text_index,  # type: ignore[arg-type]
             )
         )
     limits = Limits(

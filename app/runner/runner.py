@@ -37,6 +37,7 @@ from charrnn.model import State
 from charrnn.quantization import choose_precision
 from charrnn.sampling import SamplingBatch, SamplingParams, uniforms
 from charrnn.structured import Matcher, new_masks
+from charrnn.textindex import TextIndex
 
 
 def decode_precision(setting: str, device: torch.device) -> tuple[Precision, str]:
@@ -57,8 +58,11 @@ class ModelRunner:
         threads: int | None = None,
         native_kernels: bool = True,
         decode_reason: str = "",
+        index: TextIndex | None = None,
     ):
         self.ckpt = checkpoint
+        # The training text's index, for the copy guard (None: the model has none).
+        self.index = index
         self.decode_reason = decode_reason  # why the step runs in this precision
         self.model = checkpoint.model
         self.vocab = checkpoint.vocab
@@ -219,7 +223,11 @@ class ModelRunner:
             state_of_controls = None
             if controls.active:
                 state_of_controls = ControlsBatch.of(
-                    controls, len(self.vocab), self.vocab.encode(prime), self.vocab.encode
+                    controls,
+                    len(self.vocab),
+                    self.vocab.encode(prime),
+                    self.vocab.encode,
+                    self.index,
                 )
             row = RowStage(constraint, state_of_controls)
             stage = BatchStage.of(row, self._mask_words, len(self.vocab))
@@ -302,7 +310,9 @@ class ModelRunner:
         ids, logits, state = self.decoder.decode_batch(
             batch.logits, batch.state, batch.sampling, positions, steps, seen, controls=controls
         )
-        return Sampled(ids, self._row_logprobs(batch, seen, ids)), batch.moved(logits, state)
+        # A row that drew "end" (its bans or copy guard left nothing) has no logprob there.
+        logprobs = self._row_logprobs(batch, seen, network_chars(ids, batch.stage))
+        return Sampled(ids, logprobs), batch.moved(logits, state)
 
     def _stepwise(self, batch: Batch, positions: np.ndarray, steps: int) -> tuple[Sampled, Batch]:
         """``sample`` then ``forward``, ``steps`` times, in one tight loop (without the native

@@ -23,7 +23,9 @@
 // logits, its banned characters at -inf (where none is left, the row draws "end", id V), the
 // mask, then temperature, top-k, typical-p, top-p and min-p; after the draw the row's state
 // (history, counts, DRY matches, automata) moves on in place, exactly as
-// ControlsBatch.record moves it. A row without controls takes the path it takes without the
+// ControlsBatch.record moves it. The copy guard is one more mask there, over the constraint's:
+// a walk over the training text's suffix array (TextIndexView, the same arithmetic as
+// charrnn/textindex.py) and a line key per row, which bite only at the steps they must. A row without controls takes the path it takes without the
 // argument, and without the argument nothing here looks at controls.
 //
 // Registered as torch.ops.charrnn.sample and torch.ops.charrnn.lstm_decode next to the int8
@@ -69,10 +71,15 @@ struct Scratch {
   std::vector<int32_t> repeat, touched;
   std::vector<double> q, score;
   std::vector<int64_t> rank;
+  std::vector<int32_t> guard;  // the copy guard's mask (its first (V + 32) / 32 words)
+  // With controls a row may be masked by its copy guard: room for "end" either way.
   Scratch(int64_t vocab, bool masked, bool controlled = false)
+      : Scratch(vocab, masked || controlled, controlled, 0) {}
+  Scratch(int64_t vocab, bool masked, bool controlled, int)
       : probs(vocab + masked), cum(vocab + masked), order(vocab + masked), keys(vocab + masked),
         outcomes(masked ? vocab + 1 : 0) {
     if (!controlled) return;
+    guard.resize((vocab + 32) / 32);
     const int64_t n = vocab + masked;
     adjusted.resize(vocab);
     kept.resize(n);
@@ -229,12 +236,19 @@ enum Param {
   kRepetition, kPresence, kFrequency, kDryMultiplier, kDryBase, kTypicalP, kMinP, kParams
 };
 enum Limit {
-  kFlags, kPenaltyLastN, kDryLastN, kDryAllowed, kCapacity, kBreakerBase, kBanBase, kLimits
+  kFlags, kPenaltyLastN, kDryLastN, kDryAllowed, kCapacity, kBreakerBase, kBanBase, kMaxCopy,
+  kNewline, kLimits
 };
-enum Cursor { kLength, kSince, kBreakerState, kBanState, kCursors };
+enum Cursor {
+  kLength, kSince, kBreakerState, kBanState, kCopyLo, kCopyHi, kCopyLen, kLineKey, kLineLen,
+  kLeft, kCursors
+};
 enum Node { kEdgeBegin, kEdgeEnd, kFail, kDoneBegin, kDoneEnd, kEnds, kNodeColumns };
-enum Flag : int64_t { kBias = 1, kPenalties = 2, kDry = 4, kBans = 8, kShape = 16 };
-constexpr int64_t kControlTensors = 10;
+enum Flag : int64_t {
+  kBias = 1, kPenalties = 2, kDry = 4, kBans = 8, kShape = 16, kCopy = 32, kLines = 64
+};
+constexpr int64_t kControlTensors = 13;
+constexpr uint64_t kLineP = 0x100000001B3ULL;  // textindex.LINE_P
 // llama.cpp's bound on DRY's exponent, log(FLT_MAX), and the largest penalty (finite).
 constexpr double kDryMaxLog = 88.7228391;
 constexpr double kFloatMax = std::numeric_limits<float>::max();
@@ -271,6 +285,94 @@ struct Machine {
   }
 };
 
+// The training text's index (textindex.TextIndex) as the copy guard reads it: ``text`` its ids
+// then -1 (the end of the text, which sorts first), ``sa`` its suffix array, ``lines`` the
+// sorted keys of its lines. A run being followed is a Match: the suffix-array rows [lo, hi)
+// whose suffixes start with it, ``len`` characters long.
+struct Match {
+  int64_t lo, hi, len;
+};
+
+struct TextIndexView {
+  const int32_t* text;
+  const int32_t* sa;
+  int64_t n;
+  const uint64_t* lines;
+  int64_t n_lines;
+
+  int32_t at(int64_t row, int64_t offset) const { return text[sa[row] + offset]; }
+
+  // The first row of [lo, hi) whose character at ``offset`` is >= c (> c with ``upper``);
+  // the rows' characters there are sorted, as they all share the ``offset`` before.
+  int64_t bound(int64_t lo, int64_t hi, int64_t offset, int32_t c, bool upper) const {
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      const int32_t k = at(mid, offset);
+      if (upper ? k <= c : k < c) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  // The suffix at p against pat[0, m): < 0, 0 where it starts with pat, > 0.
+  int compare(int64_t p, const int32_t* pat, int64_t m) const {
+    for (int64_t i = 0; i < m; ++i)
+      if (text[p + i] != pat[i]) return text[p + i] < pat[i] ? -1 : 1;
+    return 0;
+  }
+
+  // The run pat[0, m) as a Match (it occurs: callers take it from the text).
+  Match find(const int32_t* pat, int64_t m) const {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (compare(sa[mid], pat, m) < 0) lo = mid + 1;
+      else hi = mid;
+    }
+    int64_t end = n, a = lo;
+    while (a < end) {
+      const int64_t mid = a + (end - a) / 2;
+      if (compare(sa[mid], pat, m) <= 0) a = mid + 1;
+      else end = mid;
+    }
+    return {lo, a, m};
+  }
+
+  // The run without its first character (TextIndex.shorten).
+  Match shorten(const Match& m) const {
+    if (m.len <= 1) return {0, n, 0};
+    return find(text + sa[m.lo] + 1, m.len - 1);
+  }
+
+  // TextIndex.advance: the longest suffix of the run followed by c that occurs, at most
+  // ``most`` long.
+  Match advance(Match m, int32_t c, int64_t most) const {
+    for (;;) {
+      if (m.len >= most) {
+        m = shorten(m);
+        continue;
+      }
+      const int64_t a = bound(m.lo, m.hi, m.len, c, false);
+      const int64_t b = bound(a, m.hi, m.len, c, true);
+      if (b > a) return {a, b, m.len + 1};
+      if (m.len == 0) return m;
+      m = shorten(m);
+    }
+  }
+
+  // Calls f(c) for each character that follows the run somewhere (TextIndex.next_chars).
+  template <typename F>
+  void next_chars(const Match& m, F f) const {
+    for (int64_t i = m.lo; i < m.hi;) {
+      const int32_t k = at(i, m.len);
+      if (k >= 0) f(k);
+      i = bound(i, m.hi, m.len, k, true);
+    }
+  }
+
+  bool is_line(uint64_t key) const { return std::binary_search(lines, lines + n_lines, key); }
+};
+
 // A ControlsBatch's tensors, as pointers (the state ones written in place).
 struct Controls {
   int64_t vocab, width;
@@ -284,6 +386,7 @@ struct Controls {
   const int32_t* nodes;
   const int32_t* edges;
   const int32_t* done;
+  TextIndexView index;
 
   int64_t flags(int64_t b) const { return limits[b * kLimits + kFlags]; }
   const int64_t* limit(int64_t b) const { return limits + b * kLimits; }
@@ -306,6 +409,8 @@ Controls view_controls(at::TensorList c, int64_t batch, int64_t vocab) {
       {at::kInt, {batch, width}, "history"},         {at::kInt, {batch, width}, "matches"},
       {at::kLong, {batch, kCursors}, "cursor"},      {at::kInt, {-1, kNodeColumns}, "nodes"},
       {at::kInt, {-1, 2}, "edges"},                  {at::kInt, {-1}, "done"},
+      {at::kInt, {-1}, "index text"},                {at::kInt, {-1}, "index suffix array"},
+      {at::kLong, {-1}, "index line keys"},
   };
   for (int64_t i = 0; i < kControlTensors; ++i) {
     const Tensor& t = c[i];
@@ -321,6 +426,9 @@ Controls view_controls(at::TensorList c, int64_t batch, int64_t vocab) {
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(limits[b * kLimits + kCapacity] <= width, "controls: row ", b,
                 "'s history capacity exceeds the history's width ", width);
+  const int64_t n = c[11].size(0);
+  TORCH_CHECK(c[10].size(0) == n + 1, "controls: the index text must be its suffix array's ",
+              "length + 1 (the end's -1), got ", c[10].size(0), " and ", n);
   return {vocab,
           width,
           c[0].data_ptr<float>(),
@@ -332,7 +440,9 @@ Controls view_controls(at::TensorList c, int64_t batch, int64_t vocab) {
           c[6].data_ptr<int64_t>(),
           c[7].data_ptr<int32_t>(),
           c[8].data_ptr<int32_t>(),
-          c[9].data_ptr<int32_t>()};
+          c[9].data_ptr<int32_t>(),
+          {c[10].data_ptr<int32_t>(), c[11].data_ptr<int32_t>(), n,
+           reinterpret_cast<const uint64_t*>(c[12].data_ptr<int64_t>()), c[12].size(0)}};
 }
 
 // Repetition, presence and frequency penalties on the characters seen in the row's window, as
@@ -402,6 +512,60 @@ bool ban_row(const Controls& cs, int64_t b, float* y) {
   const auto [first, last] = cs.machine(cs.limit(b)[kBanBase]).done_after(cs.state(b)[kBanState]);
   for (const int32_t* c = first; c < last; ++c) y[*c] = kNegInf;
   return std::any_of(y, y + cs.vocab, [](float v) { return v != kNegInf; });
+}
+
+// The copy guard's mask for row b's next character (ControlsBatch.guard), over ``words`` (the
+// constraint's mask, or null: every character), in s.guard. Returns the mask to sample with:
+// ``words`` itself where the guard forbids nothing here.
+const int32_t* guard_row(const Controls& cs, int64_t b, const int32_t* words, Scratch& s) {
+  const int64_t flags = cs.flags(b), vocab = cs.vocab;
+  const int64_t* lim = cs.limit(b);
+  const int64_t* cur = cs.state(b);
+  const TextIndexView& ix = cs.index;
+  int32_t* g = s.guard.data();
+  bool copied = false;
+  auto forbid = [&](int64_t j) {
+    if (!copied) {
+      const int64_t n = static_cast<int64_t>(s.guard.size());
+      for (int64_t w = 0; w < n; ++w) g[w] = words ? words[w] : -1;
+      copied = true;
+    }
+    g[j >> 5] &= ~(int32_t{1} << (j & 31));
+  };
+  if ((flags & kCopy) && cur[kCopyLen] == lim[kMaxCopy])
+    ix.next_chars({cur[kCopyLo], cur[kCopyHi], cur[kCopyLen]}, forbid);
+  if (flags & kLines) {
+    const uint64_t key = static_cast<uint64_t>(cur[kLineKey]);
+    const int64_t newline = lim[kNewline];
+    if (cur[kLineLen] > 0 && ix.is_line(key)) {  // the text would end on a training line
+      forbid(vocab);
+      if (newline >= 0) forbid(newline);
+    }
+    if (cur[kLeft] == 1)  // the last character: it ends the last line
+      for (int64_t j = 0; j < vocab; ++j)
+        if (j != newline && ix.is_line(key * kLineP + static_cast<uint64_t>(j + 1))) forbid(j);
+  }
+  return copied ? g : words;
+}
+
+// Row b's copy guard after it drew character c (ControlsBatch._guard_advance).
+void guard_record(const Controls& cs, int64_t b, int32_t c, int64_t flags) {
+  const int64_t* lim = cs.limit(b);
+  int64_t* cur = cs.state(b);
+  if (flags & kCopy) {
+    const Match m = cs.index.advance({cur[kCopyLo], cur[kCopyHi], cur[kCopyLen]}, c,
+                                     lim[kMaxCopy]);
+    cur[kCopyLo] = m.lo;
+    cur[kCopyHi] = m.hi;
+    cur[kCopyLen] = m.len;
+  }
+  if (flags & kLines) {
+    const bool newline = c == lim[kNewline];
+    const uint64_t key = static_cast<uint64_t>(cur[kLineKey]) * kLineP + static_cast<uint64_t>(c + 1);
+    cur[kLineKey] = newline ? 0 : static_cast<int64_t>(key);
+    cur[kLineLen] = newline ? 0 : cur[kLineLen] + 1;
+  }
+  --cur[kLeft];
 }
 
 // Locally typical sampling on w[0, k) (the top k's probabilities, likeliest first): zeroes the
@@ -487,6 +651,7 @@ int64_t sample_controlled_row(const float* logits, int64_t vocab, const int32_t*
   if (flags & kPenalties) penalise_row(cs, b, y);
   if (flags & kDry) dry_row(cs, b, y, s);
   if ((flags & kBans) && !ban_row(cs, b, y)) return vocab;  // every character banned
+  if (flags & (kCopy | kLines)) words = guard_row(cs, b, words, s);
   const float* x = y;
   int64_t n = vocab;
   if (words != nullptr && mask_row(y, vocab, words, s.outcomes.data())) {
@@ -549,6 +714,7 @@ void record(const Controls& cs, int64_t b, int32_t c) {
     }
   }
   if (flags & kBans) cur[kBanState] = cs.machine(lim[kBanBase]).next(cur[kBanState], c);
+  if (flags & (kCopy | kLines)) guard_record(cs, b, c, flags);
 }
 
 void check_rows(const Tensor& t, int64_t batch, at::ScalarType dtype, const char* what) {
