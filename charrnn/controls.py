@@ -20,8 +20,10 @@ follows the longest suffix of the generated text that occurs in the training tex
 that long, and once it is, forbids the characters that would make it longer; ``novel_lines``
 keeps the current line's key and forbids the newline (and "end") that would close a
 training line, and at the generation's last step each character that would finish one. Both
-act as masks ("end" takes the forbidden mass, as for a constraint), computed only at the
-steps where they bite: elsewhere the row samples as without them."""
+act as masks, computed only at the steps where they bite (elsewhere the row samples as
+without them): the forbidden characters' mass leaves the row, and "end" comes where nothing
+is left, as for a constraint's match that no character continues (with a constraint, "end"
+keeps the mass its mask gives it, but never where it would close a training line)."""
 
 from __future__ import annotations
 

@@ -224,12 +224,14 @@ def _draw_controlled(
 def _guarded_mask(
     mask: torch.Tensor | None, forbid: torch.Tensor, end: torch.Tensor, v: int
 ) -> torch.Tensor:
-    """``mask`` (or one allowing everything) without the characters ``forbid`` [B, V] and,
-    where ``end`` [B] is False, without "end" (bit V)."""
+    """``mask`` without the characters ``forbid`` [B, V] and, where ``end`` [B] is False,
+    without "end" (bit V). The guard never says that a text may end: without a mask its
+    forbidden characters' mass leaves the row, and "end" comes only where nothing is left (as
+    for a constraint's match that no character continues)."""
     words = mask.shape[1] if mask is not None else (v + 32) // 32
     allowed = torch.ones(forbid.shape[0], words * 32, dtype=torch.bool)
     allowed[:, :v] = ~forbid.cpu()
-    allowed[:, v] = end.cpu()
+    allowed[:, v] = end.cpu() & (mask is not None)
     packed = np.packbits(allowed.numpy(), axis=1, bitorder="little").view(np.int32)
     guard = torch.from_numpy(packed.copy())
     return guard if mask is None else mask.cpu() & guard

@@ -232,11 +232,9 @@ def test_no_generated_run_longer_than_max_copy_chars_occurs_in_the_training_text
     for t in guarded:
         assert not _copies(t, text, 8), t
     assert sum(_copies(t, text, 8) for t in free) > len(free) // 2
-    # Where the guard bites, the forbidden characters' mass goes to "end" (as a constraint's):
-    # a model this fond of its text often takes it, but not always.
-    lengths = [len(t) for t in guarded]
-    print("guarded lengths", np.mean(lengths), sum(n == 80 for n in lengths))
-    assert min(lengths) >= 8 and max(lengths) > 8
+    # The forbidden characters' mass leaves the row: a text ends early only where the guard
+    # left no character at all.
+    assert np.mean([len(t) for t in guarded]) > 75
 
 
 NAMES = [

@@ -515,8 +515,8 @@ bool ban_row(const Controls& cs, int64_t b, float* y) {
 }
 
 // The copy guard's mask for row b's next character (ControlsBatch.guard), over ``words`` (the
-// constraint's mask, or null: every character), in s.guard. Returns the mask to sample with:
-// ``words`` itself where the guard forbids nothing here.
+// constraint's mask, or null: every character, but not "end"), in s.guard. Returns the mask
+// to sample with: ``words`` itself where the guard forbids nothing here.
 const int32_t* guard_row(const Controls& cs, int64_t b, const int32_t* words, Scratch& s) {
   const int64_t flags = cs.flags(b), vocab = cs.vocab;
   const int64_t* lim = cs.limit(b);
@@ -528,6 +528,9 @@ const int32_t* guard_row(const Controls& cs, int64_t b, const int32_t* words, Sc
     if (!copied) {
       const int64_t n = static_cast<int64_t>(s.guard.size());
       for (int64_t w = 0; w < n; ++w) g[w] = words ? words[w] : -1;
+      // The guard never says that a text may end: without a constraint's mask, "end" comes
+      // only where nothing is left.
+      if (!words) g[vocab >> 5] &= ~(int32_t{1} << (vocab & 31));
       copied = true;
     }
     g[j >> 5] &= ~(int32_t{1} << (j & 31));
