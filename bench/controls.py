@@ -8,9 +8,12 @@
   stream without (chars/s, in turns); 64 streams, half with them, against 64 plain ones
   (aggregate chars/s, and the running streams' largest gap); and ``n: 8`` from one request
   against ``n: 1`` (characters per second in all).
+- The copy guard (``max_copy_chars: 12``, with the shipped model's text index): the decode
+  alone with it on every row against without, and one stream with it against the same stream
+  without, over HTTP.
 
 Targets: with controls >= 0.85x the characters per second without, at one stream and at 64;
-the largest gap <= 50 ms; ``n: 8`` >= 4x ``n: 1``.
+the largest gap <= 50 ms; ``n: 8`` >= 4x ``n: 1``; one stream with the copy guard >= 0.8x.
 
 ``python -m bench.controls`` prints one JSON object."""
 
@@ -39,6 +42,7 @@ from charrnn.checkpoint import load_checkpoint
 from charrnn.controls import Controls, ControlsBatch
 from charrnn.decode import StepDecoder
 from charrnn.sampling import SamplingBatch, SamplingParams
+from charrnn.textindex import TextIndex, index_path
 from charrnn.vocab import Vocabulary
 
 BATCHES = (1, 64)
@@ -51,6 +55,8 @@ CONTROLS = Controls(
 )
 PRIME = "Alice was beginning to get very tired of sitting by her sister on the bank, and of"
 TARGET = 0.85
+GUARD = Controls(max_copy_chars=12)
+GUARD_TARGET = 0.8
 
 
 def _in_turns(a: Callable[[], object], b: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -65,7 +71,12 @@ def _in_turns(a: Callable[[], object], b: Callable[[], object], reps: int) -> tu
 
 
 def _batch(
-    decoder: StepDecoder, vocab: Vocabulary, prime: list[int], b: int, reps: int
+    decoder: StepDecoder,
+    vocab: Vocabulary,
+    prime: list[int],
+    b: int,
+    reps: int,
+    index: TextIndex,
 ) -> dict[str, object]:
     """One batch size's figures: ``b`` rows of one prime, their own seeds."""
     vocab_size = len(vocab)
@@ -76,6 +87,7 @@ def _batch(
         [SamplingParams(1.0, None, 0.95, seed) for seed in range(b)], vocab_size, logits.device
     )
     controls = ControlsBatch.of(CONTROLS, vocab_size, prime, vocab.encode).repeat(b)
+    guard = ControlsBatch.of(GUARD, vocab_size, prime, vocab.encode, index).repeat(b)
     at = np.zeros(b, dtype=np.uint64)
 
     def plain() -> None:
@@ -85,9 +97,14 @@ def _batch(
     def controlled() -> None:
         decoder.decode_batch(logits, state, sampling, at, CALL_STEPS, controls=controls)
 
+    def guarded() -> None:
+        decoder.decode_batch(logits, state, sampling, at, CALL_STEPS, controls=guard)
+
     plain()
     controlled()
+    guarded()
     t_plain, t_controls = _in_turns(plain, controlled, reps)
+    t_base, t_guard = _in_turns(plain, guarded, reps)
     u = torch.rand(b, dtype=torch.float64)
     s_plain, s_controls = _in_turns(
         lambda: decoder.sample(logits, *sampling.filters, u),
@@ -102,6 +119,8 @@ def _batch(
         "plain_sample_us": round(s_plain * 1e6, 1),
         "controls_sample_us": round(s_controls * 1e6, 1),
         "meets_target": t_plain / t_controls >= TARGET,
+        "copy_guard_us_per_char_step": round(t_guard / CALL_STEPS * 1e6, 1),
+        "copy_guard_chars_per_s_ratio": round(t_base / t_guard, 3),
     }
 
 
@@ -129,15 +148,16 @@ async def _stream_rate(c: httpx.AsyncClient, url: str, body: dict) -> float:
     return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
 
-async def _one_stream(url: str, reps: int) -> tuple[float, float]:
-    """One stream without and with the controls, in turns: median chars/s of each."""
+async def _one_stream(url: str, reps: int, fields: dict = FIELDS) -> tuple[float, float]:
+    """One stream without and with ``fields``, in turns: median chars/s of each."""
     rates: tuple[list[float], list[float]] = ([], [])
     async with httpx.AsyncClient(timeout=120) as c:
-        for controls in (False, True):
-            await _stream_rate(c, url, _body(0, 200, controls))  # warm
+        for on in (False, True):
+            await _stream_rate(c, url, _body(0, 200, False) | (fields if on else {}))  # warm
         for rep in range(reps):
-            for controls in (False, True):
-                rates[controls].append(await _stream_rate(c, url, _body(rep, 2000, controls)))
+            for on in (False, True):
+                body = _body(rep, 2000, False) | (fields if on else {})
+                rates[on].append(await _stream_rate(c, url, body))
     return statistics.median(rates[0]), statistics.median(rates[1])
 
 
@@ -164,6 +184,7 @@ def serve(checkpoint: Path = DEFAULT_MODEL, port: int = 8768, reps: int = 3) -> 
         plain64 = [asyncio.run(_streams(url, 0, 1000 * r)) for r in range(reps)]
         half64 = [asyncio.run(_streams(url, 32, 1000 * r)) for r in range(reps)]
         n1, n8 = asyncio.run(_samples(url, reps))
+        plain_copy, guarded = asyncio.run(_one_stream(url, reps, {"max_copy_chars": 12}))
     agg_plain = statistics.median(a for a, _ in plain64)
     agg_half = statistics.median(a for a, _ in half64)
     return {
@@ -179,6 +200,10 @@ def serve(checkpoint: Path = DEFAULT_MODEL, port: int = 8768, reps: int = 3) -> 
         "n1_chars_per_s": round(n1),
         "n8_chars_per_s": round(n8),
         "n8_vs_n1": round(n8 / n1, 2),
+        "one_stream_copy_guard_chars_per_s": round(guarded),
+        "one_stream_copy_guard_base_chars_per_s": round(plain_copy),
+        "one_stream_copy_guard_vs_base": round(guarded / plain_copy, 3),
+        "copy_guard_meets_target": guarded / plain_copy >= GUARD_TARGET,
     }
 
 
@@ -189,6 +214,7 @@ def run(batches: tuple[int, ...] = BATCHES, reps: int = 30) -> dict[str, object]
     if not decoder.multi_step:
         raise SystemExit("bench.controls needs the native kernels (a C++ compiler)")
     prime = ckpt.vocab.encode(PRIME)
+    index = TextIndex.load(index_path(DEFAULT_MODEL))
     return {
         "benchmark": "controls",
         "model": DEFAULT_MODEL.name,
@@ -197,7 +223,8 @@ def run(batches: tuple[int, ...] = BATCHES, reps: int = 30) -> dict[str, object]
         "controls": "presence 0.3, frequency 0.2 (last 64), DRY 0.8 (last 1024, allowed 8), "
         "banned 'the ', 'said'",
         "target_ratio": TARGET,
-        "rows": [_batch(decoder, ckpt.vocab, prime, b, reps) for b in batches],
+        "copy_guard": "max_copy_chars 12",
+        "rows": [_batch(decoder, ckpt.vocab, prime, b, reps, index) for b in batches],
         "serving": serve(),
         "machine": machine(),
     }

@@ -39,12 +39,14 @@ class Case:
 @dataclass
 class Texts:
     """What a crowd's primes are drawn from: ``text`` in the model's vocabulary, and the
-    constraints its vocabulary can meet."""
+    constraints its vocabulary can meet; ``guard``: the model has a text index (the copy
+    guard may be drawn)."""
 
     text: str
     regexes: tuple[str, ...]
     choices: tuple[tuple[str, ...], ...]
     model: str | None = None
+    guard: bool = False
 
 
 def random_case(rng: random.Random, texts: Texts, max_new: int = 120) -> Case:
@@ -95,6 +97,12 @@ def random_case(rng: random.Random, texts: Texts, max_new: int = 120) -> Case:
     if rng.random() < 0.3:  # generation controls
         body |= _controls(rng)
         labels.append("controls")
+    if texts.guard and rng.random() < 0.3:  # the copy guard
+        guards: list[dict[str, Any]] = [{"max_copy_chars": rng.choice((4, 8, 12))}]
+        if all(s.startswith("\n") for s in body.get("stop", ())):
+            guards += [{"novel_lines": True}, {"max_copy_chars": 6, "novel_lines": True}]
+        body |= rng.choice(guards)
+        labels.append("copy guard")
     if route != "sse_get" and rng.random() < 0.15:  # many samples from one prime
         body["n"] = rng.randint(2, 3)
         labels.append("n")

@@ -8,6 +8,7 @@ model (e2e). And a failure in one row's events ends that row alone."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -18,7 +19,9 @@ from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.engine.stops import StopMatcher
-from tests.conftest import make_text, run
+from charrnn.checkpoint import load_checkpoint, save_checkpoint
+from charrnn.textindex import TextIndex, index_path
+from tests.conftest import fit_tiny, generate, make_text, run
 from tests.crowd import Case, Texts, crowd_and_alone, random_case
 from tests.server import run_server
 
@@ -65,6 +68,29 @@ def test_each_row_of_a_mixed_crowd_answers_as_alone(tiny_checkpoint, seed):
 
     # A small prime budget: long primes are primed in several parts beside running rows.
     run(tiny_checkpoint, test, prime_budget=256, max_concurrent=64)
+
+
+def test_a_crowd_with_the_copy_guard_answers_as_alone(tiny_checkpoint, tmp_path):
+    """A tiny model fitted on the crowd's own text, served with its index: it copies the
+    text, so the guard bites."""
+    vocab = load_checkpoint(tiny_checkpoint).vocab
+    ckpt = tmp_path / "copier.pt"
+    save_checkpoint(ckpt, fit_tiny(TINY.text, vocab, hidden=64, lr=0.02, steps=200)[0], vocab, {})
+    TextIndex.build(TINY.text, vocab).save(index_path(ckpt))
+    texts = dataclasses.replace(TINY, guard=True)
+    rng = random.Random(2)
+
+    async def test(c: httpx.AsyncClient) -> None:
+        assert (await c.get("/info")).json()["models"][0]["text_index"] is not None
+        body = {"prime": TINY.text[:40], "max_new_chars": 60, "seed": 1}
+        free = (await generate(c, **body))["generated_text"]
+        assert (await generate(c, **body, max_copy_chars=4))["generated_text"] != free
+        for size in (5, 40):
+            cases = [random_case(rng, texts) for _ in range(size)]
+            _check(await crowd_and_alone(c, cases))
+            assert any("copy guard" in case.labels for case in cases)
+
+    run(ckpt, test, prime_budget=256, max_concurrent=64)
 
 
 def test_logprobs_and_no_logprobs_in_one_call(tiny_checkpoint):
@@ -138,6 +164,7 @@ def test_a_crowd_on_a_real_server_with_the_shipped_model(tmp_path):
         alice * 30,
         regexes=("[a-z ]{1,30}", "(Alice|Queen) [a-z]+", "[A-Za-z]+[.!?]"),
         choices=(("Alice", "Queen", "Hatter"), ("yes", "no")),
+        guard=True,  # the shipped model has its text index
     )
     rng = random.Random(27)
     cases = [random_case(rng, texts, max_new=300) for _ in range(48)]
