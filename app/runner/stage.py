@@ -63,7 +63,7 @@ class BatchStage:
 
     @classmethod
     def of(cls, row: RowStage, words: int, end: int) -> BatchStage:
-        return cls([row], _allow_all(1, words), end, row.controls)
+        return cls([row], _allow_all(1, words, end), end, row.controls)
 
     @functools.cached_property
     def matchers(self) -> list[tuple[int, Matcher]]:
@@ -99,7 +99,7 @@ class BatchStage:
         masks = []
         for c, n in parts:
             rows += c.rows if c is not None else [None] * n
-            masks.append(c.masks if c is not None else _allow_all(n, words))
+            masks.append(c.masks if c is not None else _allow_all(n, words, end))
         controls = None
         if any(c.controls is not None for c in present):
             controls = ControlsBatch.concat(
@@ -156,8 +156,13 @@ class BatchStage:
         return out
 
 
-def _allow_all(rows: int, words: int) -> torch.Tensor:
-    return torch.full((rows, words), -1, dtype=torch.int32)
+def _allow_all(rows: int, words: int, end: int) -> torch.Tensor:
+    """The mask of a row without a constraint: every character, but not "end" (it forbids
+    nothing, so it samples as without a mask; and a copy guard's forbidden mass must not
+    become "end" here, as it would not without a mask)."""
+    masks = torch.full((rows, words), -1, dtype=torch.int32)
+    masks[:, end >> 5] &= ~(1 << (end & 31)) if end & 31 != 31 else 0x7FFFFFFF
+    return masks
 
 
 # "End" (id V, one past the vocabulary) is a row's last draw: its match is over, or its bans
