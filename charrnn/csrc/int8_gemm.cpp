@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -455,12 +456,18 @@ Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
               w.max_abs);
   Tensor out = at::empty({rows, w.n}, at::kInt);
   if (rows == 0) return out;
-  // The activations shifted to unsigned (x + 128 = x ^ 0x80), each row padded to whole groups.
-  std::vector<uint8_t> act(rows * lda, 0);
+  // The activations shifted to unsigned (x + 128 = x ^ 0x80), each row padded to whole groups
+  // (with zeros, though the padded weights are 0 anyway). With the stride and the pointers in
+  // locals the loop vectorises; x.stride(0) read per byte cost ~2 us of an 8-row layer 1.
+  std::unique_ptr<uint8_t[]> act(new uint8_t[rows * lda]);
   const int8_t* xp = x.data_ptr<int8_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < w.k; ++j)
-      act[r * lda + j] = static_cast<uint8_t>(xp[r * x.stride(0) + j]) ^ 0x80;
+  const int64_t k = w.k, stride = x.stride(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* src = xp + r * stride;
+    uint8_t* dst = act.get() + r * lda;
+    for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<uint8_t>(src[j]) ^ 0x80;
+    std::fill(dst + k, dst + lda, uint8_t{0});
+  }
   int32_t* o = out.data_ptr<int32_t>();
   const int64_t nr = path.blocks, panels = (w.blocks + nr - 1) / nr;
   // Rows in chunks whose activations (~32 KB) stay in L1 while every panel reads them: without
@@ -473,7 +480,7 @@ Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
     at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 20) / panel_macs), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t block = p * nr;
-        run_panel(path, act.data() + r * lda, lda, n_rows, w, block, std::min(nr, w.blocks - block),
+        run_panel(path, act.get() + r * lda, lda, n_rows, w, block, std::min(nr, w.blocks - block),
                   o + r * w.n, w.n);
       }
     });
