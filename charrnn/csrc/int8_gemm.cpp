@@ -239,6 +239,13 @@ CHARRNN_AVX2 inline void store_block(int32_t* out, __m256i lo, __m256i hi, const
   std::memcpy(out, tmp, left * sizeof(int32_t));
 }
 
+// The same for AVX-VNNI's VEX form (ymm, registers 0-15), for the same reason ("%{" is a
+// literal brace in GCC's asm templates).
+CHARRNN_AVXVNNI inline __m256i dpbusd_vex(__m256i acc, __m256i x, __m256i w) {
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(x), "x"(w));
+  return acc;
+}
+
 template <int MR, int NR>
 CHARRNN_AVXVNNI void tile_avxvnni(const TileArgs& t) {
   __m256i acc[MR][2 * NR];
@@ -252,7 +259,7 @@ CHARRNN_AVXVNNI void tile_avxvnni(const TileArgs& t) {
           reinterpret_cast<const __m256i*>(t.w + (j / 2) * stride + g * 64 + (j % 2) * 32));
     for (int r = 0; r < MR; ++r) {
       const __m256i x = _mm256_set1_epi32(static_cast<int>(load4(t.a + r * t.lda + g * kGroup)));
-      for (int j = 0; j < 2 * NR; ++j) acc[r][j] = _mm256_dpbusd_avx_epi32(acc[r][j], x, w[j]);
+      for (int j = 0; j < 2 * NR; ++j) acc[r][j] = dpbusd_vex(acc[r][j], x, w[j]);
     }
   }
   for (int j = 0; j < NR; ++j) {
