@@ -12,6 +12,11 @@
 //   weights are read once, whatever the batch size up to MR.
 // * Larger batches loop over panels of NR blocks (outer) and tiles of rows (inner): a panel
 //   (NR * 16 channels x K bytes, 32-64 KB) stays in L1/L2 while every row tile reads it.
+// * The VNNI tiles issue vpdpbusd by inline assembly (dpbusd): GCC 12 copies and spills the
+//   accumulators around the intrinsic, which halved the tile's rate. With it a 12 x 2 tile
+//   keeps ~1.9 vpdpbusd a cycle from L1 on Zen 5 (of 2), and an 8-row step's products run at
+//   ~1.8 with the weights streaming from L3, prefetched 1 KB ahead (bench/README.md). Wider
+//   tiles (8 x 3, 6 x 4 blocks) were no faster at 8 or 16 rows and slower at 9.
 // * The u8 x s8 instructions (vpdpbusd, vpmaddubsw) take the activations shifted to unsigned
 //   (x + 128); 128 * sum_k w[n][k] is subtracted again, precomputed per channel at pack time.
 //   vpdpbusd's 32-bit sums are exact for any int8 weights (modulo 2^32, like the result).
