@@ -121,6 +121,31 @@ CHARRNN_CLONES void cell_row(const int32_t* sums, const GateInputs& in, float* c
   for (int64_t j = 0; j < hidden; ++j) q_out[j] = quantize(h_out[j]);
 }
 
+// round(127 h) of ``rows`` rows of ``hidden`` floats (``h``, rows contiguous) into ``q`` (rows
+// ``q_stride`` apart): the previous state's part of each layer's matmul input. A function of its
+// own, cloned like the cell: in the step's body (SSE2) it stayed scalar, ~5 us at 8 rows.
+CHARRNN_CLONES void quantize_rows(const float* h, int64_t rows, int64_t hidden, int8_t* q,
+                                  int64_t q_stride) {
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t j = 0; j < hidden; ++j) q[b * q_stride + j] = quantize(h[b * hidden + j]);
+}
+
+// logits = float(sums) * scales (+ bias), [rows, n]: the two ATen ops of the head (int32 times
+// float32, then the bias), each correctly rounded in float32 as they are, in one pass without
+// their dispatch (~3 us a step). charrnn/decode.py's prime_all computes them with those ops.
+CHARRNN_CLONES void scale_rows(const int32_t* sums, int64_t rows, int64_t n, const float* scales,
+                               const float* bias, float* logits) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const int32_t* s = sums + b * n;
+    float* y = logits + b * n;
+    if (bias != nullptr) {
+      for (int64_t j = 0; j < n; ++j) y[j] = static_cast<float>(s[j]) * scales[j] + bias[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) y[j] = static_cast<float>(s[j]) * scales[j];
+    }
+  }
+}
+
 // The same cell for fp32 weights: ``products`` are the row's fp32 x @ W^T, and h is copied
 // to ``x_out`` (the next matmul's input) as it is.
 CHARRNN_CLONES void cell_row_f32(const float* products, const GateInputs& in, float* c, float* h_out,
@@ -179,8 +204,11 @@ void check_float_vector(const Tensor& v, int64_t size, const char* what) {
 
 // logits = (int32 sums of the int8 last hidden state and W_head) * scales + bias
 Tensor head(const Tensor& q, const Tensor& weight, const Tensor& scales, const Tensor& bias) {
-  Tensor logits = charrnn::int8_mm(q, weight) * scales;
-  return bias.numel() > 0 ? logits + bias : logits;
+  const Tensor sums = charrnn::int8_mm(q, weight);  // [B, V], contiguous
+  Tensor logits = at::empty(sums.sizes(), at::kFloat);
+  scale_rows(sums.data_ptr<int32_t>(), sums.size(0), sums.size(1), scales.data_ptr<float>(),
+             bias.numel() > 0 ? bias.data_ptr<float>() : nullptr, logits.data_ptr<float>());
+  return logits;
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_step_f32(const Tensor& ids, const Tensor& h_all,
@@ -221,7 +249,16 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
 
   const Tensor h_in = h_all.contiguous(), c_in = c_all.contiguous();
   Tensor h_out = at::empty_like(h_in), c_out = c_in.clone();
-  const Tensor x0 = table0.index_select(0, ids);  // checks the ids against V
+  // Layer 0 reads its rows of table0 in place: index_select's checks without its copy and
+  // dispatch (~1 us a step).
+  TORCH_CHECK(ids.device().is_cpu() && (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt),
+              "ids must be int64 or int32 on the CPU, got ", ids.scalar_type(), " on ", ids.device());
+  const Tensor id = ids.to(at::kLong).contiguous();
+  const int64_t* idp = id.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK_INDEX(idp[b] >= 0 && idp[b] < table0.size(0), "index ", idp[b],
+                      " is out of range for table0's ", table0.size(0), " characters");
+  const float* x0 = table0.data_ptr<float>();
   // Each layer's int8 matmul input: layer 0 [q(h0)], layer k [q(x) | q(h_k)] with x the new
   // h of layer k - 1; the last layer's new h goes to the head.
   std::vector<Tensor> inputs;
@@ -232,15 +269,14 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
     int8_t* q = inputs[k].data_ptr<int8_t>();
     const float* h = h_in.data_ptr<float>() + k * batch * hidden;
     const int64_t width = inputs[k].size(1);
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t j = 0; j < hidden; ++j) q[b * width + width - hidden + j] = quantize(h[b * hidden + j]);
+    quantize_rows(h, batch, hidden, q + width - hidden, width);
   }
   for (int64_t k = 0; k < layers; ++k) {
     const Tensor sums = charrnn::int8_mm(inputs[k], weights[k]);  // [B, 4H]
     GateInputs in;
     in.scales = scales[k].data_ptr<float>();
     if (k == 0) {
-      in.table = x0.data_ptr<float>();
+      in.table = x0;
     } else {
       in.bias = biases[k].data_ptr<float>();
     }
@@ -253,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_step(const Tensor& ids, const Tensor& h_
       std::vector<float> gates(4 * hidden);
       for (int64_t b = begin; b < end; ++b) {
         GateInputs row = in;
-        if (row.table != nullptr) row.table += b * 4 * hidden;
+        if (row.table != nullptr) row.table += idp[b] * 4 * hidden;
         cell_row(s + b * 4 * hidden, row, c + b * hidden, h + b * hidden, next + b * next_width,
                  hidden, gates.data());
       }
