@@ -97,6 +97,13 @@ def table(results: dict) -> str:
             f"| `n: 8` from one request, chars/s in all | {v['n8_chars_per_s']:,} | "
             f"{v['n1_chars_per_s']:,} (`n: 1`) | {v['n8_vs_n1']}x |",
         ]
+        if "one_stream_copy_guard_chars_per_s" in v:
+            lines.append(
+                f"| one stream with the copy guard (`max_copy_chars: 12`) | "
+                f"{v['one_stream_copy_guard_chars_per_s']:,} chars/s | "
+                f"{v['one_stream_copy_guard_base_chars_per_s']:,} (without) | "
+                f"{v['one_stream_copy_guard_vs_base']}x |"
+            )
     if w := results.get("swap"):
         lines.append(
             f"| a model swapped under {w['streams']} streams: their largest gap | "

@@ -28,13 +28,15 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-LONG = 100_000  # a generation that cannot finish before Stop is pressed
+# A generation that cannot finish before Stop is pressed, on a machine of any speed (the tiny
+# model writes ~10**5 characters a second), and a backlog that never cuts a slow browser off.
+LONG = 2_000_000
 
 # A server (the ``server`` fixture) and a browser each.
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.e2e,
-    pytest.mark.server(max_new_chars_limit=LONG),
+    pytest.mark.server(max_new_chars_limit=LONG, stream_backlog=LONG),
 ]
 
 
