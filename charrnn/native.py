@@ -38,7 +38,7 @@ log = logging.getLogger("charrnn.native")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("lstm_int8.cpp", "int8_gemm.cpp", "decode.cpp")]
-HEADERS = [CSRC / "int8_gemm.h"]
+HEADERS = [CSRC / "int8_gemm.h", CSRC / "lstm_int8.h"]
 # No -march: a prebuilt library runs on any CPU of its architecture. No FMA contraction: the
 # cell's numbers are then the same on every CPU and at every vector width. No trapping math
 # (FP exceptions are never looked at): without it GCC keeps the clamps as branches and does

@@ -470,13 +470,13 @@ void run_panel(const Path& path, const uint8_t* act, int64_t lda, int64_t rows,
   }
 }
 
-Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
+// x @ w^T into out [rows][w.n] (rows contiguous).
+void gemm(const Path& path, const Tensor& x, const Packed& w, int32_t* o) {
   const int64_t rows = x.size(0), lda = w.groups * kGroup;
   TORCH_CHECK(!path.seven_bit || w.max_abs <= 64, "the ", path.name,
               " int8 kernel needs weights within +-64 (7-bit, charrnn.quantization), got |w| up to ",
               w.max_abs);
-  Tensor out = at::empty({rows, w.n}, at::kInt);
-  if (rows == 0) return out;
+  if (rows == 0) return;
   // The activations shifted to unsigned (x + 128 = x ^ 0x80), each row padded to whole groups
   // (with zeros, though the padded weights are 0 anyway). With the stride and the pointers in
   // locals the loop vectorises; x.stride(0) read per byte cost ~2 us of an 8-row layer 1.
@@ -489,7 +489,6 @@ Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
     for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<uint8_t>(src[j]) ^ 0x80;
     std::fill(dst + k, dst + lda, uint8_t{0});
   }
-  int32_t* o = out.data_ptr<int32_t>();
   const int64_t nr = path.blocks, panels = (w.blocks + nr - 1) / nr;
   // Rows in chunks whose activations (~32 KB) stay in L1 while every panel reads them: without
   // them 64 rows of 1 KB would be read again from L2 for each of a matrix's 64-128 panels.
@@ -506,27 +505,37 @@ Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
       }
     });
   }
-  return out;
 }
 
 }  // namespace
 
-Tensor int8_mm(const Tensor& x, const Tensor& w) {
+void int8_mm_out(const Tensor& x, const Tensor& w, Tensor& out) {
   check_matrix(w);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kChar && x.dim() == 2 &&
                   x.stride(1) == 1 && x.size(1) == w.size(1),
               "int8_mm: x must be an int8 CPU [M, ", w.size(1), "] with contiguous rows, got ",
               x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == x.size(0) && out.size(1) == w.size(0),
+              "int8_mm: out must be a contiguous int32 [", x.size(0), ", ", w.size(0), "]");
   const Path& path = current_path();
-  if (path.tiles == nullptr || (g_auto.load(std::memory_order_relaxed) && x.size(0) > kOnednnRows))
-    return at::_int_mm(x, w.t());
+  if (path.tiles == nullptr || (g_auto.load(std::memory_order_relaxed) && x.size(0) > kOnednnRows)) {
+    at::_int_mm_out(out, x, w.t());
+    return;
+  }
   Packed p;
-  if (packed_of(w, p)) return gemm(path, x, p);
+  if (packed_of(w, p)) return gemm(path, x, p, out.data_ptr<int32_t>());
   TORCH_WARN_ONCE(
       "int8 weights not packed by charrnn.native.pack_int8: packing them on every call");
   const Tensor packed = pack_int8(w);
   TORCH_CHECK(packed_of(packed, p), "pack_int8 gave no packed form");
-  return gemm(path, x, p);
+  gemm(path, x, p, out.data_ptr<int32_t>());
+}
+
+Tensor int8_mm(const Tensor& x, const Tensor& w) {
+  Tensor out = at::empty({x.dim() == 2 ? x.size(0) : 0, w.dim() == 2 ? w.size(0) : 0}, at::kInt);
+  int8_mm_out(x, w, out);
+  return out;
 }
 
 namespace {
