@@ -69,8 +69,8 @@ def library_name() -> str:
 
 
 # The int8 matmul paths CHARRNN_INT8_KERNEL may force (int8_gemm.cpp), "auto" first: the best
-# this CPU has, with batches of more than 24 rows handed to torch._int_mm. "onednn" is
-# torch._int_mm everywhere (the reference, and the kernels before these).
+# this CPU has, with batches of more than 24 rows handed to torch._int_mm where the CPU has
+# AMX-INT8. "onednn" is torch._int_mm everywhere (the reference, and the kernels before these).
 INT8_KERNELS = ("auto", "avx512vnni", "avxvnni", "avx2", "portable", "onednn")
 
 

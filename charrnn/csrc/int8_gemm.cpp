@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -431,13 +432,32 @@ const Path* best_path() {
 }
 
 std::atomic<const Path*> g_path{nullptr};  // null until the first use or setting: auto
-std::atomic<bool> g_auto{true};             // chosen by "auto": large batches go to oneDNN
+std::atomic<bool> g_auto{true};             // chosen by "auto": with AMX large batches go to oneDNN
 
-// Above this many rows "auto" hands the product to torch._int_mm: with AMX (Sapphire Rapids)
-// oneDNN's large-M GEMM is faster than one vpdpbusd per cycle (bench/README.md), and without
-// it its cache-tiled GEMM is at least as good as ours. The decode step's batches and the
-// prime's 16-row chunks stay below it.
+// Above this many rows "auto" hands the product to torch._int_mm on CPUs with AMX-INT8
+// (Sapphire Rapids and later): there oneDNN's large-M GEMM runs on the tile unit, faster than
+// our vpdpbusd tiles (bench/README.md). Without AMX ours stay faster at every batch size (on
+// a Zen 5 core at 32 and 64 rows, 285 and ~560 us a step against ~385 and ~640-720 for
+// oneDNN), so "auto" keeps them. The decode step's batches and the prime's 16-row chunks stay
+// below it anyway.
 constexpr int64_t kOnednnRows = 24;
+
+// AMX-INT8: CPUID leaf 7, subleaf 0, EDX bit 25 (read directly: GCC 12 and clang name it
+// differently in __builtin_cpu_supports).
+bool has_amx_int8() {
+#if defined(__x86_64__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 25 & 1) != 0;
+#else
+  return false;
+#endif
+}
+
+// Whether "auto" hands a product of ``rows`` rows to torch._int_mm.
+bool onednn_rows(int64_t rows) {
+  static const bool amx = has_amx_int8();
+  return amx && rows > kOnednnRows && g_auto.load(std::memory_order_relaxed);
+}
 
 const Path& current_path() {
   const Path* p = g_path.load(std::memory_order_relaxed);
@@ -519,7 +539,7 @@ void int8_mm_out(const Tensor& x, const Tensor& w, Tensor& out) {
                   out.size(0) == x.size(0) && out.size(1) == w.size(0),
               "int8_mm: out must be a contiguous int32 [", x.size(0), ", ", w.size(0), "]");
   const Path& path = current_path();
-  if (path.tiles == nullptr || (g_auto.load(std::memory_order_relaxed) && x.size(0) > kOnednnRows)) {
+  if (path.tiles == nullptr || onednn_rows(x.size(0))) {
     at::_int_mm_out(out, x, w.t());
     return;
   }
