@@ -38,7 +38,7 @@ log = logging.getLogger("charrnn.native")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("lstm_int8.cpp", "int8_gemm.cpp", "decode.cpp")]
-HEADERS = [CSRC / "int8_gemm.h"]
+HEADERS = [CSRC / "int8_gemm.h", CSRC / "lstm_int8.h"]
 # No -march: a prebuilt library runs on any CPU of its architecture. No FMA contraction: the
 # cell's numbers are then the same on every CPU and at every vector width. No trapping math
 # (FP exceptions are never looked at): without it GCC keeps the clamps as branches and does
@@ -69,8 +69,8 @@ def library_name() -> str:
 
 
 # The int8 matmul paths CHARRNN_INT8_KERNEL may force (int8_gemm.cpp), "auto" first: the best
-# this CPU has, with batches of more than 24 rows handed to torch._int_mm. "onednn" is
-# torch._int_mm everywhere (the reference, and the kernels before these).
+# this CPU has, with batches of more than 24 rows handed to torch._int_mm where the CPU has
+# AMX-INT8. "onednn" is torch._int_mm everywhere (the reference, and the kernels before these).
 INT8_KERNELS = ("auto", "avx512vnni", "avxvnni", "avx2", "portable", "onednn")
 
 

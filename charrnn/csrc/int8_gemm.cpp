@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -431,13 +432,32 @@ const Path* best_path() {
 }
 
 std::atomic<const Path*> g_path{nullptr};  // null until the first use or setting: auto
-std::atomic<bool> g_auto{true};             // chosen by "auto": large batches go to oneDNN
+std::atomic<bool> g_auto{true};             // chosen by "auto": with AMX large batches go to oneDNN
 
-// Above this many rows "auto" hands the product to torch._int_mm: with AMX (Sapphire Rapids)
-// oneDNN's large-M GEMM is faster than one vpdpbusd per cycle (bench/README.md), and without
-// it its cache-tiled GEMM is at least as good as ours. The decode step's batches and the
-// prime's 16-row chunks stay below it.
+// Above this many rows "auto" hands the product to torch._int_mm on CPUs with AMX-INT8
+// (Sapphire Rapids and later): there oneDNN's large-M GEMM runs on the tile unit, faster than
+// our vpdpbusd tiles (bench/README.md). Without AMX ours stay faster at every batch size (on
+// a Zen 5 core at 32 and 64 rows, 285 and ~560 us a step against ~385 and ~640-720 for
+// oneDNN), so "auto" keeps them. The decode step's batches and the prime's 16-row chunks stay
+// below it anyway.
 constexpr int64_t kOnednnRows = 24;
+
+// AMX-INT8: CPUID leaf 7, subleaf 0, EDX bit 25 (read directly: GCC 12 and clang name it
+// differently in __builtin_cpu_supports).
+bool has_amx_int8() {
+#if defined(__x86_64__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 25 & 1) != 0;
+#else
+  return false;
+#endif
+}
+
+// Whether "auto" hands a product of ``rows`` rows to torch._int_mm.
+bool onednn_rows(int64_t rows) {
+  static const bool amx = has_amx_int8();
+  return amx && rows > kOnednnRows && g_auto.load(std::memory_order_relaxed);
+}
 
 const Path& current_path() {
   const Path* p = g_path.load(std::memory_order_relaxed);
@@ -470,13 +490,13 @@ void run_panel(const Path& path, const uint8_t* act, int64_t lda, int64_t rows,
   }
 }
 
-Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
+// x @ w^T into out [rows][w.n] (rows contiguous).
+void gemm(const Path& path, const Tensor& x, const Packed& w, int32_t* o) {
   const int64_t rows = x.size(0), lda = w.groups * kGroup;
   TORCH_CHECK(!path.seven_bit || w.max_abs <= 64, "the ", path.name,
               " int8 kernel needs weights within +-64 (7-bit, charrnn.quantization), got |w| up to ",
               w.max_abs);
-  Tensor out = at::empty({rows, w.n}, at::kInt);
-  if (rows == 0) return out;
+  if (rows == 0) return;
   // The activations shifted to unsigned (x + 128 = x ^ 0x80), each row padded to whole groups
   // (with zeros, though the padded weights are 0 anyway). With the stride and the pointers in
   // locals the loop vectorises; x.stride(0) read per byte cost ~2 us of an 8-row layer 1.
@@ -489,7 +509,6 @@ Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
     for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<uint8_t>(src[j]) ^ 0x80;
     std::fill(dst + k, dst + lda, uint8_t{0});
   }
-  int32_t* o = out.data_ptr<int32_t>();
   const int64_t nr = path.blocks, panels = (w.blocks + nr - 1) / nr;
   // Rows in chunks whose activations (~32 KB) stay in L1 while every panel reads them: without
   // them 64 rows of 1 KB would be read again from L2 for each of a matrix's 64-128 panels.
@@ -506,27 +525,37 @@ Tensor gemm(const Path& path, const Tensor& x, const Packed& w) {
       }
     });
   }
-  return out;
 }
 
 }  // namespace
 
-Tensor int8_mm(const Tensor& x, const Tensor& w) {
+void int8_mm_out(const Tensor& x, const Tensor& w, Tensor& out) {
   check_matrix(w);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kChar && x.dim() == 2 &&
                   x.stride(1) == 1 && x.size(1) == w.size(1),
               "int8_mm: x must be an int8 CPU [M, ", w.size(1), "] with contiguous rows, got ",
               x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == x.size(0) && out.size(1) == w.size(0),
+              "int8_mm: out must be a contiguous int32 [", x.size(0), ", ", w.size(0), "]");
   const Path& path = current_path();
-  if (path.tiles == nullptr || (g_auto.load(std::memory_order_relaxed) && x.size(0) > kOnednnRows))
-    return at::_int_mm(x, w.t());
+  if (path.tiles == nullptr || onednn_rows(x.size(0))) {
+    at::_int_mm_out(out, x, w.t());
+    return;
+  }
   Packed p;
-  if (packed_of(w, p)) return gemm(path, x, p);
+  if (packed_of(w, p)) return gemm(path, x, p, out.data_ptr<int32_t>());
   TORCH_WARN_ONCE(
       "int8 weights not packed by charrnn.native.pack_int8: packing them on every call");
   const Tensor packed = pack_int8(w);
   TORCH_CHECK(packed_of(packed, p), "pack_int8 gave no packed form");
-  return gemm(path, x, p);
+  gemm(path, x, p, out.data_ptr<int32_t>());
+}
+
+Tensor int8_mm(const Tensor& x, const Tensor& w) {
+  Tensor out = at::empty({x.dim() == 2 ? x.size(0) : 0, w.dim() == 2 ? w.size(0) : 0}, at::kInt);
+  int8_mm_out(x, w, out);
+  return out;
 }
 
 namespace {

@@ -10,4 +10,8 @@ namespace charrnn {
 // A matrix from charrnn::pack_int8 carries its packed form; any other is packed on each call.
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w);
 
+// The same into ``out``, a contiguous int32 [M, N]: the decode loop's buffers, reused from step
+// to step (lstm_int8.cpp's Int8Stepper).
+void int8_mm_out(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
+
 }  // namespace charrnn
