@@ -94,9 +94,18 @@ def table(results: dict) -> str:
             f"{v['streams64_half_controls_largest_gap_ms']} ms | "
             f"{v['streams64_chars_per_s']:,} (all plain) | "
             f"{v['streams64_half_controls_vs_base']}x |",
-            f"| `n: 8` from one request, chars/s in all | {v['n8_chars_per_s']:,} | "
-            f"{v['n1_chars_per_s']:,} (`n: 1`) | {v['n8_vs_n1']}x |",
+            f"| `n: 8` from one request, chars/s in all (first to last character) | "
+            f"{v['n8_chars_per_s']:,} | {v['n1_chars_per_s']:,} (`n: 1`) | {v['n8_vs_n1']}x |",
         ]
+        for prime in (85, 331):
+            if f"request_prime{prime}_n8_vs_n1" in v:
+                lines.append(
+                    f"| `n: 8` as the client sees it (sent to last character, one warm-up of "
+                    f"a new {prime}-char prime, 300 chars a sample) | "
+                    f"{v[f'request_prime{prime}_n8_chars_per_s']:,} | "
+                    f"{v[f'request_prime{prime}_n1_chars_per_s']:,} (`n: 1`) | "
+                    f"{v[f'request_prime{prime}_n8_vs_n1']}x |"
+                )
         if "one_stream_copy_guard_chars_per_s" in v:
             lines.append(
                 f"| one stream with the copy guard (`max_copy_chars: 12`) | "

@@ -7,7 +7,9 @@
 - Over real HTTP (a served model, SSE): one stream with those controls against the same
   stream without (chars/s, in turns); 64 streams, half with them, against 64 plain ones
   (aggregate chars/s, and the running streams' largest gap); and ``n: 8`` from one request
-  against ``n: 1`` (characters per second in all).
+  against ``n: 1``: characters per second in all, from each request's first character to its
+  last (the decode alone), and as a client sees the request, from sending it to its last
+  character (its one warm-up included), with primes of ~87 and ~340 characters.
 - The copy guard (``max_copy_chars: 12``, with the shipped model's text index): the decode
   alone with it on every row against without, and one stream with it against the same stream
   without, over HTTP.
@@ -178,12 +180,32 @@ async def _samples(url: str, reps: int) -> tuple[float, float]:
     return statistics.median(rates[0]), statistics.median(rates[1])
 
 
+async def _samples_whole(url: str, reps: int, copies: int) -> tuple[float, float]:
+    """``n: 1`` and ``n: 8`` of one request as a client sees it, in turns: its characters
+    (all samples) per second from sending it to its last character, with a prime of
+    ``copies`` times PRIME that no request sent before (so each warms it up once) and 300
+    characters per sample. Median of each."""
+    rates: tuple[list[float], list[float]] = ([], [])
+    async with httpx.AsyncClient(timeout=120) as c:
+        for rep in range(reps):
+            for k, samples in enumerate((1, 8)):
+                prime = "abcdefghijklmnopqrstuvwxyz"[rep % 26] + "xy"[k] + " " + PRIME * copies
+                body = {"prime": prime, "max_new_chars": 300, "seed": rep, "top_k": 5}
+                body |= {"n": samples} if samples > 1 else {}
+                arrivals: list[float] = []
+                sent = time.perf_counter()
+                await stream_tokens(c, url, body, arrivals)
+                rates[k].append(len(arrivals) / (arrivals[-1] - sent))
+    return statistics.median(rates[0]), statistics.median(rates[1])
+
+
 def serve(checkpoint: Path = DEFAULT_MODEL, port: int = 8768, reps: int = 3) -> dict[str, float]:
     with served(checkpoint, port) as url:
         plain1, controls1 = asyncio.run(_one_stream(url, reps))
         plain64 = [asyncio.run(_streams(url, 0, 1000 * r)) for r in range(reps)]
         half64 = [asyncio.run(_streams(url, 32, 1000 * r)) for r in range(reps)]
         n1, n8 = asyncio.run(_samples(url, reps))
+        whole = {c: asyncio.run(_samples_whole(url, 2 * reps + 1, c)) for c in (1, 4)}
         plain_copy, guarded = asyncio.run(_one_stream(url, reps, {"max_copy_chars": 12}))
     agg_plain = statistics.median(a for a, _ in plain64)
     agg_half = statistics.median(a for a, _ in half64)
@@ -200,6 +222,17 @@ def serve(checkpoint: Path = DEFAULT_MODEL, port: int = 8768, reps: int = 3) -> 
         "n1_chars_per_s": round(n1),
         "n8_chars_per_s": round(n8),
         "n8_vs_n1": round(n8 / n1, 2),
+        # The request as a client sees it, its one warm-up included (an ~87- and a
+        # ~340-character prime that is not cached).
+        **{
+            f"request_prime{len(PRIME) * c + 3}_n{k}_chars_per_s": round(rate)
+            for c, pair in whole.items()
+            for k, rate in zip((1, 8), pair, strict=True)
+        },
+        **{
+            f"request_prime{len(PRIME) * c + 3}_n8_vs_n1": round(pair[1] / pair[0], 2)
+            for c, pair in whole.items()
+        },
         "one_stream_copy_guard_chars_per_s": round(guarded),
         "one_stream_copy_guard_base_chars_per_s": round(plain_copy),
         "one_stream_copy_guard_vs_base": round(guarded / plain_copy, 3),
