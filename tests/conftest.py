@@ -395,6 +395,53 @@ def structured_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def generations(
+    decoder: Any,
+    vocab: Vocabulary,
+    prime: str,
+    seeds: range,
+    length: int,
+    controls: Any = None,
+    index: Any = None,
+    temperature: float = 1.0,
+) -> list[str]:
+    """``len(seeds)`` texts after ``prime`` (a ``charrnn.decode.StepDecoder``), one row each,
+    in one multi-step decode (or a step at a time without the native kernels), with the
+    generation ``controls`` (a ``charrnn.controls.Controls``; its copy guard reads ``index``);
+    each cut at "end"."""
+    from charrnn.controls import ControlsBatch
+    from charrnn.sampling import SamplingBatch, SamplingParams
+
+    ids = vocab.encode(prime)
+    logits, state = decoder.prime(torch.tensor(ids))
+    n = len(seeds)
+    logits, state = logits.expand(n, -1).contiguous(), tuple(s.repeat(1, n, 1) for s in state)
+    sampling = SamplingBatch.of(
+        [SamplingParams(temperature, None, 1.0, s) for s in seeds], len(vocab), logits.device
+    )
+    rows = None
+    if controls is not None:
+        rows = ControlsBatch.of(controls, len(vocab), ids, vocab.encode, index).repeat(n)
+    if decoder.multi_step:
+        out, _, _ = decoder.decode_batch(
+            logits, state, sampling, np.zeros(n, np.uint64), length, controls=rows
+        )
+    else:
+        steps = []
+        for pos in range(length):
+            u = sampling.uniforms(np.full(n, pos, np.uint64), logits.device)
+            nxt, logits, state = decoder.sample_and_step(logits, state, sampling, u, controls=rows)
+            steps.append(nxt)
+        out = torch.stack(steps)
+    texts = []
+    for b in range(n):
+        chars = out[:, b].tolist()
+        if len(vocab) in chars:
+            chars = chars[: chars.index(len(vocab))]
+        texts.append(vocab.decode(chars))
+    return texts
+
+
 def pack_mask(allowed: torch.Tensor) -> torch.Tensor:
     """The int32 bitmask [B, ceil(n / 32)] of a bool [B, n], as llguidance fills it."""
     b, n = allowed.shape

@@ -23,7 +23,7 @@ from charrnn.controls import (
 from charrnn.decode import StepDecoder
 from charrnn.generate import generate
 from charrnn.sampling import SamplingBatch, sample_next, uniforms
-from tests.conftest import fit_tiny, make_text, pack_mask
+from tests.conftest import fit_tiny, generations, make_text, pack_mask
 
 VOCAB = Vocabulary("\n abcde")  # ids: "\n" 0, " " 1, a 2, b 3, c 4, d 5, e 6
 V = len(VOCAB)
@@ -521,43 +521,6 @@ BANNED = ("the", "e ", "at")
 PRIMES = ("Alice said th", "The white rabbit and the queen at", "Cake", "She was very littl")
 
 
-def _generations(
-    decoder: StepDecoder, vocab: Vocabulary, prime: str, seeds: range, length: int, controls
-) -> list[str]:
-    """``len(seeds)`` texts after ``prime``, one row each, in one multi-step decode (or a
-    step at a time without the native kernels); cut at "end"."""
-    ids = vocab.encode(prime)
-    logits, state = decoder.prime(torch.tensor(ids))
-    n = len(seeds)
-    logits, state = logits.expand(n, -1).contiguous(), tuple(s.repeat(1, n, 1) for s in state)
-    sampling = SamplingBatch.of(
-        [SamplingParams(1.0, None, 1.0, s) for s in seeds], len(vocab), logits.device
-    )
-    rows = (
-        None
-        if controls is None
-        else ControlsBatch.of(controls, len(vocab), ids, vocab.encode).repeat(n)
-    )
-    if decoder.multi_step:
-        out, _, _ = decoder.decode_batch(
-            logits, state, sampling, np.zeros(n, np.uint64), length, controls=rows
-        )
-    else:
-        steps = []
-        for pos in range(length):
-            u = sampling.uniforms(np.full(n, pos, np.uint64), logits.device)
-            nxt, logits, state = decoder.sample_and_step(logits, state, sampling, u, controls=rows)
-            steps.append(nxt)
-        out = torch.stack(steps)
-    texts = []
-    for b in range(n):
-        chars = out[:, b].tolist()
-        if len(vocab) in chars:
-            chars = chars[: chars.index(len(vocab))]
-        texts.append(vocab.decode(chars))
-    return texts
-
-
 def _ends_inside(prime: str, text: str, banned: str) -> bool:
     """Whether ``banned`` ends somewhere in ``text`` (it may start in ``prime``)."""
     whole = prime + text
@@ -584,10 +547,10 @@ def test_banned_strings_never_end_in_generated_text(trained, native_kernels):
         for prime in PRIMES:
             seeds = range(per_prime)
             banned_texts += [
-                (prime, t) for t in _generations(decoder, vocab, prime, seeds, length, controls)
+                (prime, t) for t in generations(decoder, vocab, prime, seeds, length, controls)
             ]
             free_texts += [
-                (prime, t) for t in _generations(decoder, vocab, prime, seeds, length, None)
+                (prime, t) for t in generations(decoder, vocab, prime, seeds, length, None)
             ]
     assert len(banned_texts) == per_prime * len(PRIMES)
     for prime, text in banned_texts:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from charrnn import SamplingParams, Vocabulary, native
+from charrnn import Vocabulary, native
 from charrnn.controls import COPY_LEN, LINE_LEN, Controls, ControlsBatch
 from charrnn.decode import StepDecoder
-from charrnn.sampling import SamplingBatch, sample_next
+from charrnn.sampling import sample_next
 from charrnn.textindex import TextIndex, line_key
-from tests.conftest import fit_tiny, make_text
+from tests.conftest import fit_tiny, generations, make_text
 
 needs_native = pytest.mark.skipif(
     not native.load(), reason="the native kernels are not available here (no C++ compiler)"
@@ -158,47 +158,6 @@ def test_the_native_guard_agrees_with_the_reference(small_index):
 # --- Real generations of tiny models.
 
 
-def _generate(
-    decoder: StepDecoder,
-    vocab: Vocabulary,
-    prime: str,
-    seeds: range,
-    length: int,
-    controls: Controls | None,
-    index: TextIndex,
-) -> list[str]:
-    """``len(seeds)`` texts after ``prime``, one row each, in one multi-step decode (or a
-    step at a time without the native kernels); cut at "end"."""
-    ids = vocab.encode(prime)
-    logits, state = decoder.prime(torch.tensor(ids))
-    n = len(seeds)
-    logits, state = logits.expand(n, -1).contiguous(), tuple(s.repeat(1, n, 1) for s in state)
-    sampling = SamplingBatch.of(
-        [SamplingParams(0.8, None, 1.0, s) for s in seeds], len(vocab), logits.device
-    )
-    rows = None
-    if controls is not None:
-        rows = ControlsBatch.of(controls, len(vocab), ids, vocab.encode, index).repeat(n)
-    if decoder.multi_step:
-        out, _, _ = decoder.decode_batch(
-            logits, state, sampling, np.zeros(n, np.uint64), length, controls=rows
-        )
-    else:
-        steps = []
-        for pos in range(length):
-            u = sampling.uniforms(np.full(n, pos, np.uint64), logits.device)
-            nxt, logits, state = decoder.sample_and_step(logits, state, sampling, u, controls=rows)
-            steps.append(nxt)
-        out = torch.stack(steps)
-    texts = []
-    for b in range(n):
-        chars = out[:, b].tolist()
-        if len(vocab) in chars:
-            chars = chars[: chars.index(len(vocab))]
-        texts.append(vocab.decode(chars))
-    return texts
-
-
 @pytest.fixture(scope="module")
 def copier() -> tuple[torch.nn.Module, Vocabulary, str, TextIndex]:
     """A tiny LSTM fitted hard on a short text: left alone it writes runs of it."""
@@ -226,8 +185,8 @@ def test_no_generated_run_longer_than_max_copy_chars_occurs_in_the_training_text
         guarded, free = [], []
         for prime in primes:
             seeds = range(per_prime)
-            guarded += _generate(decoder, vocab, prime, seeds, 80, guard, index)
-            free += _generate(decoder, vocab, prime, seeds, 80, None, index)
+            guarded += generations(decoder, vocab, prime, seeds, 80, guard, index, 0.8)
+            free += generations(decoder, vocab, prime, seeds, 80, None, index, 0.8)
     assert len(guarded) == per_prime * 3
     for t in guarded:
         assert not _copies(t, text, 8), t
@@ -264,8 +223,8 @@ def test_novel_lines_never_returns_a_listed_name(namer, length):
     names = set(NAMES)
     guard = Controls(novel_lines=True, length=length)
     with torch.inference_mode():
-        guarded = _generate(decoder, vocab, "\n", range(150), length, guard, index)
-        free = _generate(decoder, vocab, "\n", range(150), length, None, index)
+        guarded = generations(decoder, vocab, "\n", range(150), length, guard, index, 0.8)
+        free = generations(decoder, vocab, "\n", range(150), length, None, index, 0.8)
     for t in guarded:
         assert not names & set(t.split("\n")), t
     listed = [line in names for t in free for line in t.split("\n")]
