@@ -87,6 +87,15 @@ class Tally:
         self.problems.append(line)
 
 
+CONTROLS: tuple[dict[str, object], ...] = (
+    {"n": 3},
+    {"banned_strings": ["the", "e "], "presence_penalty": 0.3},
+    {"dry_multiplier": 0.8, "min_p": 0.05},
+    {"max_copy_chars": 8},
+    {"novel_lines": True, "stop": ["\n"]},  # a stop that cuts lines would be a 422
+)
+
+
 def _sampling(rng: random.Random) -> dict[str, object]:
     body: dict[str, object] = {"seed": rng.randrange(2**32)}
     body["temperature"] = rng.choice((0.0, 0.6, 1.0, 1.2))
@@ -109,6 +118,8 @@ def native_body(rng: random.Random) -> dict[str, object]:
         body["logprobs"] = logprobs
     if rng.random() < 0.2:
         body["constraint"] = {"regex": rng.choice(REGEXES)}
+    if rng.random() < 0.2:  # many samples, generation controls, the copy guard
+        body |= rng.choice(CONTROLS)
     return body
 
 
