@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from app.runner.stage import _allow_all
 from charrnn import Vocabulary, native
 from charrnn.controls import COPY_LEN, LINE_LEN, Controls, ControlsBatch
 from charrnn.decode import StepDecoder
 from charrnn.sampling import sample_next
 from charrnn.textindex import TextIndex, line_key
-from tests.conftest import fit_tiny, generations, make_text
+from tests.conftest import fit_tiny, generations, make_text, pack_mask
 
 needs_native = pytest.mark.skipif(
     not native.load(), reason="the native kernels are not available here (no C++ compiler)"
@@ -125,8 +126,9 @@ def _random_guarded(rng: random.Random, index: TextIndex) -> Controls:
 @needs_native
 def test_the_native_guard_agrees_with_the_reference(small_index):
     """Hundreds of rows with the guard among other controls, step after step: the same ids as
-    the reference sampler and the same state as ``record`` leaves (logits that favour the
-    training text's next characters, so the guard bites)."""
+    the reference sampler and the same state as ``record`` leaves. Every other step through a
+    constraint's mask in a third of the rows (one that may allow "end"), and the rest with
+    the mask of a row without a constraint in a masked batch (every character, not "end")."""
     rng = random.Random(1)
     vocab, n = SMALL, 200
     rows = []
@@ -139,15 +141,21 @@ def test_the_native_guard_agrees_with_the_reference(small_index):
     g = torch.Generator().manual_seed(1)
     ones = torch.ones(n)
     ended = masked = 0
-    for _ in range(40):
+    for step in range(40):
         forbid, _end = batch.guard()  # type: ignore[misc]
         masked += int(forbid.any(-1).sum())
         logits = torch.randn(n, len(vocab), generator=g)
         u = torch.rand(n, generator=g, dtype=torch.float64)
         k = torch.full((n,), len(vocab))
+        mask = None
+        if step % 2:
+            allowed = torch.rand(n, len(vocab) + 1, generator=g) < 0.8
+            allowed[n // 3 :] = True
+            allowed[n // 3 :, len(vocab)] = False
+            mask = pack_mask(allowed)
         copy = batch.select(range(n))
-        want = sample_next(logits, ones, k, ones, u, None, batch)
-        got = torch.ops.charrnn.sample(logits, ones, k, ones, u, None, copy.tensors)
+        want = sample_next(logits, ones, k, ones, u, mask, batch)
+        got = torch.ops.charrnn.sample(logits, ones, k, ones, u, mask, copy.tensors)
         assert torch.equal(want, got)
         batch.record(want)
         assert all(torch.equal(a, b) for a, b in zip(batch.tensors, copy.tensors, strict=True))
@@ -230,3 +238,34 @@ def test_novel_lines_never_returns_a_listed_name(namer, length):
     listed = [line in names for t in free for line in t.split("\n")]
     assert sum(listed) > len(listed) // 3
     assert np.mean([len(t) for t in guarded]) > length * 0.8
+
+
+@pytest.mark.parametrize("native_kernels", [False, True])
+def test_a_guarded_row_without_a_constraint_samples_alike_in_a_masked_batch(
+    small_index, native_kernels
+):
+    """Beside a constrained row, a row without a constraint gets the runner's "no
+    constraint" mask (``_allow_all``): its guard must still never turn the forbidden mass
+    into "end", as without a mask."""
+    if native_kernels and not native.load():
+        pytest.skip("the native kernels are not available here (no C++ compiler)")
+    n, v = 64, len(SMALL)
+    rows = ControlsBatch.concat([_row(small_index, max_copy_chars=6) for _ in range(n)])
+    for c in SMALL.encode(SMALL_TEXT[:6]):  # every row at its limit: the guard bites
+        rows.record([c] * n)
+    assert bool(rows.guard()[0].any(-1).all())  # type: ignore[index]
+    g = torch.Generator().manual_seed(0)
+    logits, ones = torch.randn(n, v, generator=g) * 3, torch.ones(n)
+    k, u = torch.full((n,), v), torch.rand(n, generator=g, dtype=torch.float64)
+    words = (v + 32) // 32
+    unconstrained = _allow_all(n, words, v)
+
+    def draw(mask: torch.Tensor | None) -> torch.Tensor:
+        if native_kernels:
+            copy = rows.select(range(n))
+            return torch.ops.charrnn.sample(logits, ones, k, ones, u, mask, copy.tensors)
+        return sample_next(logits, ones, k, ones, u, mask, rows)
+
+    alone = draw(None)
+    assert not bool((alone == v).any())  # no "end": something is always left here
+    assert torch.equal(draw(unconstrained), alone)

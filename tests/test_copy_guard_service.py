@@ -117,9 +117,15 @@ def test_each_route_gives_the_reference_text_alone_and_among_others(names_checkp
         crowd += [
             generate(c, prime="\n", max_new_chars=40, seed=s, **g) for s, g in enumerate(GUARDS)
         ]
+        # Beside constrained rows (a masked batch), greedy: as alone.
+        greedy = {**body, "temperature": 0, "max_new_chars": 30}
+        alone_greedy = (await generate(c, **greedy))["generated_text"]
+        crowd += [generate(c, prime="\n", max_new_chars=30, constraint={"regex": "[A-Z][a-z]+"})]
+        crowd += [generate(c, **greedy)]
         together = await asyncio.gather(*crowd)
         assert [s["generated_text"] for s in together[0]["samples"]] == want
         assert [r["generated_text"] for r in together[1:4]] == plain
+        assert together[-1]["generated_text"] == alone_greedy
         # The stream and the OpenAI route.
         streamed = await events(c, **body, seed=2)
         assert streamed[-1][0] == "done" and streamed[-1][1]["generated_text"] == want[1]
