@@ -196,6 +196,18 @@ def summary(results: dict) -> str:
             f"| running streams' largest gap while 32 cold 4,090-char primes arrive | "
             f"{b['running_largest_gap_ms']} ms | |"
         )
+    if (k := results.get("controls")) and "serving" in k:
+        v = k["serving"]
+        rows.append(
+            f"| one stream with penalties, DRY and two bans / with the copy guard, against "
+            f"without | {v['one_stream_controls_vs_base']}x / "
+            f"{v.get('one_stream_copy_guard_vs_base', '-')}x | |"
+        )
+        whole = v.get("request_prime331_n8_vs_n1", "-")
+        rows.append(
+            f"| `n: 8` from one request against `n: 1`, chars/s in all: decoding / as the "
+            f"client sees it (one warm-up of a 331-char prime) | {v['n8_vs_n1']}x / {whole}x | |"
+        )
     rows.append(
         f"| training chars/s (batch 128, seq 100, 2x512), fp32 / bf16 | "
         f"{t['ours_chars_per_s']:,} / {t.get('ours_bf16_chars_per_s', '-'):,} | "
