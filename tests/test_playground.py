@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CONTROLS
+from charrnn import load_checkpoint, save_checkpoint
+from tests.conftest import CONTROLS, tiny_model
 from tests.server import Server, run_server
 
 CHROMIUM = Path(os.environ.get("CHARRNN_CHROMIUM", "/usr/bin/chromium"))
@@ -28,16 +29,26 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# A generation that cannot finish before Stop is pressed, on a machine of any speed (the tiny
-# model writes ~10**5 characters a second), and a backlog that never cuts a slow browser off.
-LONG = 2_000_000
+LONG = 100_000  # a generation that cannot finish before Stop is pressed
 
-# A server (the ``server`` fixture) and a browser each.
+# A server (the ``server`` fixture) and a browser each. The server's model is paced like the
+# shipped one (~25,000 characters a second): the tiny test model writes several times faster
+# than a browser can take in events, and would finish LONG before Stop is pressed.
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.e2e,
-    pytest.mark.server(max_new_chars_limit=LONG, stream_backlog=LONG),
+    pytest.mark.server(max_new_chars_limit=LONG, checkpoint="paced_checkpoint"),
 ]
+
+
+@pytest.fixture(scope="module")
+def paced_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """An untrained checkpoint over the tiny checkpoint's vocabulary, as large as the
+    shipped model (2 x 512): its step takes what the shipped model's does."""
+    vocab = load_checkpoint(tiny_checkpoint).vocab
+    path = tmp_path_factory.mktemp("paced") / "paced.pt"
+    save_checkpoint(path, tiny_model(vocab, hidden=512), vocab, {})
+    return path
 
 
 @pytest.fixture(scope="module")
