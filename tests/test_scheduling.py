@@ -59,14 +59,18 @@ class Reader(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        marker = b"event: token\n"
+        tail = b""  # a marker may be split across two chunks: count it once, whole
         with (
             httpx.Client(timeout=60) as c,
             c.stream("POST", f"{self.url}/generate/stream", json=self.body) as r,
         ):
             for chunk in r.iter_raw():
                 now = time.perf_counter()
-                self.arrivals.extend([now] * chunk.count(b"event: token\n"))
-                if self.stop.is_set() or b"event: done" in chunk:
+                data = tail + chunk
+                self.arrivals.extend([now] * data.count(marker))
+                tail = data[-(len(marker) - 1) :]
+                if self.stop.is_set() or b"event: done" in data:
                     return
 
 
