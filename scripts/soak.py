@@ -23,22 +23,21 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 from httpx_sse import aconnect_sse
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.server import run_server  # noqa: E402  (the test suite's way to start a server)
+
 PRIMES = (
     "Alice",
     "The Queen",
@@ -237,41 +236,6 @@ def memory_figures(samples: list[tuple[float, float]], seconds: float) -> dict[s
     }
 
 
-@contextmanager
-def started_server(model: Path) -> Iterator[tuple[str, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {
-        "CHARRNN_MODELS": f"alice={model}",
-        "CHARRNN_HOST": "127.0.0.1",
-        "CHARRNN_PORT": str(port),
-        "CHARRNN_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "CHARRNN_LOG_LEVEL": "warning",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("soak: the server did not become ready")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 async def soak(url: str, pid: int | None, seconds: float, clients: int) -> dict[str, object]:
     t, memory = Tally(), []
     until = time.monotonic() + seconds
@@ -308,8 +272,13 @@ def main() -> None:
     if args.url:
         figures = asyncio.run(soak(args.url, args.pid, args.seconds, args.clients))
     else:
-        with started_server(args.model) as (url, pid):
-            figures = asyncio.run(soak(url, pid, args.seconds, args.clients))
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            run_server(Path(tmp), f"alice={args.model}", log_level="warning") as server,
+        ):
+            figures = asyncio.run(soak(server.url, server.proc.pid, args.seconds, args.clients))
+            if figures["problem_count"]:  # the server's side of them
+                print(server.log(), file=sys.stderr)
     growth = figures["rss_mib"].get("last_third_growth", 0.0)  # type: ignore[union-attr]
     if growth > args.max_growth_mib:
         figures["problems"].append(  # type: ignore[union-attr]
