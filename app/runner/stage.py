@@ -161,7 +161,7 @@ def _allow_all(rows: int, words: int, end: int) -> torch.Tensor:
     nothing, so it samples as without a mask; and a copy guard's forbidden mass must not
     become "end" here, as it would not without a mask)."""
     masks = torch.full((rows, words), -1, dtype=torch.int32)
-    masks[:, end >> 5] &= ~(1 << (end & 31)) if end & 31 != 31 else 0x7FFFFFFF
+    masks[:, end >> 5] &= ~(torch.tensor(1, dtype=torch.int32) << (end & 31))  # 31: the sign
     return masks
 
 
