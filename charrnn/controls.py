@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from charrnn.textindex import LINE_P, Match, TextIndex
+from charrnn.textindex import LINE_P, Match, TextIndex, next_line_key
 
 MAX_BIAS = 100.0
 MAX_PENALTY_LAST_N = 4096
@@ -320,7 +320,7 @@ def _index_tensors(index: TextIndex | None) -> list[torch.Tensor]:
         end = torch.full((1,), -1, dtype=torch.int32)
         return [end, torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)]
     return [
-        torch.from_numpy(index._keys),
+        torch.from_numpy(index.ids_end),
         torch.from_numpy(np.ascontiguousarray(index.sa, dtype=np.int32)),
         torch.from_numpy(index.line_keys.view(np.int64)),
     ]
@@ -574,7 +574,7 @@ class ControlsBatch:
             if c == index.newline:
                 key, length = 0, 0
             else:
-                key, length = (self._line_key(b) * LINE_P + c + 1) & _MASK64, cursor[LINE_LEN] + 1
+                key, length = next_line_key(self._line_key(b), c), cursor[LINE_LEN] + 1
             cursor[LINE_KEY] = np.array(key, dtype=np.uint64).view(np.int64)
             cursor[LINE_LEN] = length
         cursor[LEFT] -= 1

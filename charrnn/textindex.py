@@ -1,8 +1,9 @@
 """The training text's index: does a run of characters occur in the text a model was trained
 on, which characters would extend such a run, and is a line one of its lines.
 
-It holds the text's ids (under the model's vocabulary), their suffix array (int32) and the
-sorted 64-bit blake2b hashes of the text's lines, with the text's sha256. The service can
+It holds the text's ids (under the model's vocabulary) and their suffix array (int32), with
+the text's sha256, and derives the keys of the text's lines from the ids when it is built or
+loaded (``line_keys``: one vectorised pass). The service can
 follow the longest suffix of what it has generated that occurs in the text (``advance``, one
 character at a time) and, once that run is ``max_copy_chars`` long, mask the characters that
 would make it longer (``next_chars``): then no generated run longer than that occurs in the
@@ -28,10 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn.vocab import Vocabulary
+from charrnn.vocab import UnknownCharactersError, Vocabulary
 
 FORMAT = "charrnn-textindex"
-FORMAT_VERSION = 1
+# Version 1 also stored blake2b hashes of the lines, which the keys derived from the ids
+# replace: such a file loads, its hashes unread.
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 # Intervals this small are read whole (a vectorised gather) instead of binary searched.
 SMALL = 64
 # A line's key for the copy guard: the polynomial hash sum((id + 1) * P**(m - 1 - i)) modulo
@@ -88,16 +92,16 @@ def suffix_array(ids: np.ndarray) -> np.ndarray:
         k *= 2
 
 
-def line_hash(line: str) -> int:
-    """A line's 64-bit blake2b hash (of its UTF-8, without the newline)."""
-    return int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=8).digest(), "little")
+def next_line_key(key: int, char: int) -> int:
+    """The key of a line with the key ``key`` followed by the character ``char``."""
+    return (key * LINE_P + char + 1) & _MASK64
 
 
 def line_key(ids: Sequence[int]) -> int:
     """The key (``LINE_P``) of the line ``ids`` (without its newline)."""
     h = 0
     for i in ids:
-        h = (h * LINE_P + int(i) + 1) & _MASK64
+        h = next_line_key(h, int(i))
     return h
 
 
@@ -141,17 +145,17 @@ class TextIndex:
         self,
         ids: np.ndarray,
         sa: np.ndarray,
-        lines: np.ndarray,
         vocab: Vocabulary,
         corpus_sha256: str,
     ):
-        self.ids, self.sa, self.lines = ids, sa, lines
+        self.ids, self.sa = ids, sa
         self.vocab, self.corpus_sha256 = vocab, corpus_sha256
         self._w = _width(len(vocab))
         self._text = (ids.astype(np.uint32) + 1).astype(f">u{self._w}").tobytes()
         self._sa: Sequence[int] = memoryview(np.ascontiguousarray(sa, dtype=np.int32))
-        # The same as ints, and one past the end (-1), for vectorised gathers.
-        self._keys = np.append(ids.astype(np.int32), np.int32(-1))
+        # The ids as int32, then -1 one past the end (which sorts first): for vectorised
+        # gathers here, and the native copy guard's view of the text.
+        self.ids_end = np.append(ids.astype(np.int32), np.int32(-1))
         self.newline = vocab.chars.find("\n")  # -1: the text is one line
         # The lines' keys for the copy guard (LINE_P), sorted as unsigned.
         self.line_keys = line_keys(ids, self.newline)
@@ -168,10 +172,8 @@ class TextIndex:
         if (ids < 0).any():
             vocab.encode(text)  # raises UnknownCharactersError naming them
         ids = ids.astype(_id_dtype(len(vocab)))
-        hashes = {line_hash(line) for line in text.split("\n") if line}
-        lines = np.array(sorted(hashes), dtype=np.uint64)
         sha = corpus_sha256 or hashlib.sha256(text.encode("utf-8")).hexdigest()
-        return cls(ids, suffix_array(ids), lines, vocab, sha)
+        return cls(ids, suffix_array(ids), vocab, sha)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index as an ``.npz`` atomically (temp file and rename)."""
@@ -184,7 +186,6 @@ class TextIndex:
             "corpus_sha256": np.array(self.corpus_sha256),
             "ids": self.ids,
             "sa": self.sa,
-            "lines": self.lines,
         }
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
@@ -202,16 +203,15 @@ class TextIndex:
             raise TextIndexError(path, f"not a text index ({type(e).__name__})") from None
         if str(arrays.get("format", "")) != FORMAT:
             raise TextIndexError(path, "not a CharRNN text index")
-        if int(arrays.get("format_version", -1)) != FORMAT_VERSION:
+        if int(arrays.get("format_version", -1)) not in READS_VERSIONS:
             raise TextIndexError(path, f"unsupported format version {arrays['format_version']}")
         try:
             vocab = Vocabulary(str(arrays["vocab"]))
-            ids, sa, lines = arrays["ids"], arrays["sa"], arrays["lines"]
+            ids, sa = arrays["ids"], arrays["sa"]
             ok = (
-                ids.ndim == sa.ndim == lines.ndim == 1
+                ids.ndim == sa.ndim == 1
                 and len(ids) == len(sa)
                 and sa.dtype == np.int32
-                and lines.dtype == np.uint64
                 and (len(ids) == 0 or (int(ids.max()) < len(vocab) and int(ids.min()) >= 0))
                 and (len(sa) == 0 or (int(sa.min()) >= 0 and int(sa.max()) < len(sa)))
             )
@@ -219,15 +219,15 @@ class TextIndex:
             raise TextIndexError(path, f"incomplete index ({e})") from None
         if not ok:
             raise TextIndexError(path, "corrupt index (arrays do not fit together)")
-        return cls(ids, sa, lines, vocab, str(arrays["corpus_sha256"]))
+        return cls(ids, sa, vocab, str(arrays["corpus_sha256"]))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def nbytes(self) -> int:
-        """Memory the saved arrays take (uncompressed)."""
-        return self.ids.nbytes + self.sa.nbytes + self.lines.nbytes
+        """Memory the ids, the suffix array and the line keys take."""
+        return self.ids.nbytes + self.sa.nbytes + self.line_keys.nbytes
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -264,7 +264,7 @@ class TextIndex:
         """The run ``m`` followed by ``char``, or None when that does not occur."""
         lo, hi, length = m.lo, m.hi, m.length
         if hi - lo <= SMALL:
-            keys = self._keys[self.sa[lo:hi] + length]
+            keys = self.ids_end[self.sa[lo:hi] + length]
             a, b = np.searchsorted(keys, [char, char + 1])
             return Match(lo + int(a), lo + int(b), length + 1) if b > a else None
         text, w = self._text, self._w
@@ -283,7 +283,7 @@ class TextIndex:
         those ``extend`` would accept."""
         lo, hi, length = m.lo, m.hi, m.length
         if hi - lo <= SMALL * 16:
-            found = np.unique(self._keys[self.sa[lo:hi] + length])
+            found = np.unique(self.ids_end[self.sa[lo:hi] + length])
             return found[found >= 0].astype(np.int64)
         text, w, sa = self._text, self._w, self._sa
         out: list[int] = []
@@ -338,9 +338,11 @@ class TextIndex:
         line = line.removesuffix("\n")
         if not line or "\n" in line:
             return False
-        h = np.uint64(line_hash(line))
-        at = int(np.searchsorted(self.lines, h))
-        return at < len(self.lines) and bool(self.lines[at] == h)
+        try:
+            ids = self.vocab.encode(line)
+        except UnknownCharactersError:
+            return False  # a character the text never has
+        return self.is_line_key(line_key(ids))
 
 
 def index_path(checkpoint: str | os.PathLike[str]) -> Path:

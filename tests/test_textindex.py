@@ -82,7 +82,7 @@ def test_is_line_against_the_texts_lines():
     for _, alphabet, text, vocab in _texts():
         index = TextIndex.build(text, vocab)
         lines = {line for line in text.split("\n") if line}
-        assert len(index.lines) == len(lines)
+        assert len(index.line_keys) == len(lines)
         for line in lines:
             assert index.is_line(line)
         rng = random.Random(len(text))
@@ -139,3 +139,28 @@ def test_files_round_trip_and_load_without_pickle(tmp_path):
     np.savez(tmp_path / "other.npz", sa=np.zeros(3, dtype=np.int32))
     with pytest.raises(TextIndexError, match="not a CharRNN text index"):
         TextIndex.load(tmp_path / "other.npz")
+
+
+def test_a_version_1_file_loads_and_its_line_hashes_go_unread(tmp_path):
+    """Version 1 also stored blake2b hashes of the lines; the keys derived from the ids
+    replace them, so such a file (the shipped index was one) answers the same."""
+    text = "the cat sat\non the mat\n" * 20
+    vocab = Vocabulary.from_text(text)
+    index = TextIndex.build(text, vocab)
+    path = tmp_path / "v1.index.npz"
+    np.savez_compressed(
+        path,
+        format=np.array("charrnn-textindex"),
+        format_version=np.array(1),
+        vocab=np.array(vocab.chars),
+        corpus_sha256=np.array(index.corpus_sha256),
+        ids=index.ids,
+        sa=index.sa,
+        lines=np.array([1, 2], dtype=np.uint64),
+    )
+    back = TextIndex.load(path)
+    assert np.array_equal(back.line_keys, index.line_keys)
+    assert back.is_line("on the mat") and not back.is_line("the cat")
+    np.savez_compressed(path, format=np.array("charrnn-textindex"), format_version=np.array(3))
+    with pytest.raises(TextIndexError, match="unsupported format version 3"):
+        TextIndex.load(path)

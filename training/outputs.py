@@ -48,7 +48,7 @@ def write_index(data: Path, vocab: Vocabulary, corpus_sha256: str, dest: Path) -
     return {
         "index": str(dest),
         "chars": len(index),
-        "lines": len(index.lines),
+        "lines": len(index.line_keys),
         "build_s": round(built, 3),
         "bytes": dest.stat().st_size,
         "memory_bytes": index.nbytes,
